@@ -1,0 +1,3 @@
+"""The headrace command: the local stack, provisioning, workers, the edge, status and benchmarks."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,229 @@
+"""``headrace bench``: the pipeline's own cost, measured with the echo engine.
+
+It starts its own nats-server and one echo worker process, then measures
+(1) jobs per second through that worker with zero-delay tokens and
+(2) the round trip of a 1-token job, publish to ``done``, through the
+submitting client (subscribe, flush, publish, read events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+import nats
+from headrace.servers import NatsServer
+from schemas.client import JobClient
+from schemas.codec import encode
+from schemas.jobs import TextJob, TextParams
+from schemas.subjects import WORKERS_BUCKET, Header, job_subject, new_job_id, worker_key
+from schemas.topology import Limits, provision
+
+
+def progress(label: str, done: int, total: int) -> None:
+    """One self-overwriting progress line on stderr."""
+    width = 30
+    filled = width * done // max(total, 1)
+    end = "\n" if done >= total else ""
+    sys.stderr.write(f"\r  {label:28} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{end}")
+    sys.stderr.flush()
+
+
+def _job(tokens: int) -> TextJob:
+    return TextJob(
+        id=new_job_id(),
+        model="echo",
+        created_ms=int(time.time() * 1000),
+        params=TextParams(
+            prompt="one two three four five six seven eight", max_tokens=tokens, seed=1
+        ),
+    )
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100), nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+async def _throughput(nc: NATS, jobs: int, tokens: int) -> dict[str, float]:
+    """Publish ``jobs`` jobs at once; count ``done`` events on one wildcard subscription."""
+    finished = asyncio.Event()
+    count = 0
+
+    async def on_result(msg: Msg) -> None:
+        nonlocal count
+        if b'"type":"done"' in msg.data:
+            count += 1
+            if count % max(1, jobs // 50) == 0 or count == jobs:
+                progress(f"throughput ({tokens} tokens/job)", count, jobs)
+            if count == jobs:
+                finished.set()
+
+    sub = await nc.subscribe("results.>", cb=on_result)
+    await nc.flush()
+    js = nc.jetstream()
+    subject = job_subject("llm", "echo")
+    t0 = time.perf_counter()
+    pending = []
+    for _ in range(jobs):
+        job = _job(tokens)
+        pending.append(js.publish(subject, encode(job), headers={Header.MSG_ID: job.id}))
+        if len(pending) == 200:
+            await asyncio.gather(*pending)
+            pending.clear()
+    await asyncio.gather(*pending)
+    await asyncio.wait_for(finished.wait(), timeout=600)
+    elapsed = time.perf_counter() - t0
+    await sub.unsubscribe()
+    return {
+        "jobs": jobs,
+        "tokens_per_job": tokens,
+        "seconds": elapsed,
+        "jobs_per_s": jobs / elapsed,
+        "tokens_per_s": jobs * tokens / elapsed,
+    }
+
+
+async def _latency(client: JobClient, samples: int, show: bool = True) -> dict[str, Any]:
+    """Sequential 1-token jobs: publish to ``done`` as the submitting client sees it."""
+    rtts = []
+    for i in range(samples):
+        t0 = time.perf_counter()
+        async with await client.submit(_job(1)) as stream:
+            async for received in stream:
+                if received.final:
+                    break
+        rtts.append((time.perf_counter() - t0) * 1000)
+        if show and (i + 1) % max(1, samples // 50) == 0:
+            progress("round trip (1-token jobs)", i + 1, samples)
+    return {
+        "samples": samples,
+        "p50_ms": percentile(rtts, 50),
+        "p90_ms": percentile(rtts, 90),
+        "p99_ms": percentile(rtts, 99),
+        "mean_ms": statistics.fmean(rtts),
+        "rtts_ms": rtts,
+    }
+
+
+async def _wait_worker(nc: NATS, worker_id: str) -> None:
+    kv = await nc.jetstream().key_value(WORKERS_BUCKET)
+    for _ in range(600):
+        try:
+            if (await kv.get(worker_key(worker_id))).value:
+                return
+        except nats.js.errors.KeyNotFoundError:
+            pass
+        await asyncio.sleep(0.05)
+    raise TimeoutError("the echo worker did not start")
+
+
+def _plot(result: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rtts = result["latency"]["rtts_ms"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(rtts, bins=50, color="#3b7dd8")
+    for q, style in ((50, "--"), (99, ":")):
+        v = result["latency"][f"p{q}_ms"]
+        ax.axvline(v, color="black", linestyle=style, label=f"p{q} {v:.2f} ms")
+    ax.set_xlabel("publish → done, 1-token echo job (ms)")
+    ax.set_ylabel("jobs")
+    tp = result["throughput"]
+    ax.set_title(f"headrace pipeline floor: {tp['jobs_per_s']:.0f} jobs/s through one echo worker")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+async def _provision(url: str, jobs: int) -> None:
+    nc = await nats.connect(url)
+    try:
+        await provision(
+            nc.jetstream(), Limits(jobs_max_msgs=max(10_000, jobs * 2)), [("llm", "echo")]
+        )
+    finally:
+        await nc.close()
+
+
+async def _measure(url: str, jobs: int, samples: int) -> dict[str, Any]:
+    nc = await nats.connect(url)
+    try:
+        await _wait_worker(nc, "bench")
+        await _latency(JobClient(nc), 20, show=False)  # warm-up
+        throughput = await _throughput(nc, jobs, 16)
+        latency = await _latency(JobClient(nc), samples)
+    finally:
+        await nc.close()
+    return {"throughput": throughput, "latency": latency}
+
+
+def pipeline(jobs: int, latency_samples: int, out: Path, slots: int = 32) -> int:
+    """Run both measurements, print a table, write JSON (and a PNG when matplotlib is present)."""
+    out.mkdir(parents=True, exist_ok=True)
+    print(
+        f"headrace bench: echo engine, nats-server and one worker ({slots} slots)", file=sys.stderr
+    )
+    with tempfile.TemporaryDirectory(prefix="headrace-bench-") as tmp:
+        server = NatsServer(Path(tmp) / "nats")
+        server.start()
+        env = dict(os.environ, HEADRACE_NATS_URL=server.url, HEADRACE_LOG_LEVEL="WARNING")
+        argv = [sys.executable, "-m", "headrace", "worker", "echo", "--worker-id", "bench"]
+        try:
+            asyncio.run(_provision(server.url, jobs))
+            worker = subprocess.Popen([*argv, "--slots", str(slots)], env=env)
+            try:
+                result = asyncio.run(_measure(server.url, jobs, latency_samples))
+            finally:
+                worker.terminate()
+                worker.wait(30)
+        finally:
+            server.stop()
+    result["worker_slots"] = slots
+    result["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    tp, lat = result["throughput"], result["latency"]
+    table = (
+        "| measure | value |\n|---|---|\n"
+        f"| jobs/s through one echo worker (16 zero-delay tokens/job, {slots} slots) | {tp['jobs_per_s']:.0f} |\n"
+        f"| result events/s (tokens) | {tp['tokens_per_s']:.0f} |\n"
+        f"| 1-token job round trip p50 | {lat['p50_ms']:.2f} ms |\n"
+        f"| 1-token job round trip p99 | {lat['p99_ms']:.2f} ms |\n"
+    )
+    print(table)
+    (out / "pipeline.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    (out / "pipeline.md").write_text(table)
+    if _plot(result, out / "pipeline.png"):
+        print(
+            f"wrote {out / 'pipeline.json'}, {out / 'pipeline.md'} and {out / 'pipeline.png'}",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"wrote {out / 'pipeline.json'} and {out / 'pipeline.md'} (install matplotlib for the plot)",
+            file=sys.stderr,
+        )
+    return 0

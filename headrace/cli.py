@@ -1,0 +1,167 @@
+"""The ``headrace`` command line. Flags override ``HEADRACE_*`` variables; both are read once."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from headrace import logs
+
+
+def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """Flags the user gave, as settings keyword arguments (unset flags defer to the environment)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+_COMMON = ("nats_url", "region", "log_level")
+_LIMITS = (
+    "jobs_max_msgs",
+    "jobs_max_bytes",
+    "jobs_max_age_s",
+    "ack_wait_s",
+    "max_deliver",
+    "max_ack_pending",
+)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nats-url", help="NATS URL(s), comma-separated (HEADRACE_NATS_URL)")
+    p.add_argument("--region", help="region name (HEADRACE_REGION)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING ... (HEADRACE_LOG_LEVEL)")
+
+
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs-max-msgs", type=int, help="JOBS stream: most queued jobs")
+    p.add_argument("--jobs-max-bytes", type=int, help="JOBS stream: most queued bytes")
+    p.add_argument("--jobs-max-age-s", type=float, help="JOBS stream: oldest queued job")
+    p.add_argument(
+        "--ack-wait-s", type=float, help="consumers: redeliver after this long without ack"
+    )
+    p.add_argument("--max-deliver", type=int, help="consumers: attempts before dead-lettering")
+    p.add_argument("--max-ack-pending", type=int, help="consumers: jobs in flight across the fleet")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start the local stack."""
+    from headrace.settings import StackSettings
+    from headrace.stack import up
+
+    names = (*_COMMON, *_LIMITS, "data_dir", "port", "nats_port", "valkey_port", "echo_workers")
+    return up(StackSettings(**_overrides(args, names)))
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    """Create or update the topology."""
+    from headrace import provision
+    from headrace.settings import ProvisionSettings
+
+    settings = ProvisionSettings(**_overrides(args, (*_COMMON, *_LIMITS)))
+    logs.setup(settings.log_level, "provision")
+    changes = asyncio.run(provision.run(settings, provision.parse_models(args.model)))
+    for what, change in changes.items():
+        print(f"{what:40} {change}")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run a worker process."""
+    from headrace import worker
+    from workers.settings import WorkerSettings
+
+    names = (*_COMMON, "slots", "worker_id", "echo_token_delay_s", "echo_tokens")
+    settings = WorkerSettings(**_overrides(args, names))
+    logs.setup(settings.log_level, f"worker {args.engine}")
+    worker.run(settings, worker.echo_engine(settings, args.model or "echo"))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print workers, queues and dead letters."""
+    from headrace import status
+    from schemas.settings import CommonSettings
+
+    settings = CommonSettings(**_overrides(args, _COMMON))
+    return asyncio.run(status.run(settings, watch_s=args.watch))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Measure the pipeline with the echo engine."""
+    from headrace import bench
+
+    return bench.pipeline(jobs=args.jobs, latency_samples=args.samples, out=args.out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="headrace", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("up", help="run nats-server, valkey and workers locally (Ctrl-C stops all)")
+    _add_common(p)
+    _add_limits(p)
+    p.add_argument(
+        "--data-dir", type=Path, help="where nats and valkey keep files (default .headrace)"
+    )
+    p.add_argument("--port", type=int, help="the edge's HTTP port (HEADRACE_PORT, default 8000)")
+    p.add_argument("--nats-port", type=int, help="default 4222")
+    p.add_argument("--valkey-port", type=int, help="default 6379")
+    p.add_argument("--echo-workers", type=int, help="echo workers to start (default 1)")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("provision", help="create or update streams, buckets and consumers")
+    _add_common(p)
+    _add_limits(p)
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KIND=MODEL",
+        help="also create this model's consumer, e.g. llm=SmolLM2 (repeatable)",
+    )
+    p.set_defaults(func=cmd_provision)
+
+    p = sub.add_parser("worker", help="run a worker")
+    p.add_argument("engine", choices=["echo"], help="echo: deterministic pseudo-tokens, no model")
+    _add_common(p)
+    p.add_argument("--model", help="model id to serve (echo: default 'echo')")
+    p.add_argument("--slots", type=int, help="jobs run at once (default 1)")
+    p.add_argument("--worker-id", help="registry id (default host-pid-random)")
+    p.add_argument("--echo-token-delay-s", type=float, help="echo: delay per token")
+    p.add_argument("--echo-tokens", type=int, help="echo: tokens when max_tokens is unset")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("status", help="workers, queue depth and dead letters")
+    _add_common(p)
+    p.add_argument("--watch", type=float, metavar="S", help="refresh every S seconds")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("bench", help="measure the pipeline's own overhead with the echo engine")
+    p.add_argument("--jobs", type=int, default=2000, help="jobs for the throughput run")
+    p.add_argument("--samples", type=int, default=500, help="1-token jobs for the latency run")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="where JSON and PNG go")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``headrace`` command."""
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ValidationError as e:
+        for err in e.errors(include_url=False, include_input=False):
+            where = ".".join(str(p) for p in err["loc"])
+            print(f"headrace: invalid setting {where}: {err['msg']}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:
+        print(f"headrace: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

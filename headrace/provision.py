@@ -1,0 +1,29 @@
+"""``headrace provision``: create or update streams, buckets and consumers, idempotently."""
+
+from __future__ import annotations
+
+import nats
+from headrace.settings import ProvisionSettings
+from schemas.subjects import JobKind
+from schemas.topology import Change, Limits, provision
+
+
+def parse_models(specs: list[str]) -> list[tuple[JobKind, str]]:
+    """``llm=SmolLM2`` / ``sd=tiny-sd`` → (kind, model) pairs."""
+    out: list[tuple[JobKind, str]] = []
+    for spec in specs:
+        kind, sep, model = spec.partition("=")
+        if not sep or kind not in ("llm", "sd") or not model:
+            raise ValueError(f"--model takes KIND=MODEL with KIND llm or sd, not {spec!r}")
+        out.append((kind, model))  # type: ignore[arg-type]
+    return out
+
+
+async def run(settings: ProvisionSettings, models: list[tuple[JobKind, str]]) -> dict[str, Change]:
+    """Connect, provision, disconnect; returns what changed."""
+    nc = await nats.connect(servers=settings.nats_servers(), connect_timeout=5)
+    try:
+        limits = Limits.model_validate(settings.model_dump(include=set(Limits.model_fields)))
+        return await provision(nc.jetstream(), limits, models)
+    finally:
+        await nc.close()

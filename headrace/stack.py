@@ -1,0 +1,203 @@
+"""``headrace up``: the whole local stack as child processes, with no Docker.
+
+nats-server and valkey come from their wheels; workers (and the edge) are
+``headrace`` subprocesses. Ctrl-C or SIGTERM stops them all, in order, and a
+child whose parent dies gets SIGTERM from the kernel, so nothing is orphaned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import nats.js.errors
+
+from headrace import provision
+from headrace.servers import ChildServer, NatsServer, ValkeyServer, child_setup
+from headrace.settings import StackSettings
+from nats import connect as nats_connect
+from schemas.subjects import WORKERS_BUCKET, worker_key
+
+
+def say(text: str) -> None:
+    """Progress for the person who ran ``headrace up``."""
+    print(text, flush=True)
+
+
+@dataclass
+class Child:
+    """A headrace subprocess (worker or edge) of the stack."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start it with stdout and stderr going to its log file."""
+        with self.log_path.open("ab") as out:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, stdout=out, stderr=out, preexec_fn=child_setup
+            )
+
+    def stop(self, timeout_s: float) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class Stack:
+    """Starts and stops the local stack."""
+
+    def __init__(self, settings: StackSettings) -> None:
+        self.settings = settings
+        self.data_dir = settings.data_dir.resolve()
+        self.logs = self.data_dir / "logs"
+        self.servers: list[ChildServer] = []
+        self.children: list[Child] = []
+        self._stop = False
+
+    def _server(self, server: ChildServer) -> ChildServer:
+        t0 = time.perf_counter()
+        say(f"  starting {server.name} on 127.0.0.1:{server.port} ...")
+        server.start()
+        say(f"  {server.name} ready in {(time.perf_counter() - t0) * 1000:.0f} ms")
+        self.servers.append(server)
+        return server
+
+    def _child_env(self, nats_url: str, redis_url: str) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            HEADRACE_NATS_URL=nats_url,
+            HEADRACE_REDIS_URL=redis_url,
+            HEADRACE_REGION=self.settings.region,
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def start(self) -> None:
+        """Start servers, provision, then the headrace processes."""
+        s = self.settings
+        self.logs.mkdir(parents=True, exist_ok=True)
+        say(f"headrace up: data in {self.data_dir}, logs in {self.logs}")
+        nats = NatsServer(
+            self.data_dir / "nats",
+            s.nats_port,
+            s.nats_http_port or None,
+            log_path=self.logs / "nats.log",
+        )
+        self._server(nats)
+        valkey = ValkeyServer(
+            self.data_dir / "valkey", s.valkey_port, log_path=self.logs / "valkey.log"
+        )
+        self._server(valkey)
+        say("  provisioning streams, buckets and consumers ...")
+        settings = s.model_copy(update={"nats_url": nats.url})
+        changes = asyncio.run(provision.run(settings, [("llm", "echo")]))
+        say("  " + ", ".join(f"{k}: {v}" for k, v in changes.items()))
+        env = self._child_env(nats.url, valkey.url)
+        worker_ids = []
+        for i in range(s.echo_workers):
+            worker_id = f"{s.region}-echo-{i + 1}"
+            self._spawn(f"worker-echo-{i + 1}", ["worker", "echo", "--worker-id", worker_id], env)
+            worker_ids.append(worker_id)
+        asyncio.run(self._wait_ready(nats.url, worker_ids))
+        say(f"\nheadrace is up. NATS {nats.url}  Valkey {valkey.url}")
+        say("Press Ctrl-C to stop.")
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        child = Child(
+            name, [sys.executable, "-m", "headrace", *args], env, self.logs / f"{name}.log"
+        )
+        child.start()
+        self.children.append(child)
+        say(f"  started {name} (pid {child.proc.pid if child.proc else '?'}), log {child.log_path}")
+
+    async def _wait_ready(
+        self, nats_url: str, worker_ids: list[str], timeout_s: float = 600
+    ) -> None:
+        """Until every worker has registered (workers register only once their models are loaded)."""
+        nc = await nats_connect(nats_url)
+        try:
+            kv = await nc.jetstream().key_value(WORKERS_BUCKET)
+            waiting, t0 = set(worker_ids), time.monotonic()
+            while waiting:
+                for worker_id in sorted(waiting):
+                    with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                        if (await kv.get(worker_key(worker_id))).value:
+                            waiting.discard(worker_id)
+                            say(f"  {worker_id} ready ({time.monotonic() - t0:.1f} s)")
+                self._check_children()
+                if time.monotonic() - t0 > timeout_s:
+                    raise TimeoutError(
+                        f"workers not ready after {timeout_s:.0f} s: {sorted(waiting)}"
+                    )
+                await asyncio.sleep(0.1)
+        finally:
+            await nc.close()
+
+    def _check_children(self) -> None:
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{child.name} exited with status {child.proc.returncode}; see {child.log_path}"
+                )
+
+    def wait(self) -> int:
+        """Block until a signal, or until a child dies unexpectedly (exit status 1)."""
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            self._stop = True
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        while not self._stop:
+            try:
+                self._check_children()
+            except RuntimeError as e:
+                say(str(e))
+                return 1
+            for server in self.servers:
+                if server.proc is not None and server.proc.poll() is not None:
+                    say(f"{server.name} exited with status {server.proc.returncode}")
+                    return 1
+            time.sleep(0.2)
+        return 0
+
+    def stop(self) -> None:
+        """Workers and edge first (they finish or nak held jobs), then valkey and nats."""
+        say("\nstopping ...")
+        for child in reversed(self.children):
+            status = child.stop(timeout_s=30)
+            say(f"  {child.name} stopped (status {status})")
+        for server in reversed(self.servers):
+            server.stop()
+            say(f"  {server.name} stopped")
+        say("headrace is down.")
+
+
+def up(settings: StackSettings) -> int:
+    """Run the stack until Ctrl-C or SIGTERM."""
+    stack = Stack(settings)
+    try:
+        stack.start()
+        return stack.wait()
+    finally:
+        stack.stop()

@@ -1,0 +1,325 @@
+"""A small NATS client for the contract: submit a job, read its events, cancel it.
+
+The edge uses it, and so can any Python program that talks to NATS directly::
+
+    nc = await nats.connect("nats://127.0.0.1:4222")
+    client = JobClient(nc)
+    async with await client.submit(job) as stream:
+        async for received in stream:
+            print(received.event)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, NamedTuple
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
+
+from schemas.codec import decode_event, encode
+from schemas.errors import DeadlineExceeded, QueueFull, Unavailable
+from schemas.events import Done, Error
+from schemas.jobs import ImageJob, TextJob
+from schemas.subjects import (
+    JOBS_STREAM,
+    RESULTS_STREAM,
+    Header,
+    cancel_subject,
+    job_subject,
+    results_subject,
+)
+
+log = logging.getLogger(__name__)
+
+# JetStream error codes that mean "the stream is at a limit and discard=new refused it".
+_LIMIT_ERR_CODES = {10077, 10047, 10028, 10054}
+
+
+class Position(NamedTuple):
+    """Where an event sits in a job's history: attempts restart their sequence at 1."""
+
+    attempt: int
+    seq: int
+
+    def event_id(self) -> str:
+        """The SSE ``id:`` of the event at this position."""
+        return f"{self.attempt}-{self.seq}"
+
+    @classmethod
+    def parse(cls, event_id: str) -> Position:
+        """Read an SSE ``Last-Event-ID`` back; raises ValueError when malformed."""
+        attempt, _, seq = event_id.partition("-")
+        pos = cls(int(attempt), int(seq))
+        if pos.attempt < 1 or pos.seq < 1:
+            raise ValueError(event_id)
+        return pos
+
+
+START = Position(0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One result event with where it sits in the job's history."""
+
+    pos: Position
+    event: Any  # one of schemas.events' classes
+
+    @property
+    def final(self) -> bool:
+        """True for ``done`` and ``error``: nothing follows them in this attempt."""
+        return isinstance(self.event, Done | Error)
+
+
+def parse_result(msg: Msg) -> Received:
+    """Decode a message from a reply subject or the RESULTS stream."""
+    headers = msg.headers or {}
+    pos = Position(int(headers.get(Header.ATTEMPT, 1)), int(headers.get(Header.SEQ, 0)))
+    return Received(pos, decode_event(msg.data))
+
+
+class JobClient:
+    """Submits jobs to JetStream and reads their result events."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        publish_attempts: int = 6,
+        publish_timeout_s: float = 2.0,
+        backoff_s: float = 0.05,
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=publish_timeout_s)
+        self.publish_attempts = publish_attempts
+        self.backoff_s = backoff_s
+
+    async def submit(
+        self,
+        job: TextJob | ImageJob,
+        *,
+        reply: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> JobStream:
+        """Subscribe to the job's reply subject, then publish the job; returns its event stream."""
+        reply = reply or results_subject(job.id)
+        stream = await self.watch(job.id, reply=reply, deadline_ms=job.deadline_ms)
+        try:
+            await self.publish(job, reply=reply, headers=headers)
+        except BaseException:
+            await stream.close()
+            raise
+        return stream
+
+    async def watch(
+        self,
+        job_id: str,
+        *,
+        reply: str | None = None,
+        deadline_ms: int | None = None,
+        after: Position = START,
+    ) -> JobStream:
+        """Follow a job's events live, from ``after`` on (earlier ones come from RESULTS)."""
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def deliver(msg: Msg) -> None:
+            queue.put_nowait(msg)
+
+        sub = await self.nc.subscribe(reply or results_subject(job_id), cb=deliver)
+        # Interest must reach the server before the job can produce anything.
+        await self.nc.flush()
+        stream = JobStream(self, job_id, sub, queue, deadline_ms)
+        if after != START:
+            await stream.replay_after(after)
+        return stream
+
+    async def publish(
+        self,
+        job: TextJob | ImageJob,
+        *,
+        reply: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> PubAck:
+        """Publish a job idempotently (``Nats-Msg-Id``), retrying while JetStream is unreachable."""
+        hdrs = {
+            **(headers or {}),
+            Header.MSG_ID: job.id,
+            Header.REPLY: reply or results_subject(job.id),
+        }
+        if job.deadline_ms is not None:
+            hdrs[Header.DEADLINE] = str(job.deadline_ms)
+        subject = job_subject(job.kind, job.model)
+        payload = encode(job)
+        delay = self.backoff_s
+        for attempt in range(1, self.publish_attempts + 1):
+            try:
+                return await self.js.publish(subject, payload, stream=JOBS_STREAM, headers=hdrs)
+            except nats.js.errors.APIError as e:
+                if e.err_code in _LIMIT_ERR_CODES:
+                    raise QueueFull(f"the job queue is full ({e.description})") from e
+                raise Unavailable(f"JetStream refused the job ({e.description})") from e
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as e:
+                # Safe to repeat: the duplicate window drops a copy that did land.
+                if attempt == self.publish_attempts:
+                    raise Unavailable("JetStream did not accept the job in time") from e
+                log.debug("publish of job %s failed (%s), retrying", job.id, type(e).__name__)
+                await asyncio.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    async def cancel(self, job_id: str) -> None:
+        """Ask whichever worker holds (or will fetch) the job to stop it."""
+        await self.nc.publish(cancel_subject(job_id), b"")
+        await self.nc.flush()
+
+    async def history(self, job_id: str, *, timeout_s: float = 2.0) -> list[Received]:
+        """Every event of the job still held by the RESULTS stream, oldest first."""
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=30.0,
+            mem_storage=True,
+        )
+        psub = await self.js.pull_subscribe(
+            results_subject(job_id), stream=RESULTS_STREAM, config=config
+        )
+        out: list[Received] = []
+        try:
+            while True:
+                try:
+                    msgs = await psub.fetch(256, timeout=timeout_s)
+                except nats.errors.TimeoutError:
+                    break
+                out.extend(parse_result(m) for m in msgs)
+                if msgs[-1].metadata.num_pending == 0:
+                    break
+        finally:
+            await psub.unsubscribe()
+        return out
+
+
+class JobStream:
+    """The ordered events of one job: duplicates dropped, gaps filled from RESULTS."""
+
+    def __init__(
+        self,
+        client: JobClient,
+        job_id: str,
+        sub: Subscription,
+        queue: asyncio.Queue[Msg],
+        deadline_ms: int | None,
+    ) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.deadline_ms = deadline_ms
+        self.pos = START
+        self.finished = False
+        self._sub = sub
+        self._queue = queue
+        self._ready: deque[Received] = deque()
+
+    async def __aenter__(self) -> JobStream:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def __aiter__(self) -> AsyncIterator[Received]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Received]:
+        while not self.finished:
+            received = await self.next()
+            if received is not None:
+                yield received
+
+    async def next(self, timeout_s: float | None = None) -> Received | None:
+        """The next event in order; None when ``timeout_s`` passes first.
+
+        Raises DeadlineExceeded when the job's deadline passes while waiting.
+        """
+        while not self._ready:
+            msg = await self._get(timeout_s)
+            if msg is None:
+                return None
+            try:
+                received = parse_result(msg)
+            except ValueError:
+                log.warning("job %s: dropped a malformed result event", self.job_id)
+                continue
+            await self._accept(received)
+        received = self._ready.popleft()
+        self.pos = received.pos
+        self.finished = received.final
+        return received
+
+    async def _get(self, timeout_s: float | None) -> Msg | None:
+        wait = timeout_s
+        if self.deadline_ms is not None:
+            left = self.deadline_ms / 1000 - time.time()
+            if left <= 0:
+                raise DeadlineExceeded("the job's deadline passed")
+            wait = left if wait is None else min(wait, left)
+        if not self._queue.empty() or wait is None:
+            return await self._queue.get()
+        try:
+            async with asyncio.timeout(wait):
+                return await self._queue.get()
+        except TimeoutError:
+            if timeout_s is None or wait < timeout_s:
+                raise DeadlineExceeded("the job's deadline passed") from None
+            return None
+
+    async def _accept(self, received: Received) -> None:
+        last = self._ready[-1].pos if self._ready else self.pos
+        if received.pos <= last:
+            return  # a duplicate, or a straggler from a superseded attempt
+        expected = Position(last.attempt, last.seq + 1)
+        if received.pos.attempt != last.attempt:
+            expected = Position(received.pos.attempt, 1)
+        if received.pos != expected:
+            await self._fill(last, received.pos)
+        self._ready.append(received)
+
+    async def _fill(self, after: Position, before: Position) -> None:
+        """Fetch the events strictly between two positions from RESULTS (a missed core message)."""
+        for _ in range(3):
+            missing = [r for r in await self.client.history(self.job_id) if after < r.pos < before]
+            if missing:
+                self._ready.extend(missing)
+                return
+            await asyncio.sleep(0.02)
+        log.warning("job %s: events between %s and %s are lost", self.job_id, after, before)
+
+    async def replay_after(self, after: Position) -> None:
+        """Queue every stored event after ``after``, for a client resuming a stream."""
+        self.pos = after
+        for received in await self.client.history(self.job_id):
+            if received.pos > after:
+                self._ready.append(received)
+                if received.final:
+                    break
+        # Live events arriving meanwhile are dropped by _accept when already queued here.
+
+    async def cancel(self) -> None:
+        """Cancel the job this stream follows."""
+        await self.client.cancel(self.job_id)
+
+    async def close(self) -> None:
+        """Stop following the job (it keeps running unless cancelled)."""
+        with contextlib.suppress(nats.errors.Error):
+            await self._sub.unsubscribe()

@@ -1,0 +1,131 @@
+"""The one exception family of headrace. Codes travel in ``error`` events.
+
+The edge maps codes to HTTP statuses in one place; the worker runtime maps the
+classes to ack, nak, term and dead-lettering in one place.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Machine-readable error codes, shared by events and HTTP error bodies."""
+
+    INVALID_REQUEST = "invalid_request_error"
+    INVALID_JOB = "invalid_job"
+    MODEL_NOT_FOUND = "model_not_found"
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    QUEUE_FULL = "queue_full"
+    NO_WORKER = "no_worker"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    UNAVAILABLE = "unavailable"
+    ENGINE_ERROR = "engine_error"
+    DEAD_LETTERED = "dead_lettered"
+    INTERNAL = "internal_error"
+
+
+class HeadraceError(Exception):
+    """Root of every error headrace raises on purpose."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+    retryable: bool = False
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(HeadraceError):
+    """The request or job is malformed or out of bounds."""
+
+    code = ErrorCode.INVALID_REQUEST
+
+
+class ModelNotFound(HeadraceError):
+    """No such model is configured anywhere."""
+
+    code = ErrorCode.MODEL_NOT_FOUND
+
+
+class ContextLengthExceeded(HeadraceError):
+    """The prompt (plus requested tokens) does not fit the model's context."""
+
+    code = ErrorCode.CONTEXT_LENGTH_EXCEEDED
+
+
+class QueueFull(HeadraceError):
+    """JetStream refused the job: the JOBS stream is at its limit (discard=new)."""
+
+    code = ErrorCode.QUEUE_FULL
+    retryable = True
+
+
+class NoWorker(HeadraceError):
+    """No live worker serves the model."""
+
+    code = ErrorCode.NO_WORKER
+    retryable = True
+
+
+class Unavailable(HeadraceError):
+    """NATS or JetStream could not be reached in time."""
+
+    code = ErrorCode.UNAVAILABLE
+    retryable = True
+
+
+class DeadlineExceeded(HeadraceError):
+    """The job's deadline passed before it finished."""
+
+    code = ErrorCode.DEADLINE_EXCEEDED
+    retryable = True
+
+
+class Retry(HeadraceError):
+    """Raised by an engine: this attempt failed but another may succeed (nak with delay)."""
+
+    code = ErrorCode.ENGINE_ERROR
+    retryable = True
+
+    def __init__(self, message: str, *, delay_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.delay_s = delay_s
+
+
+class Poison(HeadraceError):
+    """The job message can never be processed: dead-letter it and stop redelivery."""
+
+    code = ErrorCode.INVALID_JOB
+
+
+class DeadLettered(HeadraceError):
+    """The job failed on every delivery and was moved to the DLQ."""
+
+    code = ErrorCode.DEAD_LETTERED
+
+
+_BY_CODE: dict[ErrorCode, type[HeadraceError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequest,
+        ModelNotFound,
+        ContextLengthExceeded,
+        QueueFull,
+        NoWorker,
+        Unavailable,
+        DeadlineExceeded,
+        Poison,
+        DeadLettered,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> HeadraceError:
+    """Rebuild the exception an ``error`` event describes (unknown codes become internal)."""
+    try:
+        cls = _BY_CODE.get(ErrorCode(code), HeadraceError)
+    except ValueError:
+        cls = HeadraceError
+    return cls(message)

@@ -1,0 +1,113 @@
+"""The job envelope: what the edge (or any NATS client) publishes to ``jobs.<kind>.<model>``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.subjects import JobKind
+
+# Bounds every producer must respect; the edge rejects requests outside them
+# before anything is enqueued, and a worker treats a job outside them as poison.
+MAX_PROMPT_CHARS = 1_000_000
+MAX_MESSAGES = 1024
+MAX_STOP = 8
+MAX_STOP_CHARS = 256
+MAX_TOKENS_LIMIT = 1_000_000
+SEED_MAX = 2**32 - 1
+
+
+class Contract(BaseModel):
+    """Base of every wire model: extra fields are kept so newer producers do not break older workers."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class ChatMessage(Contract):
+    """One chat turn; content parts are flattened to text by the producer."""
+
+    role: str = Field(min_length=1, max_length=64)
+    content: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    name: str | None = None
+
+
+class TextParams(Contract):
+    """Generation parameters of a text job, with every sampling value concrete."""
+
+    prompt: str | list[int] | None = None
+    messages: Annotated[list[ChatMessage], Field(max_length=MAX_MESSAGES)] | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
+    top_k: int = Field(default=40, ge=0)
+    min_p: float = Field(default=0.05, ge=0.0, le=1.0)
+    typical_p: float = Field(default=1.0, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(default=1.0, ge=0.0)
+    repeat_last_n: int = Field(default=64, ge=-1)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    mirostat: Literal[0, 1, 2] = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    seed: int = Field(ge=0, le=SEED_MAX)
+    stop: Annotated[
+        list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)
+    ] = []
+    logit_bias: dict[str, float] = {}
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
+    response_format: Literal["text", "json_object", "json_schema"] = "text"
+    ignore_eos: bool = False
+
+
+class ImageParams(Contract):
+    """Parameters of an image job, A1111-shaped, with a concrete seed."""
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = ""
+    steps: int = Field(default=20, ge=1, le=150)
+    cfg_scale: float = Field(default=7.0, ge=0.0, le=30.0)
+    width: int = Field(default=512, ge=8, le=4096, multiple_of=8)
+    height: int = Field(default=512, ge=8, le=4096, multiple_of=8)
+    seed: int = Field(ge=0, le=SEED_MAX)
+    sampler: str = "Euler"
+    batch_size: int = Field(default=1, ge=1, le=16)
+    n_iter: int = Field(default=1, ge=1, le=16)
+    denoising_strength: float = Field(default=0.75, ge=0.0, le=1.0)
+    init_images: list[str] = []  # object names in the ``images`` store
+    preview_every: int = Field(default=0, ge=0)
+
+
+class JobBase(Contract):
+    """Fields every job carries."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{16,64}$")
+    model: str = Field(min_length=1, max_length=256)
+    created_ms: int = Field(ge=0)
+    deadline_ms: int | None = Field(default=None, ge=0)
+    stream: bool = True
+
+
+class TextJob(JobBase):
+    """A text generation job (``jobs.llm.<model>``)."""
+
+    kind: Literal["llm"] = "llm"
+    params: TextParams
+
+
+class ImageJob(JobBase):
+    """An image generation job (``jobs.sd.<model>``)."""
+
+    kind: Literal["sd"] = "sd"
+    params: ImageParams
+
+
+Job = Annotated[TextJob | ImageJob, Field(discriminator="kind")]
+
+
+def job_kind(job: TextJob | ImageJob) -> JobKind:
+    """The kind of a job, typed as the subject module expects it."""
+    return job.kind

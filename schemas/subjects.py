@@ -1,0 +1,98 @@
+"""Subject, stream, bucket and header names: the one place they are spelled."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from enum import StrEnum
+from typing import Literal
+
+JobKind = Literal["llm", "sd"]
+
+JOBS_STREAM = "JOBS"
+RESULTS_STREAM = "RESULTS"
+DLQ_STREAM = "DLQ"
+WORKERS_BUCKET = "workers"
+IMAGES_BUCKET = "images"
+
+JOBS_PREFIX = "jobs"
+RESULTS_PREFIX = "results"
+CANCEL_PREFIX = "cancel"
+RPC_PREFIX = "rpc"
+DLQ_PREFIX = "dlq"
+
+
+class Header(StrEnum):
+    """Message headers. Ours never use the reserved ``Nats-`` prefix."""
+
+    MSG_ID = "Nats-Msg-Id"  # JetStream's own: idempotent publish within the duplicate window
+    REPLY = "Headrace-Reply"
+    DEADLINE = "Headrace-Deadline"
+    REQUEST_ID = "Headrace-Request-Id"
+    TRACEPARENT = "traceparent"
+    JOB = "Headrace-Job"
+    SEQ = "Headrace-Seq"
+    ATTEMPT = "Headrace-Attempt"
+    REASON = "Headrace-Reason"
+
+
+_UNSAFE = re.compile(r"[^a-z0-9_-]+")
+
+
+def model_slug(model: str) -> str:
+    """Turn a model id into one subject token that is also a valid consumer name."""
+    slug = _UNSAFE.sub("-", model.strip().lower()).strip("-")
+    if not slug:
+        raise ValueError(f"model id {model!r} has no subject-safe characters")
+    return slug
+
+
+def new_job_id() -> str:
+    """A fresh job id: 128 random bits in hex, unguessable and subject-safe."""
+    return secrets.token_hex(16)
+
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+
+
+def is_job_id(value: str) -> bool:
+    """True when ``value`` could be a job id (subject-safe, long enough to be unguessable)."""
+    return bool(_JOB_ID.match(value))
+
+
+def job_subject(kind: JobKind, model: str) -> str:
+    """Where jobs for ``model`` are published: ``jobs.<kind>.<slug>``."""
+    return f"{JOBS_PREFIX}.{kind}.{model_slug(model)}"
+
+
+def consumer_name(kind: JobKind, model: str) -> str:
+    """The durable pull consumer shared by every worker of ``model``."""
+    return f"{kind}-{model_slug(model)}"
+
+
+def results_subject(job_id: str) -> str:
+    """The default reply subject of a job."""
+    return f"{RESULTS_PREFIX}.{job_id}"
+
+
+def cancel_subject(job_id: str) -> str:
+    """Publishing anything here asks the worker to stop the job."""
+    return f"{CANCEL_PREFIX}.{job_id}"
+
+
+CANCEL_ALL = f"{CANCEL_PREFIX}.*"
+
+
+def rpc_subject(model: str, op: str) -> str:
+    """Request/reply operations a worker answers for a text model (tokenize, props ...)."""
+    return f"{RPC_PREFIX}.llm.{model_slug(model)}.{op}"
+
+
+def dlq_subject(job_subject_: str) -> str:
+    """Dead letters keep their original subject under ``dlq.``."""
+    return f"{DLQ_PREFIX}.{job_subject_}"
+
+
+def worker_key(worker_id: str) -> str:
+    """The key of a worker's heartbeat in the ``workers`` bucket."""
+    return model_slug(worker_id)

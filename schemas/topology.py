@@ -1,0 +1,193 @@
+"""The JetStream topology (streams, per-model consumers, buckets) and its idempotent provisioning.
+
+The definitions live as JSON in ``nats/`` in the server's own format, so the
+nats CLI can apply them too (``nats stream add --config nats/streams/JOBS.json``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import nats.js.errors
+import orjson
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, ObjectStoreConfig, StreamConfig
+from pydantic import BaseModel, Field
+
+from schemas.subjects import (
+    DLQ_STREAM,
+    IMAGES_BUCKET,
+    JOBS_STREAM,
+    RESULTS_STREAM,
+    WORKERS_BUCKET,
+    JobKind,
+    consumer_name,
+    job_subject,
+)
+
+log = logging.getLogger(__name__)
+
+Change = Literal["created", "updated", "unchanged"]
+_NS = 1_000_000_000
+
+
+def _nats_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "nats", here / "_nats"):  # source tree, then wheel
+        if (candidate / "streams").is_dir():
+            return candidate
+    raise FileNotFoundError("the nats/ definitions directory is missing from this install")
+
+
+NATS_DIR = _nats_dir()
+DEV_CONF = NATS_DIR / "dev.conf"
+
+
+def _load(relative: str) -> dict[str, Any]:
+    data: dict[str, Any] = orjson.loads((NATS_DIR / relative).read_bytes())
+    return data
+
+
+class Limits(BaseModel):
+    """Overrides of the limits in ``nats/`` (None keeps the file's value)."""
+
+    jobs_max_msgs: int | None = Field(default=None, ge=1)
+    jobs_max_bytes: int | None = Field(default=None, ge=1024)
+    jobs_max_age_s: float | None = Field(default=None, gt=0)
+    results_max_age_s: float | None = Field(default=None, gt=0)
+    ack_wait_s: float | None = Field(default=None, gt=0)
+    max_deliver: int | None = Field(default=None, ge=1)
+    max_ack_pending: int | None = Field(default=None, ge=1)
+    workers_ttl_s: float | None = Field(default=None, gt=0)
+
+
+def _set(target: dict[str, Any], key: str, value: float | None, scale: int = 1) -> None:
+    if value is not None:
+        target[key] = int(value * scale)
+
+
+def stream_definitions(limits: Limits) -> dict[str, dict[str, Any]]:
+    """The stream configs in the server's JSON format, limits applied."""
+    defs = {
+        name: _load(f"streams/{name}.json") for name in (JOBS_STREAM, RESULTS_STREAM, DLQ_STREAM)
+    }
+    _set(defs[JOBS_STREAM], "max_msgs", limits.jobs_max_msgs)
+    _set(defs[JOBS_STREAM], "max_bytes", limits.jobs_max_bytes)
+    _set(defs[JOBS_STREAM], "max_age", limits.jobs_max_age_s, _NS)
+    _set(defs[RESULTS_STREAM], "max_age", limits.results_max_age_s, _NS)
+    return defs
+
+
+def consumer_definition(kind: JobKind, model: str, limits: Limits) -> dict[str, Any]:
+    """The durable pull consumer of one model, in the server's JSON format."""
+    template = copy.deepcopy(_load("consumers/model.json"))
+    template.pop("description", None)
+    template["durable_name"] = consumer_name(kind, model)
+    template["filter_subject"] = job_subject(kind, model)
+    _set(template, "ack_wait", limits.ack_wait_s, _NS)
+    _set(template, "max_deliver", limits.max_deliver)
+    _set(template, "max_ack_pending", limits.max_ack_pending)
+    return template
+
+
+def _differs(
+    definition: dict[str, Any], wanted: dict[str, Any], current: dict[str, Any]
+) -> list[str]:
+    """Keys the definition sets whose value on the server is different (defaults are the server's)."""
+    return [k for k, v in wanted.items() if k in definition and current.get(k) != v]
+
+
+async def _stream_json(js: JetStreamContext, name: str) -> dict[str, Any] | None:
+    try:
+        info = await js.stream_info(name)
+    except nats.js.errors.NotFoundError:
+        return None
+    return info.config.as_dict()
+
+
+async def ensure_stream(js: JetStreamContext, definition: dict[str, Any]) -> Change:
+    """Create the stream, or update it when a value we define differs on the server."""
+    wanted = StreamConfig.from_response(copy.deepcopy(definition))
+    current = await _stream_json(js, definition["name"])
+    if current is None:
+        await js.add_stream(wanted)
+        return "created"
+    diff = _differs(definition, wanted.as_dict(), current)
+    if not diff:
+        return "unchanged"
+    log.info("stream %s: updating %s", definition["name"], ", ".join(diff))
+    await js.update_stream(wanted)
+    return "updated"
+
+
+async def ensure_consumer(
+    js: JetStreamContext, definition: dict[str, Any], *, update: bool = True
+) -> Change:
+    """Create a model's consumer explicitly; update it only when ``update`` (provisioning)."""
+    wanted = ConsumerConfig.from_response(copy.deepcopy(definition))
+    wanted.name = wanted.durable_name
+    try:
+        info = await js.consumer_info(JOBS_STREAM, definition["durable_name"])
+    except nats.js.errors.NotFoundError:
+        await js.add_consumer(JOBS_STREAM, wanted)
+        return "created"
+    diff = _differs(definition, wanted.as_dict(), info.config.as_dict())
+    if not diff or not update:
+        return "unchanged"
+    log.info("consumer %s: updating %s", definition["durable_name"], ", ".join(diff))
+    await js.add_consumer(JOBS_STREAM, wanted)  # create-or-update on nats-server >= 2.10
+    return "updated"
+
+
+async def ensure_buckets(js: JetStreamContext, limits: Limits) -> dict[str, Change]:
+    """Create the ``workers`` KV bucket and the ``images`` object store; apply a changed TTL."""
+    workers = _load("buckets/workers.json")
+    ttl_s = limits.workers_ttl_s or workers["ttl"] / _NS
+    out: dict[str, Change] = {}
+    current = await _stream_json(js, f"KV_{WORKERS_BUCKET}")
+    if current is None:
+        await js.create_key_value(
+            bucket=WORKERS_BUCKET,
+            description=workers["description"],
+            history=workers["history"],
+            ttl=ttl_s,
+            storage=workers["storage"],
+        )
+        out[WORKERS_BUCKET] = "created"
+    elif current.get("max_age") != int(ttl_s * _NS):
+        cfg = StreamConfig.from_response(dict(current))
+        cfg.max_age = ttl_s
+        cfg.duplicate_window = min(cfg.duplicate_window or ttl_s, ttl_s)
+        await js.update_stream(cfg)
+        out[WORKERS_BUCKET] = "updated"
+    else:
+        out[WORKERS_BUCKET] = "unchanged"
+    images = _load("buckets/images.json")
+    if await _stream_json(js, f"OBJ_{IMAGES_BUCKET}") is None:
+        cfg_obj = ObjectStoreConfig(
+            description=images["description"], ttl=images["ttl"] / _NS, storage=images["storage"]
+        )
+        await js.create_object_store(IMAGES_BUCKET, config=cfg_obj)
+        out[IMAGES_BUCKET] = "created"
+    else:
+        out[IMAGES_BUCKET] = "unchanged"
+    return out
+
+
+async def provision(
+    js: JetStreamContext, limits: Limits, models: Sequence[tuple[JobKind, str]] = ()
+) -> dict[str, Change]:
+    """Create or update every stream, bucket and the given models' consumers."""
+    changes: dict[str, Change] = {}
+    for name, definition in stream_definitions(limits).items():
+        changes[f"stream {name}"] = await ensure_stream(js, definition)
+    for name, change in (await ensure_buckets(js, limits)).items():
+        changes[f"bucket {name}"] = change
+    for kind, model in models:
+        definition = consumer_definition(kind, model, limits)
+        changes[f"consumer {definition['durable_name']}"] = await ensure_consumer(js, definition)
+    return changes

@@ -1,0 +1,149 @@
+"""Fixtures: a real nats-server (and valkey) per test, on free ports, with their own store dirs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+import nats
+from headrace.servers import NatsServer
+from schemas.client import JobClient
+from schemas.jobs import ChatMessage, TextJob, TextParams
+from schemas.subjects import WORKERS_BUCKET, new_job_id, worker_key
+from schemas.topology import Limits, provision
+from workers.engines.base import Engine
+from workers.engines.echo import EchoEngine
+from workers.runtime import Runtime
+from workers.settings import WorkerSettings
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+# Short enough that redelivery tests take seconds, not the production 30 s.
+TEST_LIMITS = Limits(ack_wait_s=2.0, max_deliver=3)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "nats", log_path=tmp_path / "nats.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    conn = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def js(nc: NATS) -> JetStreamContext:
+    """A JetStream context on a provisioned server (echo model's consumer included)."""
+    jsc = nc.jetstream()
+    await provision(jsc, TEST_LIMITS, [("llm", "echo")])
+    return jsc
+
+
+@pytest.fixture
+def client(nc: NATS, js: JetStreamContext) -> JobClient:
+    return JobClient(nc)
+
+
+@pytest.fixture
+def worker_settings(nats_server: NatsServer) -> WorkerSettings:
+    return WorkerSettings(
+        nats_url=nats_server.url,
+        worker_id="w1",
+        heartbeat_s=0.3,
+        fetch_timeout_s=0.5,
+        in_progress_s=0.5,
+        shutdown_grace_s=5.0,
+        retry_delay_s=0.1,
+    )
+
+
+def text_job(
+    prompt: str = "the quick brown fox jumps over the lazy dog",
+    *,
+    model: str = "echo",
+    deadline_in_s: float | None = 30.0,
+    **params: Any,
+) -> TextJob:
+    """A text job with a concrete seed and a deadline."""
+    now_ms = int(time.time() * 1000)
+    params.setdefault("seed", 42)
+    return TextJob(
+        id=new_job_id(),
+        model=model,
+        created_ms=now_ms,
+        deadline_ms=None if deadline_in_s is None else now_ms + int(deadline_in_s * 1000),
+        params=TextParams(messages=[ChatMessage(role="user", content=prompt)], **params),
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(
+    settings: WorkerSettings, engine: Engine[Any] | None = None
+) -> AsyncIterator[Runtime]:
+    """A worker runtime in this event loop, registered before the block starts."""
+    runtime = Runtime(settings, engine or EchoEngine())
+    task = asyncio.create_task(runtime.run())
+    nc = await nats.connect(settings.nats_url)
+    try:
+        await wait_registered(nc.jetstream(), settings.worker_id)
+        yield runtime
+    finally:
+        await nc.close()
+        runtime.stop()
+        await asyncio.wait_for(task, 20)
+
+
+async def wait_registered(js: JetStreamContext, worker_id: str, timeout_s: float = 15.0) -> None:
+    """Until the worker's heartbeat is in the registry (it registers only when ready)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            kv = await js.key_value(WORKERS_BUCKET)
+            if (await kv.get(worker_key(worker_id))).value:
+                return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"worker {worker_id} did not register")
+
+
+def spawn_worker(nats_url: str, worker_id: str, *extra: str, log: Path) -> subprocess.Popen[bytes]:
+    """A worker as a separate process, for kill and signal tests."""
+    env = dict(
+        os.environ,
+        HEADRACE_NATS_URL=nats_url,
+        HEADRACE_HEARTBEAT_S="0.3",
+        HEADRACE_FETCH_TIMEOUT_S="0.5",
+        HEADRACE_IN_PROGRESS_S="0.5",
+    )
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "headrace", "worker", "echo", "--worker-id", worker_id, *extra],
+            env=env,
+            stdout=out,
+            stderr=out,
+        )
+
+
+async def collect(stream: Any, timeout_s: float = 20.0) -> list[Any]:
+    """Every event of a job until done or error."""
+    out = []
+    async with asyncio.timeout(timeout_s):
+        async for received in stream:
+            out.append(received)
+    return out

@@ -1,0 +1,95 @@
+"""Fault injection with real processes: SIGKILL and SIGTERM of workers, a nats-server restart."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import pytest
+from nats.js import JetStreamContext
+
+from headrace.servers import NatsServer
+from schemas.client import JobClient
+from schemas.events import Started
+from schemas.subjects import JOBS_STREAM
+from tests.conftest import collect, running, spawn_worker, text_job, wait_registered
+from workers.engines.echo import EchoEngine
+from workers.settings import WorkerSettings
+
+pytestmark = pytest.mark.slow
+
+
+async def test_killed_worker_job_is_redelivered_to_another(
+    client: JobClient, js: JetStreamContext, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    first = spawn_worker(
+        nats_server.url, "doomed", "--echo-token-delay-s", "0.05", log=tmp_path / "w1.log"
+    )
+    try:
+        await wait_registered(js, "doomed")
+        stream = await client.submit(text_job(max_tokens=40))
+        seen = [await stream.next(), await stream.next(), await stream.next()]
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        second = spawn_worker(
+            nats_server.url, "rescuer", "--echo-token-delay-s", "0.01", log=tmp_path / "w2.log"
+        )
+        try:
+            rest = await collect(stream, timeout_s=30)
+        finally:
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(20) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait()
+    started = [r.event for r in seen + rest if r is not None and isinstance(r.event, Started)]
+    assert [(s.worker, s.attempt) for s in started] == [("doomed", 1), ("rescuer", 2)]
+    done = rest[-1].event
+    assert done.type == "done"
+    assert done.usage.completion_tokens == 40
+    # Same seed on the second attempt: the text is the same as far as the first attempt got.
+    first_text = "".join(r.event.text for r in seen if r is not None and r.event.type == "delta")
+    second_text = "".join(
+        r.event.text for r in rest if r.pos.attempt == 2 and r.event.type == "delta"
+    )
+    assert second_text.startswith(first_text)
+
+
+async def test_sigterm_finishes_held_job_and_loses_nothing(
+    client: JobClient, js: JetStreamContext, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    worker = spawn_worker(
+        nats_server.url, "leaving", "--echo-token-delay-s", "0.03", log=tmp_path / "w.log"
+    )
+    await wait_registered(js, "leaving")
+    held = await client.submit(text_job(max_tokens=30))
+    queued = await client.submit(text_job(max_tokens=3))
+    await held.next()
+    worker.send_signal(signal.SIGTERM)
+    events = await collect(held)
+    assert await asyncio.to_thread(worker.wait, 20) == 0
+    assert events[-1].event.type == "done"
+    assert events[-1].event.usage.completion_tokens == 30
+    # The queued job was never fetched (or was nak'ed): it is still there for the next worker.
+    info = await js.consumer_info(JOBS_STREAM, "llm-echo")
+    assert (info.num_pending or 0) + (info.num_ack_pending or 0) == 1
+    settings = WorkerSettings(nats_url=nats_server.url, worker_id="next", fetch_timeout_s=0.5)
+    async with running(settings):
+        rest = await collect(queued)
+    assert rest[-1].event.type == "done"
+
+
+async def test_worker_survives_nats_server_restart(
+    client: JobClient, nats_server: NatsServer, worker_settings: WorkerSettings
+) -> None:
+    async with running(worker_settings, EchoEngine()):
+        before = await collect(await client.submit(text_job(max_tokens=2)))
+        nats_server.stop()
+        await asyncio.sleep(1.0)
+        nats_server.start()  # same port, same store: streams and the consumer are still there
+        await client.nc.flush(timeout=10)  # our own client reconnects too
+        after = await collect(await client.submit(text_job(max_tokens=2)), timeout_s=30)
+    assert before[-1].event.type == "done"
+    assert after[-1].event.type == "done"

@@ -1,0 +1,1 @@
+"""Pull-consumer workers: the runtime and the engines."""

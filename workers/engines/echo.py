@@ -1,0 +1,108 @@
+"""The echo engine: deterministic pseudo-tokens, for tests and for measuring the pipeline itself.
+
+It does no inference. Its tokens are drawn from the prompt's words with a
+generator seeded by the job's seed, so the same job gives the same text on any
+worker, and its per-token delay stands in for a model's decode time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from schemas.errors import InvalidRequest
+from schemas.events import Delta, Done, EngineEvent, FinishReason, Timings, Usage
+from schemas.jobs import TextJob
+from schemas.registry import ModelInfo
+from schemas.subjects import JobKind
+
+_FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "headrace", "stream", "token")
+
+
+def prompt_text(job: TextJob) -> str:
+    """The job's prompt as plain text (chat messages joined)."""
+    p = job.params
+    if p.messages is not None:
+        return "\n".join(f"{m.role}: {m.content}" for m in p.messages)
+    if isinstance(p.prompt, list):
+        return " ".join(str(t) for t in p.prompt)
+    return p.prompt or ""
+
+
+class EchoEngine:
+    """A ``TextEngine`` that needs no model."""
+
+    kind: JobKind = "llm"
+
+    def __init__(
+        self,
+        model: str = "echo",
+        *,
+        token_delay_s: float = 0.0,
+        default_tokens: int = 16,
+        context_length: int = 4096,
+    ) -> None:
+        self.model = model
+        self.token_delay_s = token_delay_s
+        self.default_tokens = default_tokens
+        self.context_length = context_length
+
+    def models(self) -> list[ModelInfo]:
+        """The one model id this engine answers to."""
+        return [ModelInfo(id=self.model, kind="llm", context_length=self.context_length)]
+
+    async def start(self) -> None:
+        """Nothing to load."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+    async def rpc(self, model: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Whitespace tokenization, so clients of the rpc subjects can be tested."""
+        if op == "tokenize":
+            return {"tokens": [len(w) for w in str(payload.get("content", "")).split()]}
+        if op == "props":
+            return {"model": self.model, "n_ctx": self.context_length}
+        raise InvalidRequest(f"the echo engine does not support {op!r}")
+
+    def _words(self, job: TextJob) -> tuple[list[str], random.Random]:
+        text = prompt_text(job)
+        digest = hashlib.blake2b(f"{job.params.seed}:{text}".encode(), digest_size=8).digest()
+        words = text.split() or list(_FILLER)
+        return words, random.Random(int.from_bytes(digest, "big"))
+
+    async def run(self, job: TextJob, cancel: threading.Event) -> AsyncIterator[EngineEvent]:
+        """Emit max_tokens (or the default count of) pseudo-tokens, one per delta."""
+        started = time.perf_counter()
+        words, rng = self._words(job)
+        prompt_tokens = len(words)
+        limit = job.params.max_tokens or self.default_tokens
+        text, n = "", 0
+        reason: FinishReason = "length" if job.params.max_tokens else "stop"
+        while n < limit:
+            if cancel.is_set():
+                reason = "cancelled"
+                break
+            if self.token_delay_s:
+                await asyncio.sleep(self.token_delay_s)
+            piece = rng.choice(words) + " "
+            n += 1
+            text += piece
+            yield Delta(text=piece, tokens=1)
+            if any(s in text for s in job.params.stop):
+                reason = "stop"
+                break
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        yield Done(
+            finish_reason=reason,
+            usage=Usage(
+                prompt_tokens=prompt_tokens, completion_tokens=n, total_tokens=prompt_tokens + n
+            ),
+            timings=Timings(prompt_n=prompt_tokens, predicted_n=n, predicted_ms=elapsed_ms),
+            seed=job.params.seed,
+        )

@@ -1,0 +1,61 @@
+"""Heartbeats into the ``workers`` KV bucket: the edge's view of who is alive."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import nats.errors
+from nats.js import JetStreamContext
+
+from schemas.codec import encode
+from schemas.registry import WorkerInfo
+from schemas.subjects import WORKERS_BUCKET, worker_key
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Puts this worker's record every ``interval_s``; the bucket's TTL removes it if we die."""
+
+    def __init__(
+        self, js: JetStreamContext, describe: Callable[[], WorkerInfo], interval_s: float
+    ) -> None:
+        self.js = js
+        self.describe = describe
+        self.interval_s = interval_s
+        self._failing = False
+
+    async def beat(self) -> None:
+        """Put the record once; failures are logged once until it works again."""
+        info = self.describe().model_copy(update={"heartbeat_ms": int(time.time() * 1000)})
+        try:
+            kv = await self.js.key_value(WORKERS_BUCKET)
+            await kv.put(worker_key(info.id), encode(info))
+        except (nats.errors.Error, TimeoutError) as e:
+            if not self._failing:
+                log.warning(
+                    "heartbeat failed (%s); retrying every %.1f s",
+                    type(e).__name__,
+                    self.interval_s,
+                )
+            self._failing = True
+            return
+        if self._failing:
+            log.info("heartbeat restored")
+        self._failing = False
+
+    async def run(self) -> None:
+        """Beat until cancelled."""
+        while True:
+            await self.beat()
+            await asyncio.sleep(self.interval_s)
+
+    async def remove(self, worker_id: str) -> None:
+        """Delete our record on a clean exit, so the edge stops routing to us at once."""
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            kv = await self.js.key_value(WORKERS_BUCKET)
+            await kv.delete(worker_key(worker_id))

@@ -1,0 +1,358 @@
+"""The pull-consumer runtime: fetch, run, publish, acknowledge. Independent of any model."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+import nats
+from schemas.codec import decode_job
+from schemas.errors import ErrorCode, HeadraceError, Poison, Retry
+from schemas.events import Done, Error, Started
+from schemas.jobs import ImageJob, TextJob
+from schemas.registry import VERSION, WorkerInfo
+from schemas.subjects import (
+    CANCEL_ALL,
+    JOBS_STREAM,
+    Header,
+    consumer_name,
+    dlq_subject,
+    model_slug,
+    results_subject,
+    rpc_subject,
+)
+from schemas.topology import Limits, consumer_definition, ensure_consumer
+from workers.cancels import CancelBook
+from workers.emitter import Emitter
+from workers.engines.base import Engine
+from workers.registry import Heartbeat
+from workers.settings import WorkerSettings
+from workers.slots import SlotPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Binding:
+    """One model's durable consumer, bound by this worker."""
+
+    model: str
+    psub: JetStreamContext.PullSubscription
+    max_deliver: int
+
+
+async def connect(settings: WorkerSettings, name: str) -> NATS:
+    """Connect, waiting for the server if it is not up yet; reconnect forever afterwards."""
+    delay = 0.1
+    while True:
+        try:
+            return await nats.connect(
+                servers=settings.nats_servers(),
+                name=name,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                connect_timeout=2,
+                error_cb=_log_nats_error,
+            )
+        except (nats.errors.NoServersError, OSError, TimeoutError) as e:
+            log.warning("NATS not reachable (%s); retrying in %.1f s", type(e).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def _log_nats_error(e: Exception) -> None:
+    log.warning("NATS: %s", type(e).__name__)
+
+
+class Runtime:
+    """Serves one engine's models from JetStream until stopped."""
+
+    def __init__(self, settings: WorkerSettings, engine: Engine[Any]) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.slots = SlotPool(settings.slots)
+        self.cancels = CancelBook(settings.cancel_memory_s)
+        self.started_ms = int(time.time() * 1000)
+        self.jobs_done = 0
+        self._stopping = asyncio.Event()
+        self._held: dict[asyncio.Task[None], Msg] = {}
+        self._nc: NATS | None = None
+
+    @property
+    def nc(self) -> NATS:
+        """The NATS connection (only while running)."""
+        assert self._nc is not None, "the runtime is not running"
+        return self._nc
+
+    def stop(self) -> None:
+        """Stop fetching; held jobs finish (or are nak'ed after the grace period)."""
+        self._stopping.set()
+
+    def describe(self) -> WorkerInfo:
+        """This worker's registry record."""
+        return WorkerInfo(
+            id=self.settings.worker_id,
+            region=self.settings.region,
+            version=VERSION,
+            models=self.engine.models(),
+            slots=self.slots.size,
+            busy=len(self._held),
+            started_ms=self.started_ms,
+            heartbeat_ms=0,
+        )
+
+    async def run(self, *, until_idle: bool = False) -> None:
+        """Serve until ``stop()``; with ``until_idle``, also return once the queue is empty."""
+        await self.engine.start()
+        self._nc = await connect(self.settings, self.settings.worker_id)
+        js = self.nc.jetstream()
+        bindings = [await self._bind(js, m.id) for m in self.engine.models()]
+        await self.nc.subscribe(CANCEL_ALL, cb=self._on_cancel)
+        await self._serve_rpc()
+        heartbeat = Heartbeat(js, self.describe, self.settings.heartbeat_s)
+        beating = asyncio.create_task(heartbeat.run())
+        log.info(
+            "worker %s ready: %s, %d slot(s)",
+            self.settings.worker_id,
+            ", ".join(b.model for b in bindings),
+            self.slots.size,
+        )
+        loops = [asyncio.create_task(self._fetch_loop(b, until_idle)) for b in bindings]
+        try:
+            await self._stopping.wait()
+        finally:
+            await self._shutdown(loops)
+            beating.cancel()
+            await heartbeat.remove(self.settings.worker_id)
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await self.nc.flush(timeout=2)  # results and acks already published must leave
+            await self.nc.close()
+            await self.engine.close()
+
+    async def _bind(self, js: JetStreamContext, model: str) -> Binding:
+        """Ensure the model's consumer exists (created explicitly, never by pull_subscribe)."""
+        definition = consumer_definition(self.engine.kind, model, Limits())
+        await ensure_consumer(js, definition, update=False)
+        durable = consumer_name(self.engine.kind, model)
+        info = await js.consumer_info(JOBS_STREAM, durable)
+        psub = await js.pull_subscribe_bind(durable=durable, stream=JOBS_STREAM)
+        return Binding(model, psub, info.config.max_deliver or 1)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        job_id = msg.subject.rpartition(".")[2]
+        if self.cancels.cancel(job_id):
+            log.info("job %s: cancel requested", job_id)
+
+    async def _serve_rpc(self) -> None:
+        if self.engine.kind != "llm":
+            return
+        for m in self.engine.models():
+            await self.nc.subscribe(
+                rpc_subject(m.id, "*"), queue=f"rpc-{model_slug(m.id)}", cb=self._on_rpc
+            )
+
+    async def _on_rpc(self, msg: Msg) -> None:
+        _, _, slug, op = msg.subject.split(".", 3)
+        model = next((m.id for m in self.engine.models() if model_slug(m.id) == slug), slug)
+        try:
+            payload = orjson.loads(msg.data or b"{}")
+            result: dict[str, Any] = {"result": await self.engine.rpc(model, op, payload)}
+        except HeadraceError as e:
+            result = {"error": {"code": e.code, "message": e.message}}
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            result = {
+                "error": {
+                    "code": ErrorCode.INVALID_REQUEST,
+                    "message": "payload must be a JSON object",
+                }
+            }
+        await msg.respond(orjson.dumps(result))
+
+    async def _fetch_loop(self, b: Binding, until_idle: bool) -> None:
+        failing = False
+        while not self._stopping.is_set():
+            n = await self.slots.take(self.slots.size)
+            if self._stopping.is_set():
+                await self.slots.give(n)
+                return
+            msgs: list[Msg] = []
+            try:
+                msgs = await b.psub.fetch(n, timeout=self.settings.fetch_timeout_s)
+                failing = False
+            except nats.errors.TimeoutError:
+                pass
+            except (nats.errors.Error, nats.js.errors.Error, OSError) as e:
+                if not failing:
+                    log.warning("fetch for %s failed (%s); retrying", b.model, type(e).__name__)
+                failing = True
+                await asyncio.sleep(0.5)
+            await self.slots.give(n - len(msgs))
+            for msg in msgs:
+                task = asyncio.create_task(self._hold(b, msg))
+                self._held[task] = msg
+            if until_idle and not msgs and not failing and self.slots.busy == 0:
+                self.stop()
+
+    async def _hold(self, b: Binding, msg: Msg) -> None:
+        """Handle one message in its slot; whatever happens, the slot is given back."""
+        try:
+            await self._handle(b, msg)
+        except (nats.errors.Error, TimeoutError) as e:
+            # The outcome could not be reported (NATS away): redelivery after ack_wait covers it.
+            log.warning("a job's outcome was not acknowledged (%s)", type(e).__name__)
+        finally:
+            self._held.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            await self.slots.give(1)
+
+    async def _shutdown(self, loops: list[asyncio.Task[None]]) -> None:
+        """Stop fetching, let held jobs finish within the grace period, nak the rest."""
+        _, stuck = await asyncio.wait(loops, timeout=self.settings.fetch_timeout_s + 1)
+        for t in stuck:
+            t.cancel()
+        held = list(self._held)
+        if not held:
+            return
+        log.info(
+            "stopping: waiting up to %.0f s for %d job(s)",
+            self.settings.shutdown_grace_s,
+            len(held),
+        )
+        _, late = await asyncio.wait(held, timeout=self.settings.shutdown_grace_s)
+        for task in late:
+            msg = self._held.get(task)
+            task.cancel()
+            if msg is not None:
+                with contextlib.suppress(nats.errors.Error, TimeoutError):
+                    await msg.nak()
+        await asyncio.gather(*late, return_exceptions=True)
+
+    async def _handle(self, b: Binding, msg: Msg) -> None:
+        """Run one delivered job to an outcome: ack, nak, term or dead letter."""
+        attempt = msg.metadata.num_delivered or 1
+        headers = msg.headers or {}
+        try:
+            job = decode_job(msg.data)
+        except Poison as e:
+            await self._dead_letter(msg, e, headers.get(Header.REPLY), attempt)
+            return
+        emitter = Emitter(
+            self.nc, job.id, headers.get(Header.REPLY) or results_subject(job.id), attempt
+        )
+        if self.cancels.was_cancelled(job.id):
+            await emitter.emit(Done(finish_reason="cancelled", seed=job.params.seed))
+            await self._settle(msg)
+            return
+        deadline_ms = _deadline_ms(job, headers)
+        if deadline_ms is not None and time.time() * 1000 >= deadline_ms:
+            await emitter.emit(
+                Error(code=ErrorCode.DEADLINE_EXCEEDED, message="the job expired in the queue")
+            )
+            await msg.term()
+            return
+        await self._run(b, msg, job, emitter, attempt, deadline_ms)
+
+    async def _run(
+        self,
+        b: Binding,
+        msg: Msg,
+        job: TextJob | ImageJob,
+        emitter: Emitter,
+        attempt: int,
+        deadline_ms: int | None,
+    ) -> None:
+        cancel = self.cancels.track(job.id)
+        keeper = asyncio.create_task(self._keep_alive(msg, cancel, deadline_ms))
+        try:
+            queue_ms = max(0.0, time.time() * 1000 - job.created_ms)
+            await emitter.emit(
+                Started(
+                    worker=self.settings.worker_id,
+                    region=self.settings.region,
+                    attempt=attempt,
+                    queue_ms=queue_ms,
+                )
+            )
+            async for event in self.engine.run(job, cancel):
+                await emitter.emit(event)
+            await self._settle(msg)
+            self.jobs_done += 1
+        except Retry as e:
+            await self._retry(b, msg, emitter, attempt, e)
+        except HeadraceError as e:
+            await emitter.emit(Error(code=e.code, message=e.message, retryable=False))
+            await msg.term()
+        except Exception as e:  # an engine bug: another attempt (maybe elsewhere) may fare better
+            log.error("job %s: engine failed with %s", job.id, type(e).__name__)
+            log.debug("engine failure", exc_info=True)
+            await self._retry(
+                b,
+                msg,
+                emitter,
+                attempt,
+                Retry("the engine failed", delay_s=self.settings.retry_delay_s),
+            )
+        finally:
+            keeper.cancel()
+            self.cancels.forget(job.id)
+
+    async def _keep_alive(self, msg: Msg, cancel: threading.Event, deadline_ms: int | None) -> None:
+        """+WPI so a long job is not redelivered (ack_wait restarts on in_progress); stop at the deadline."""
+        while True:
+            wait = self.settings.in_progress_s
+            if deadline_ms is not None:
+                wait = min(wait, max(0.0, deadline_ms / 1000 - time.time()))
+            await asyncio.sleep(wait)
+            if deadline_ms is not None and time.time() * 1000 >= deadline_ms:
+                cancel.set()
+                return
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await msg.in_progress()
+
+    async def _settle(self, msg: Msg) -> None:
+        """Ack and wait for the server's confirmation (a lost ack would rerun the job)."""
+        with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
+            await msg.ack_sync(timeout=5.0)
+
+    async def _retry(self, b: Binding, msg: Msg, emitter: Emitter, attempt: int, e: Retry) -> None:
+        if attempt < b.max_deliver:
+            log.warning(
+                "job attempt %d failed (%s); redelivering in %.1f s", attempt, e.message, e.delay_s
+            )
+            await msg.nak(delay=e.delay_s)
+            return
+        message = f"the job failed on all {attempt} attempts: {e.message}"
+        await emitter.emit(Error(code=ErrorCode.DEAD_LETTERED, message=message, retryable=False))
+        await self._dead_letter(msg, e, None, attempt)
+
+    async def _dead_letter(
+        self, msg: Msg, e: HeadraceError, reply: str | None, attempt: int
+    ) -> None:
+        """Copy the message to ``dlq.<subject>`` with the reason, then stop its redelivery."""
+        headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
+        headers[Header.REASON] = e.message[:512]
+        headers[Header.ATTEMPT] = str(attempt)
+        log.warning("dead-lettering a message from %s: %s", msg.subject, e.code)
+        await self.nc.jetstream().publish(dlq_subject(msg.subject), msg.data, headers=headers)
+        if reply:
+            emitter = Emitter(self.nc, "", reply, attempt)
+            await emitter.emit(Error(code=e.code, message=e.message, retryable=False))
+        await msg.term()
+
+
+def _deadline_ms(job: TextJob | ImageJob, headers: dict[str, str]) -> int | None:
+    raw = headers.get(Header.DEADLINE)
+    if raw is not None and raw.isdigit():
+        return int(raw)
+    return job.deadline_ms

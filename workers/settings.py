@@ -1,0 +1,38 @@
+"""Worker settings: one object, built at start-up and passed inward."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+
+from pydantic import Field
+
+from schemas.settings import CommonSettings
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+class WorkerSettings(CommonSettings):
+    """How one worker process fetches, heartbeats and shuts down."""
+
+    worker_id: str = Field(default_factory=_default_worker_id)
+    slots: int = Field(default=1, ge=1, le=1024, description="jobs run at once")
+    fetch_timeout_s: float = Field(default=2.0, gt=0, description="long-poll of one fetch")
+    heartbeat_s: float = Field(default=3.0, gt=0, description="registry heartbeat interval")
+    in_progress_s: float = Field(default=10.0, gt=0, description="+WPI interval while a job runs")
+    retry_delay_s: float = Field(
+        default=1.0, ge=0, description="nak delay after an unexpected failure"
+    )
+    shutdown_grace_s: float = Field(
+        default=25.0, ge=0, description="SIGTERM: time to finish held jobs"
+    )
+    cancel_memory_s: float = Field(
+        default=600.0, gt=0, description="how long a cancel is remembered"
+    )
+    echo_token_delay_s: float = Field(default=0.0, ge=0, description="echo engine: delay per token")
+    echo_tokens: int = Field(
+        default=16, ge=1, description="echo engine: tokens when max_tokens is unset"
+    )
