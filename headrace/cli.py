@@ -81,6 +81,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_edge(args: argparse.Namespace) -> int:
+    """Run the HTTP edge."""
+    from edge.app import run
+    from edge.settings import EdgeSettings
+
+    settings = EdgeSettings(**_overrides(args, (*_COMMON, "host", "port")))
+    logs.setup(settings.log_level, "edge")
+    run(settings)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Print workers, queues and dead letters."""
     from headrace import status
@@ -135,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--echo-token-delay-s", type=float, help="echo: delay per token")
     p.add_argument("--echo-tokens", type=int, help="echo: tokens when max_tokens is unset")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("edge", help="run the HTTP edge (OpenAI-compatible API)")
+    _add_common(p)
+    p.add_argument("--host", help="address to listen on (HEADRACE_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (HEADRACE_PORT, default 8000)")
+    p.set_defaults(func=cmd_edge)
 
     p = sub.add_parser("status", help="workers, queue depth and dead letters")
     _add_common(p)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 
 from schemas.settings import CommonSettings
 from schemas.topology import Limits
@@ -25,3 +25,8 @@ class StackSettings(ProvisionSettings):
     valkey_port: int = Field(default=6379, ge=0, le=65535)
     port: int = Field(default=8000, ge=0, le=65535, description="the edge's HTTP port")
     echo_workers: int = Field(default=1, ge=0, le=16, description="echo workers to start")
+    api_keys: str = Field(
+        default="",
+        validation_alias=AliasChoices("HEADRACE_API_KEYS", "API_TOKENS", "api_keys"),
+        description="keys the edge accepts; empty: generate a development key",
+    )

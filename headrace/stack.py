@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from types import FrameType
 import nats.js.errors
 
 from headrace import provision
-from headrace.servers import ChildServer, NatsServer, ValkeyServer, child_setup
+from headrace.servers import ChildServer, NatsServer, ValkeyServer, child_setup, wait_for_port
 from headrace.settings import StackSettings
 from nats import connect as nats_connect
 from schemas.subjects import WORKERS_BUCKET, worker_key
@@ -119,8 +120,30 @@ class Stack:
             self._spawn(f"worker-echo-{i + 1}", ["worker", "echo", "--worker-id", worker_id], env)
             worker_ids.append(worker_id)
         asyncio.run(self._wait_ready(nats.url, worker_ids))
-        say(f"\nheadrace is up. NATS {nats.url}  Valkey {valkey.url}")
+        key = s.api_keys.split(",")[0].strip() or self._dev_key()
+        edge_env = dict(env, HEADRACE_PORT=str(s.port), HEADRACE_API_KEYS=s.api_keys or key)
+        self._spawn("edge", ["edge"], edge_env)
+        wait_for_port(s.port, 30)
+        base = f"http://127.0.0.1:{s.port}"
+        say(f"\nheadrace is up: {base}   (NATS {nats.url}, Valkey {valkey.url})")
+        say(f"API key: {key}")
+        say(
+            f"Try:  curl -N {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
+            "-H 'Content-Type: application/json' "
+            """-d '{"model": "echo", "stream": true, "messages": [{"role": "user", "content": "hello"}]}'"""
+        )
         say("Press Ctrl-C to stop.")
+
+    def _dev_key(self) -> str:
+        """A development key, generated once per data directory (the edge never runs open)."""
+        path = self.data_dir / "dev-api-key"
+        if path.exists():
+            return path.read_text().strip()
+        key = f"hr-dev-{secrets.token_urlsafe(24)}"
+        path.touch(mode=0o600)
+        path.write_text(key + "\n")
+        say(f"  generated a development API key in {path}")
+        return key
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
         child = Child(

@@ -76,6 +76,7 @@ class Received:
 
     pos: Position
     event: Any  # one of schemas.events' classes
+    owner: str | None = None  # the submitting key's id, echoed by the worker
 
     @property
     def final(self) -> bool:
@@ -87,7 +88,7 @@ def parse_result(msg: Msg) -> Received:
     """Decode a message from a reply subject or the RESULTS stream."""
     headers = msg.headers or {}
     pos = Position(int(headers.get(Header.ATTEMPT, 1)), int(headers.get(Header.SEQ, 0)))
-    return Received(pos, decode_event(msg.data))
+    return Received(pos, decode_event(msg.data), headers.get(Header.OWNER))
 
 
 class JobClient:

@@ -34,6 +34,7 @@ class Header(StrEnum):
     SEQ = "Headrace-Seq"
     ATTEMPT = "Headrace-Attempt"
     REASON = "Headrace-Reason"
+    OWNER = "Headrace-Owner"  # id (never the secret) of the API key that submitted the job
 
 
 _UNSAFE = re.compile(r"[^a-z0-9_-]+")

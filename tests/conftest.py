@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 import nats
-from headrace.servers import NatsServer
+from headrace.servers import NatsServer, free_port
 from schemas.client import JobClient
 from schemas.jobs import ChatMessage, TextJob, TextParams
 from schemas.subjects import WORKERS_BUCKET, new_job_id, worker_key
@@ -147,3 +147,33 @@ async def collect(stream: Any, timeout_s: float = 20.0) -> list[Any]:
         async for received in stream:
             out.append(received)
     return out
+
+
+API_KEY = "sk-test-alice"
+OTHER_KEY = "sk-test-bob"
+
+
+@pytest.fixture
+def edge_settings(nats_server: NatsServer) -> Any:
+    from edge.settings import EdgeSettings
+
+    return EdgeSettings(
+        nats_url=nats_server.url,
+        port=free_port(),
+        api_keys=f"{API_KEY},{OTHER_KEY}",
+        first_event_wait_s=0.5,
+        keepalive_s=0.2,
+        no_worker_wait_s=0.5,
+    )
+
+
+@pytest.fixture
+async def edge(js: JetStreamContext, edge_settings: Any) -> AsyncIterator[str]:
+    """The edge in this event loop on a free port; yields its base URL."""
+    from prometheus_client import CollectorRegistry
+
+    from edge.app import start
+
+    runner = await start(edge_settings, CollectorRegistry())
+    yield f"http://127.0.0.1:{edge_settings.port}"
+    await runner.cleanup()

@@ -93,3 +93,39 @@ async def test_worker_survives_nats_server_restart(
         after = await collect(await client.submit(text_job(max_tokens=2)), timeout_s=30)
     assert before[-1].event.type == "done"
     assert after[-1].event.type == "done"
+
+
+async def test_stream_continues_without_repeats_when_its_worker_dies(
+    edge: str, js: JetStreamContext, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    import openai
+
+    from tests.conftest import API_KEY
+
+    chat = [{"role": "user", "content": "alpha beta gamma delta epsilon zeta eta theta"}]
+    doomed = spawn_worker(
+        nats_server.url, "doomed", "--echo-token-delay-s", "0.05", log=tmp_path / "w1.log"
+    )
+    rescuer = None
+    try:
+        await wait_registered(js, "doomed")
+        async with openai.AsyncOpenAI(base_url=f"{edge}/v1", api_key=API_KEY, max_retries=0) as oai:
+            stream = await oai.chat.completions.create(
+                model="echo", messages=chat, max_tokens=30, seed=9, stream=True
+            )
+            chunks = [await stream.__anext__() for _ in range(6)]  # the role chunk and 5 tokens
+            doomed.send_signal(signal.SIGKILL)
+            rescuer = spawn_worker(nats_server.url, "rescuer", log=tmp_path / "w2.log")
+            chunks += [c async for c in stream]
+            whole = await oai.chat.completions.create(
+                model="echo", messages=chat, max_tokens=30, seed=9
+            )
+    finally:
+        for proc in (doomed, rescuer):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+            if proc is not None:
+                proc.wait(20)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content  # nothing lost, nothing repeated
+    assert chunks[-1].choices[0].finish_reason == "length"

@@ -9,8 +9,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
+import orjson
 import pytest
 
 from headrace.servers import free_port
@@ -33,7 +35,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
-    nats_port, valkey_port = free_port(), free_port()
+    nats_port, valkey_port, port = free_port(), free_port(), free_port()
     argv = [
         sys.executable,
         "-m",
@@ -45,8 +47,11 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path, sig: signal.Sign
         str(nats_port),
         "--valkey-port",
         str(valkey_port),
+        "--port",
+        str(port),
     ]
-    env = dict(os.environ, HEADRACE_NATS_HTTP_PORT="0")
+    env = {k: v for k, v in os.environ.items() if k not in ("HEADRACE_API_KEYS", "API_TOKENS")}
+    env["HEADRACE_NATS_HTTP_PORT"] = "0"
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
@@ -74,11 +79,29 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path, sig: signal.Sign
     assert "local-echo-1" in status.stdout
     assert "llm-echo" in status.stdout
 
+    # The printed development key works, and so does the printed curl example's request.
+    key = re.search(r"API key: (\S+)", output).group(1)  # type: ignore[union-attr]
+    assert (tmp_path / "data" / "dev-api-key").read_text().strip() == key
+    assert f"curl -N http://127.0.0.1:{port}/v1/chat/completions" in output
+    body = orjson.dumps(
+        {"model": "echo", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+    )
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=body,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        answer = orjson.loads(resp.read())
+    assert answer["usage"]["completion_tokens"] == 3
+
     proc.send_signal(sig)
     rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, rest
     assert "worker-echo-1 stopped (status 0)" in rest
+    assert "edge stopped (status 0)" in rest
     assert "headrace is down" in rest
     assert not _listening(nats_port)
     assert not _listening(valkey_port)
+    assert not _listening(port)
     assert not _alive(worker_pid)

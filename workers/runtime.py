@@ -247,9 +247,8 @@ class Runtime:
         except Poison as e:
             await self._dead_letter(msg, e, headers.get(Header.REPLY), attempt)
             return
-        emitter = Emitter(
-            self.nc, job.id, headers.get(Header.REPLY) or results_subject(job.id), attempt
-        )
+        reply = headers.get(Header.REPLY) or results_subject(job.id)
+        emitter = Emitter(self.nc, job.id, reply, attempt, headers.get(Header.OWNER))
         if self.cancels.was_cancelled(job.id):
             await emitter.emit(Done(finish_reason="cancelled", seed=job.params.seed))
             await self._settle(msg)

@@ -1,0 +1,94 @@
+"""The edge application: build it, connect it to NATS, serve it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import uvloop
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+import nats
+from edge import middlewares
+from edge.auth import KeyStore
+from edge.context import CTX, EdgeContext
+from edge.metrics import EdgeMetrics
+from edge.registry import Registry
+from edge.routes import health, openai, openapi
+from edge.settings import EdgeSettings
+from schemas.client import JobClient
+
+log = logging.getLogger(__name__)
+
+
+def build_app(settings: EdgeSettings, registry: CollectorRegistry | None = None) -> web.Application:
+    """The aiohttp application. Refuses to build without API keys: the edge never runs open."""
+    keys = KeyStore.from_settings(settings)
+    if not keys:
+        raise ValueError("no API keys configured: set HEADRACE_API_KEYS (or a keys file)")
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=[middlewares.errors, middlewares.auth]
+    )
+    app[CTX] = EdgeContext(settings, keys, EdgeMetrics(registry))
+    app.on_startup.append(_connect)
+    app.on_cleanup.append(_disconnect)
+    app.on_response_prepare.append(middlewares.stamp_request_id)
+    for module in (openai, health, openapi):
+        app.add_routes(module.routes)
+    return app
+
+
+async def _connect(app: web.Application) -> None:
+    c = app[CTX]
+    c.nc = await nats.connect(
+        servers=c.settings.nats_servers(),
+        name=f"edge-{c.settings.region}",
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+    )
+    c.client = JobClient(c.nc)
+    c.registry = Registry(c.nc.jetstream(), c.settings.worker_stale_s)
+    await c.registry.start()
+    log.info("edge connected to NATS; %d live worker(s)", len(c.registry.live()))
+
+
+async def _disconnect(app: web.Application) -> None:
+    c = app[CTX]
+    if c.registry is not None:
+        await c.registry.stop()
+    if c.nc is not None:
+        await c.nc.close()
+
+
+async def start(settings: EdgeSettings, registry: CollectorRegistry | None = None) -> web.AppRunner:
+    """Start serving on the configured address; the caller cleans the runner up."""
+    # handler_cancellation: a client that disconnects cancels its handler, which cancels its jobs.
+    runner = web.AppRunner(
+        build_app(settings, registry), handler_cancellation=True, access_log=None
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    return runner
+
+
+async def serve(settings: EdgeSettings) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    runner = await start(settings)
+    log.info("edge listening on http://%s:%d", settings.host, settings.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def run(settings: EdgeSettings) -> None:
+    """Blocking entry point of ``headrace edge``."""
+    uvloop.run(serve(settings))

@@ -1,0 +1,53 @@
+"""What every handler needs, built once at start-up and stored on the application."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+from nats.aio.client import Client as NATS
+
+from edge.auth import ApiKey, KeyStore
+from edge.metrics import EdgeMetrics
+from edge.registry import Registry
+from edge.settings import EdgeSettings
+from schemas.client import JobClient
+
+
+@dataclass
+class EdgeContext:
+    """The edge's shared state."""
+
+    settings: EdgeSettings
+    keys: KeyStore
+    metrics: EdgeMetrics
+    nc: NATS | None = None
+    client: JobClient | None = None
+    registry: Registry | None = None
+
+    @property
+    def jobs(self) -> JobClient:
+        """The job client (only once connected)."""
+        assert self.client is not None, "the edge is not connected to NATS"
+        return self.client
+
+    @property
+    def fleet(self) -> Registry:
+        """The worker registry (only once connected)."""
+        assert self.registry is not None, "the edge is not connected to NATS"
+        return self.registry
+
+
+CTX = web.AppKey("headrace_edge", EdgeContext)
+KEY = web.RequestKey("headrace_key", ApiKey)  # the authenticated caller
+REQUEST_ID = web.RequestKey("headrace_request_id", str)
+
+
+def ctx(request: web.Request) -> EdgeContext:
+    """The edge context of a request's application."""
+    return request.app[CTX]
+
+
+def caller(request: web.Request) -> ApiKey:
+    """The authenticated key of a request (the auth middleware guarantees one)."""
+    return request[KEY]

@@ -1,0 +1,110 @@
+"""Turning a validated request into jobs on JetStream."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from edge.context import REQUEST_ID, caller, ctx
+from schemas.client import JobStream
+from schemas.errors import InvalidRequest
+from schemas.jobs import SEED_MAX, TextJob, TextParams
+from schemas.registry import ModelInfo
+from schemas.subjects import Header, new_job_id
+
+# Timeouts a client may send, in seconds: a plain header and the one the OpenAI SDK sends.
+_TIMEOUT_HEADERS = ("Timeout", "X-Stainless-Timeout")
+
+
+@dataclass
+class Submission:
+    """Jobs of one request (n of them for ``n`` > 1) and their event streams."""
+
+    model: ModelInfo
+    jobs: list[TextJob]
+    streams: list[JobStream]
+    created_s: int
+    started: float
+
+
+def deadline_ms(request: web.Request) -> int:
+    """Now plus the configured deadline, or the client's timeout when it is shorter."""
+    budget = ctx(request).settings.deadline_s
+    for name in _TIMEOUT_HEADERS:
+        raw = request.headers.get(name)
+        if raw is None:
+            continue
+        try:
+            asked = float(raw)
+        except ValueError:
+            raise InvalidRequest(
+                f"the {name} header must be a number of seconds", param=name
+            ) from None
+        if asked > 0:
+            budget = min(budget, asked)
+    return int((time.time() + budget) * 1000)
+
+
+def seeds(seed: int | None, n: int) -> list[int]:
+    """The request's seed (or a random one), then consecutive seeds for further choices."""
+    first = random.randint(0, SEED_MAX) if seed is None else seed
+    return [(first + i) % (SEED_MAX + 1) for i in range(n)]
+
+
+def check_bounds(
+    request: web.Request, *, n: int, max_tokens: int | None, prompt_chars: int
+) -> None:
+    """Limits that depend on this deployment's settings (the request models hold the fixed ones)."""
+    s = ctx(request).settings
+    if n > s.max_n:
+        raise InvalidRequest(f"n must be at most {s.max_n}", param="n")
+    if max_tokens is not None and max_tokens > s.max_tokens:
+        raise InvalidRequest(f"max_tokens must be at most {s.max_tokens}", param="max_tokens")
+    if prompt_chars > s.max_prompt_chars:
+        raise InvalidRequest(
+            f"the prompt is {prompt_chars} characters; at most {s.max_prompt_chars} are accepted",
+            param="messages",
+        )
+
+
+async def submit_text(
+    request: web.Request, model: str, params: list[TextParams], *, stream: bool
+) -> Submission:
+    """Wait for a worker of the model, then publish one job per choice; returns their streams."""
+    c = ctx(request)
+    started = time.perf_counter()
+    info = await c.fleet.require("llm", model, c.settings.no_worker_wait_s)
+    now_ms = int(time.time() * 1000)
+    deadline = deadline_ms(request)
+    headers: dict[str, str] = {
+        Header.REQUEST_ID: request[REQUEST_ID],
+        Header.OWNER: caller(request).id,
+    }
+    if (traceparent := request.headers.get("traceparent")) is not None:
+        headers[Header.TRACEPARENT] = traceparent[:128]
+    jobs = [
+        TextJob(
+            id=new_job_id(),
+            model=model,
+            created_ms=now_ms,
+            deadline_ms=deadline,
+            stream=stream,
+            params=p,
+        )
+        for p in params
+    ]
+    streams: list[JobStream] = []
+    try:
+        for job in jobs:
+            streams.append(await c.jobs.submit(job, headers=headers))
+    except BaseException:
+        for s in streams:  # all or nothing: do not leave half of an n>1 request running
+            with contextlib.suppress(Exception):
+                await s.cancel()
+                await s.close()
+        raise
+    return Submission(info, jobs, streams, now_ms // 1000, started)

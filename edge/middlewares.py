@@ -1,0 +1,105 @@
+"""Request ids, authentication, metrics and error translation, for every route."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from edge.auth import bearer
+from edge.context import KEY, REQUEST_ID, ctx
+from edge.errors import error_response, from_exception
+from schemas.errors import HeadraceError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_PUBLIC = ("/health", "/metrics", "/openapi.json")
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+
+
+def route_name(request: web.Request) -> str:
+    """The route pattern (never the raw path: job ids must not become label values)."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: request id, metrics, one line of log, and OpenAI-shaped errors."""
+    incoming = request.headers.get("X-Request-ID", "")
+    request[REQUEST_ID] = (
+        incoming if _CLIENT_REQUEST_ID.match(incoming) else f"req_{uuid.uuid4().hex}"
+    )
+    c = ctx(request)
+    started = time.perf_counter()
+    c.metrics.in_flight.inc()
+    try:
+        response = await _translated(request, handler)
+    finally:
+        c.metrics.in_flight.dec()
+    c.metrics.requests.labels(route_name(request), str(response.status)).inc()
+    log.info(
+        "%s %s %d %.1f ms",
+        request.method,
+        route_name(request),
+        response.status,
+        (time.perf_counter() - started) * 1000,
+        extra={"request_id": request[REQUEST_ID]},
+    )
+    return response
+
+
+async def _translated(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except HeadraceError as e:
+        return from_exception(e, ctx(request).settings.retry_after_s)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        message = e.reason if e.status != 413 else "the request body is too large"
+        return error_response(
+            e.status, message, code=e.reason.lower().replace(" ", "_"), headers=_keep(e)
+        )
+    except Exception as e:
+        log.error("unhandled %s", type(e).__name__, extra={"request_id": request[REQUEST_ID]})
+        log.debug("unhandled error", exc_info=True)
+        return error_response(500, "internal error", "server_error", "internal_error")
+
+
+def _keep(e: web.HTTPException) -> dict[str, str]:
+    return {k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")}
+
+
+@web.middleware
+async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bearer keys on everything but health, metrics and the OpenAPI document."""
+    if request.path.startswith(_PUBLIC):
+        return await handler(request)
+    token = bearer(request.headers.get("Authorization"))
+    key = ctx(request).keys.authenticate(token) if token else None
+    if key is None:
+        message = (
+            "Incorrect API key provided"
+            if token
+            else "Missing bearer token in the Authorization header"
+        )
+        return error_response(
+            401,
+            message,
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": 'Bearer realm="headrace"'},
+        )
+    request[KEY] = key
+    return await handler(request)
+
+
+async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """``x-request-id`` on every response, streamed ones included (on_response_prepare)."""
+    if REQUEST_ID in request:
+        response.headers["x-request-id"] = request[REQUEST_ID]

@@ -1,0 +1,186 @@
+"""OpenAI response bodies and streaming chunks, built from relay output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas.events import Done, TokenLogprob, Usage
+
+# OpenAI's finish reasons; a job cancelled by someone else reads as a stop.
+_FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+
+
+def finish_reason(done: Done) -> str:
+    """OpenAI's name for why a choice ended."""
+    return _FINISH.get(done.finish_reason, "stop")
+
+
+def total_usage(dones: list[Done]) -> dict[str, int]:
+    """Usage of a request: the prompt counted once, completions summed over choices."""
+    prompt = max((d.usage.prompt_tokens for d in dones), default=0)
+    completion = sum(d.usage.completion_tokens for d in dones)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def chat_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """``choices[].logprobs`` of a chat response."""
+    if items is None:
+        return None
+    return {
+        "content": [
+            {
+                "token": t.token,
+                "logprob": t.logprob,
+                "bytes": list(t.token.encode()),
+                "top_logprobs": [
+                    {"token": a.token, "logprob": a.logprob, "bytes": list(a.token.encode())}
+                    for a in t.top_logprobs
+                ],
+            }
+            for t in items
+        ]
+    }
+
+
+def completion_logprobs(items: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    """``choices[].logprobs`` of a legacy completions response."""
+    if items is None:
+        return None
+    return {
+        "tokens": [t.token for t in items],
+        "token_logprobs": [t.logprob for t in items],
+        "top_logprobs": [{a.token: a.logprob for a in t.top_logprobs} for t in items],
+        "text_offset": [],
+    }
+
+
+class ChunkMaker:
+    """Streaming chunks of one response: the same ``id`` and ``created`` on every chunk."""
+
+    def __init__(
+        self, *, chat: bool, id_: str, created: int, model: str, include_usage: bool
+    ) -> None:
+        self.chat = chat
+        self.base: dict[str, Any] = {
+            "id": id_,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+        }
+        if include_usage:
+            self.base["usage"] = None  # OpenAI: null on every chunk but the usage chunk
+
+    def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
+        return {**self.base, "choices": [choice]}
+
+    def role(self, index: int) -> dict[str, Any]:
+        """The first chunk of a chat choice."""
+        return self._chunk(
+            {
+                "index": index,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        )
+
+    def text(self, index: int, text: str, logprobs: list[TokenLogprob] | None) -> dict[str, Any]:
+        """A content chunk."""
+        if self.chat:
+            return self._chunk(
+                {
+                    "index": index,
+                    "delta": {"content": text},
+                    "logprobs": chat_logprobs(logprobs),
+                    "finish_reason": None,
+                }
+            )
+        return self._chunk(
+            {
+                "index": index,
+                "text": text,
+                "logprobs": completion_logprobs(logprobs),
+                "finish_reason": None,
+            }
+        )
+
+    def finish(self, index: int, done: Done) -> dict[str, Any]:
+        """The last chunk of a choice, with its finish_reason."""
+        if self.chat:
+            return self._chunk(
+                {
+                    "index": index,
+                    "delta": {},
+                    "logprobs": None,
+                    "finish_reason": finish_reason(done),
+                }
+            )
+        return self._chunk(
+            {"index": index, "text": "", "logprobs": None, "finish_reason": finish_reason(done)}
+        )
+
+    def usage(self, dones: list[Done]) -> dict[str, Any]:
+        """The extra chunk sent with ``stream_options.include_usage``."""
+        return {**self.base, "choices": [], "usage": total_usage(dones)}
+
+
+def chat_response(
+    id_: str, created: int, model: str, texts: list[str], dones: list[Done],
+    logprobs: list[list[TokenLogprob] | None],
+) -> dict[str, Any]:  # fmt: skip
+    """A whole ``chat.completion``."""
+    return {
+        "id": id_,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": chat_logprobs(lp),
+                "finish_reason": finish_reason(done),
+            }
+            for i, (text, done, lp) in enumerate(zip(texts, dones, logprobs, strict=True))
+        ],
+        "usage": total_usage(dones),
+    }
+
+
+def completion_response(
+    id_: str, created: int, model: str, texts: list[str], dones: list[Done],
+    logprobs: list[list[TokenLogprob] | None],
+) -> dict[str, Any]:  # fmt: skip
+    """A whole ``text_completion``."""
+    return {
+        "id": id_,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": i,
+                "text": text,
+                "logprobs": completion_logprobs(lp),
+                "finish_reason": finish_reason(done),
+            }
+            for i, (text, done, lp) in enumerate(zip(texts, dones, logprobs, strict=True))
+        ],
+        "usage": total_usage(dones),
+    }
+
+
+def usage_of(usage: Usage) -> dict[str, int]:
+    """A single job's usage as OpenAI spells it."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }

@@ -1,0 +1,171 @@
+"""From job events to what a route writes: text per choice, finish, failure, or an idle tick.
+
+The relay hides attempts: when a job is redelivered (its worker died), the new
+attempt starts over with the same seed, and the relay skips the text it already
+passed on, so the client's stream continues without repeating itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from schemas.client import JobStream, Received
+from schemas.events import Delta, Done, Error, TokenLogprob
+from schemas.subjects import cancel_subject
+
+Tick = float | None
+
+
+@dataclass(slots=True)
+class Text:
+    """New text for choice ``index``; ``event_id`` is the SSE id of the event it came from."""
+
+    index: int
+    event_id: str
+    text: str
+    tokens: int
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(slots=True)
+class Finished:
+    """Choice ``index`` is done."""
+
+    index: int
+    event_id: str
+    done: Done
+
+
+@dataclass(slots=True)
+class Failed:
+    """Choice ``index`` failed; the request fails with it."""
+
+    index: int
+    event_id: str
+    error: Error
+
+
+@dataclass(slots=True)
+class Idle:
+    """Nothing arrived for a while: time for a keep-alive."""
+
+
+Out = Text | Finished | Failed | Idle
+
+
+@dataclass
+class Choice:
+    """Where one choice's job stands."""
+
+    index: int
+    stream: JobStream
+    attempt: int = 0
+    sent: int = 0  # characters passed on to the client, across attempts
+    seen: int = 0  # characters seen in the current attempt
+    finished: bool = False
+    first_text_at: float | None = None
+    parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    def accept(self, received: Received) -> Out | None:
+        """What this event means for the client, if anything."""
+        event = received.event
+        if received.pos.attempt != self.attempt:
+            self.attempt, self.seen = received.pos.attempt, 0
+        event_id = received.pos.event_id()
+        if isinstance(event, Delta):
+            return self._text(event, event_id)
+        if isinstance(event, Done):
+            self.finished = True
+            return Finished(self.index, event_id, event)
+        if isinstance(event, Error):
+            self.finished = True
+            return Failed(self.index, event_id, event)
+        return None  # started and progress mean nothing to a text route
+
+    def _text(self, delta: Delta, event_id: str) -> Text | None:
+        start = self.seen
+        self.seen += len(delta.text)
+        if self.seen <= self.sent:
+            return None  # a redelivered attempt replaying text the client already has
+        text = delta.text[max(0, self.sent - start) :]
+        self.sent = self.seen
+        if self.first_text_at is None:
+            self.first_text_at = time.perf_counter()
+        self.parts.append(text)
+        if delta.logprobs:
+            self.logprobs.extend(delta.logprobs)
+        return Text(self.index, event_id, text, delta.tokens, delta.logprobs)
+
+
+class Relay:
+    """Interleaves the events of one request's jobs, with idle ticks for keep-alives."""
+
+    def __init__(self, streams: list[JobStream], first_tick_s: float, tick_s: float) -> None:
+        self.choices = [Choice(i, s) for i, s in enumerate(streams)]
+        self.first_tick_s = first_tick_s
+        self.tick_s = tick_s
+        self._queue: asyncio.Queue[tuple[int, Received] | BaseException] = asyncio.Queue()
+        self._readers: list[asyncio.Task[None]] = []
+
+    @property
+    def finished(self) -> bool:
+        """True once every choice is done or failed."""
+        return all(c.finished for c in self.choices)
+
+    def __aiter__(self) -> AsyncIterator[Out]:
+        return self._run()
+
+    async def _run(self) -> AsyncIterator[Out]:
+        if len(self.choices) > 1:
+            self._readers = [asyncio.create_task(self._read(c)) for c in self.choices]
+        tick = self.first_tick_s
+        while not self.finished:
+            got = await self._next(tick)
+            if got is None:
+                tick = self.tick_s
+                yield Idle()
+                continue
+            index, received = got
+            out = self.choices[index].accept(received)
+            if out is not None:
+                tick = self.tick_s
+                yield out
+
+    async def _next(self, timeout_s: float) -> tuple[int, Received] | None:
+        if not self._readers:  # one choice: read its stream directly, no extra hop
+            received = await self.choices[0].stream.next(timeout_s)
+            return None if received is None else (0, received)
+        try:
+            async with asyncio.timeout(timeout_s):
+                item = await self._queue.get()
+        except TimeoutError:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def _read(self, choice: Choice) -> None:
+        try:
+            async for received in choice.stream:
+                self._queue.put_nowait((choice.index, received))
+        except Exception as e:  # DeadlineExceeded and friends surface in the iterating task
+            self._queue.put_nowait(e)
+
+    async def close(self) -> list[str]:
+        """Stop reading; cancel every job that has not finished. Returns the cancelled job ids."""
+        for task in self._readers:
+            task.cancel()
+        cancelled = []
+        for c in self.choices:
+            if not c.finished:
+                with contextlib.suppress(Exception):
+                    await c.stream.client.nc.publish(cancel_subject(c.stream.job_id), b"")
+                cancelled.append(c.stream.job_id)
+            with contextlib.suppress(Exception):
+                await c.stream.close()
+        return cancelled

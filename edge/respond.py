@@ -1,0 +1,162 @@
+"""Answering with a submission's results: streamed as SSE, or collected into one body.
+
+Both paths cancel the jobs when the client goes away or the deadline passes, so
+no worker spends time on an answer nobody will read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edge.context import ctx
+from edge.errors import body_of, from_exception
+from edge.jobs import Submission
+from edge.relay import Failed, Finished, Idle, Out, Relay, Text
+from edge.sse import DONE, EventStream
+from schemas.errors import DeadlineExceeded, HeadraceError, error_from_code
+from schemas.events import Done, TokenLogprob
+
+
+@dataclass
+class Collected:
+    """A finished request's text, logprobs and done event per choice."""
+
+    texts: list[str]
+    dones: list[Done]
+    logprobs: list[list[TokenLogprob] | None]
+
+
+@dataclass
+class SseFormat:
+    """What a route writes for each kind of relay output (bytes of one ``data:`` payload)."""
+
+    opening: Callable[[int], list[dict[str, Any]]]  # chunks sent with the headers, given n
+    text: Callable[[Text], dict[str, Any]]
+    finished: Callable[[Finished], dict[str, Any]]
+    closing: Callable[[list[Done]], list[dict[str, Any]]]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _relay(request: web.Request, sub: Submission) -> Relay:
+    s = ctx(request).settings
+    return Relay(sub.streams, s.first_event_wait_s, s.keepalive_s)
+
+
+def _observe(request: web.Request, sub: Submission, relay: Relay, dones: list[Done]) -> None:
+    m, model = ctx(request).metrics, sub.model.id
+    firsts = [c.first_text_at for c in relay.choices if c.first_text_at is not None]
+    if firsts:
+        m.ttft.labels(model).observe(min(firsts) - sub.started)
+    m.e2e.labels(model).observe(time.perf_counter() - sub.started)
+    m.tokens.labels(model, "prompt").inc(max((d.usage.prompt_tokens for d in dones), default=0))
+    m.tokens.labels(model, "completion").inc(sum(d.usage.completion_tokens for d in dones))
+
+
+async def _close(request: web.Request, relay: Relay, reason: str) -> None:
+    cancelled = await relay.close()
+    if cancelled:
+        ctx(request).metrics.cancels.labels(reason).inc(len(cancelled))
+
+
+async def collect(request: web.Request, sub: Submission) -> Collected:
+    """Wait for every choice to finish; a failed choice fails the request."""
+    relay = _relay(request, sub)
+    dones: list[Done | None] = [None] * len(sub.streams)
+    reason = "client_gone"
+    try:
+        async for out in relay:
+            if isinstance(out, Failed):
+                raise error_from_code(out.error.code, out.error.message)
+            if isinstance(out, Finished):
+                dones[out.index] = out.done
+        reason = "finished"
+    except DeadlineExceeded:
+        reason = "deadline"
+        raise
+    finally:
+        await _close(request, relay, reason)
+    finished = [d for d in dones if d is not None]
+    _observe(request, sub, relay, finished)
+    logprobs = [_logprobs_of(relay, i) for i in range(len(dones))]
+    return Collected(["".join(c.parts) for c in relay.choices], finished, logprobs)
+
+
+def _logprobs_of(relay: Relay, index: int) -> list[TokenLogprob] | None:
+    items = relay.choices[index].logprobs
+    return items if items else None
+
+
+async def stream_sse(request: web.Request, sub: Submission, fmt: SseFormat) -> web.StreamResponse:
+    """Relay as SSE. Headers wait briefly for the first event, so early errors get a real status."""
+    relay = _relay(request, sub)
+    sse = EventStream(request, fmt.headers)
+    dones: list[Done | None] = [None] * len(sub.streams)
+    reason = "client_gone"
+    try:
+        async for out in relay:
+            if isinstance(out, Failed) and not sse.opened:
+                reason = "failed"
+                error = error_from_code(out.error.code, out.error.message)
+                return from_exception(error, ctx(request).settings.retry_after_s)
+            await _open(request, sse, fmt, len(dones))
+            await _write(sse, fmt, out, dones)
+            if isinstance(out, Failed):
+                reason = "failed"
+                return sse.response
+        for chunk in fmt.closing([d for d in dones if d is not None]):
+            await sse.send(orjson.dumps(chunk))
+        await sse.raw(DONE)
+        reason = "finished"
+    except DeadlineExceeded as e:
+        reason = "deadline"
+        if not sse.opened:
+            raise
+        await _send_error(sse, e)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise  # the client went away: the finally block cancels the jobs
+    finally:
+        await _close(request, relay, reason)
+        if sse.opened:
+            ctx(request).metrics.open_streams.dec()
+    _observe(request, sub, relay, [d for d in dones if d is not None])
+    return sse.response
+
+
+async def _open(request: web.Request, sse: EventStream, fmt: SseFormat, n: int) -> None:
+    if sse.opened:
+        return
+    await sse.open()
+    ctx(request).metrics.open_streams.inc()
+    for chunk in fmt.opening(n):
+        await sse.send(orjson.dumps(chunk))
+
+
+async def _write(sse: EventStream, fmt: SseFormat, out: Out, dones: list[Done | None]) -> None:
+    if isinstance(out, Idle):
+        await sse.comment()
+    elif isinstance(out, Text):
+        await sse.send(orjson.dumps(fmt.text(out)), id=_sse_id(out.index, out.event_id, len(dones)))
+    elif isinstance(out, Finished):
+        dones[out.index] = out.done
+        await sse.send(
+            orjson.dumps(fmt.finished(out)), id=_sse_id(out.index, out.event_id, len(dones))
+        )
+    else:  # Failed after the headers went out: an error event, then [DONE]
+        await _send_error(sse, error_from_code(out.error.code, out.error.message))
+
+
+def _sse_id(index: int, event_id: str, n: int) -> str:
+    """``<attempt>-<seq>`` of the job's event (``<choice>:<attempt>-<seq>`` when n > 1)."""
+    return event_id if n == 1 else f"{index}:{event_id}"
+
+
+async def _send_error(sse: EventStream, e: HeadraceError) -> None:
+    await sse.send(orjson.dumps(body_of(e.code, e.message)))
+    await sse.raw(DONE)

@@ -1,0 +1,53 @@
+"""Liveness, readiness and Prometheus metrics (no key needed)."""
+
+from __future__ import annotations
+
+import nats.errors
+import nats.js.errors
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from edge.context import ctx
+from edge.errors import json_response
+from schemas.subjects import JOBS_STREAM, RESULTS_STREAM
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/health/live")
+async def live(request: web.Request) -> web.Response:
+    """200 while the process runs."""
+    return json_response({"status": "ok"})
+
+
+@routes.get("/health/ready")
+async def ready(request: web.Request) -> web.Response:
+    """200 once NATS is connected, the streams exist and a worker is live; else 503 with reasons."""
+    c = ctx(request)
+    reasons = []
+    if c.nc is None or not c.nc.is_connected:
+        reasons.append("NATS is not connected")
+    else:
+        for stream in (JOBS_STREAM, RESULTS_STREAM):
+            try:
+                await c.nc.jetstream().stream_info(stream)
+            except (nats.js.errors.NotFoundError, nats.errors.Error, TimeoutError):
+                reasons.append(f"stream {stream} is missing or unreachable")
+    workers = c.registry.live() if c.registry is not None else []
+    if not workers:
+        reasons.append("no live worker")
+    models = sorted({m.id for w in workers for m in w.models})
+    body = {
+        "status": "not_ready" if reasons else "ready",
+        "reasons": reasons,
+        "workers": len(workers),
+        "models": models,
+    }
+    return json_response(body, 503 if reasons else 200)
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format."""
+    body = generate_latest(ctx(request).metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,186 @@
+"""OpenAI's text API: chat completions, completions, models, and resumable job events."""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from edge.body import parse
+from edge.context import caller, ctx
+from edge.errors import json_response
+from edge.jobs import Submission, check_bounds, seeds, submit_text
+from edge.openai.requests import ChatCompletionRequest, CompletionRequest, Sampling
+from edge.openai.responses import ChunkMaker, chat_response, completion_response
+from edge.respond import SseFormat, collect, stream_sse
+from edge.sse import EventStream
+from schemas.client import START, Position
+from schemas.codec import encode
+from schemas.errors import InvalidRequest
+from schemas.jobs import ChatMessage, TextParams
+from schemas.subjects import is_job_id
+
+routes = web.RouteTableDef()
+
+
+def _params(req: Sampling, seed: int, **extra: object) -> TextParams:
+    """The job parameters of one choice (every sampling value concrete)."""
+    return TextParams(
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        min_p=req.min_p,
+        typical_p=req.typical_p,
+        repeat_penalty=req.repeat_penalty,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        seed=seed,
+        stop=req.stops(),
+        logit_bias=req.logit_bias or {},
+        grammar=req.grammar,
+        **extra,
+    )
+
+
+def _chat_params(req: ChatCompletionRequest) -> list[TextParams]:
+    messages = [ChatMessage(role=m.role, content=m.text(), name=m.name) for m in req.messages]
+    fmt = req.response_format
+    extra: dict[str, object] = {
+        "messages": messages,
+        "max_tokens": req.token_limit(),
+        "logprobs": req.logprobs,
+        "top_logprobs": req.top_logprobs,
+    }
+    if fmt is not None and fmt.type != "text":
+        extra["response_format"] = fmt.type
+        if fmt.json_schema is not None:
+            extra["json_schema"] = fmt.json_schema.schema_
+    return [_params(req, seed, **extra) for seed in seeds(req.seed, req.n)]
+
+
+def _job_ids(sub: Submission) -> dict[str, str]:
+    return {"x-headrace-job-ids": ",".join(j.id for j in sub.jobs)}
+
+
+def _sse_format(
+    sub: Submission, maker: ChunkMaker, *, chat: bool, include_usage: bool
+) -> SseFormat:
+    return SseFormat(
+        opening=(lambda n: [maker.role(i) for i in range(n)]) if chat else (lambda n: []),
+        text=lambda out: maker.text(out.index, out.text, out.logprobs),
+        finished=lambda out: maker.finish(out.index, out.done),
+        closing=(lambda dones: [maker.usage(dones)]) if include_usage else (lambda dones: []),
+        headers=_job_ids(sub),
+    )
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """OpenAI chat completions, streamed (SSE) or not."""
+    req = await parse(request, ChatCompletionRequest)
+    prompt_chars = sum(len(m.text()) for m in req.messages)
+    check_bounds(request, n=req.n, max_tokens=req.token_limit(), prompt_chars=prompt_chars)
+    sub = await submit_text(request, req.model, _chat_params(req), stream=req.stream)
+    id_ = f"chatcmpl-{sub.jobs[0].id}"
+    if req.stream:
+        maker = ChunkMaker(
+            chat=True,
+            id_=id_,
+            created=sub.created_s,
+            model=req.model,
+            include_usage=req.include_usage,
+        )
+        return await stream_sse(
+            request, sub, _sse_format(sub, maker, chat=True, include_usage=req.include_usage)
+        )
+    result = await collect(request, sub)
+    body = chat_response(id_, sub.created_s, req.model, result.texts, result.dones, result.logprobs)
+    return json_response(body, headers=_job_ids(sub))
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    """OpenAI legacy completions, streamed (SSE) or not."""
+    req = await parse(request, CompletionRequest)
+    prompt = req.prompt
+    chars = len(prompt) if isinstance(prompt, str) else len(prompt) * 4
+    check_bounds(request, n=req.n, max_tokens=req.max_tokens, prompt_chars=chars)
+    if isinstance(prompt, list) and any(not isinstance(t, int) or t < 0 for t in prompt):
+        raise InvalidRequest("a prompt given as a list must be token ids", param="prompt")
+    params = [
+        _params(req, seed, prompt=prompt, max_tokens=req.max_tokens, logprobs=req.logprobs is not None,
+                top_logprobs=req.logprobs)
+        for seed in seeds(req.seed, req.n)
+    ]  # fmt: skip
+    sub = await submit_text(request, req.model, params, stream=req.stream)
+    id_ = f"cmpl-{sub.jobs[0].id}"
+    if req.stream:
+        maker = ChunkMaker(
+            chat=False,
+            id_=id_,
+            created=sub.created_s,
+            model=req.model,
+            include_usage=req.include_usage,
+        )
+        return await stream_sse(
+            request, sub, _sse_format(sub, maker, chat=False, include_usage=req.include_usage)
+        )
+    result = await collect(request, sub)
+    body = completion_response(
+        id_, sub.created_s, req.model, result.texts, result.dones, result.logprobs
+    )
+    return json_response(body, headers=_job_ids(sub))
+
+
+@routes.get("/v1/models")
+async def models(request: web.Request) -> web.Response:
+    """Models with at least one live worker."""
+    data = []
+    for m in ctx(request).fleet.models().values():
+        entry: dict[str, object] = {
+            "id": m.id,
+            "object": "model",
+            "created": m.created,
+            "owned_by": m.owned_by,
+        }
+        if m.context_length is not None:
+            entry["context_length"] = m.context_length
+        data.append(entry)
+    return json_response({"object": "list", "data": sorted(data, key=lambda d: str(d["id"]))})
+
+
+@routes.get("/v1/jobs/{job_id}/events")
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """A job's raw events as SSE; ``Last-Event-ID`` resumes after the last event a client saw."""
+    job_id = request.match_info["job_id"]
+    last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    try:
+        after = Position.parse(last) if last else START
+    except ValueError:
+        raise InvalidRequest("Last-Event-ID must look like 1-7", param="Last-Event-ID") from None
+    c = ctx(request)
+    history = await c.jobs.history(job_id) if is_job_id(job_id) else []
+    # Only the key that submitted the job may read it; others cannot tell it exists.
+    if not history or any(r.owner not in (None, caller(request).id) for r in history):
+        return json_response(
+            {"error": {"message": "no such job, or its events have expired", "type": "invalid_request_error",
+                       "param": None, "code": "job_not_found"}},
+            404,
+        )  # fmt: skip
+    stream = await c.jobs.watch(job_id, after=after)
+    sse = EventStream(request)
+    await sse.open()
+    c.metrics.open_streams.inc()
+    try:
+        while not stream.finished:
+            received = await stream.next(c.settings.keepalive_s)
+            if received is None:
+                await sse.comment()
+                continue
+            await sse.send(
+                encode(received.event), id=received.pos.event_id(), event=received.event.type
+            )
+        await sse.raw(b"data: " + orjson.dumps({"type": "end"}) + b"\n\n")
+    finally:
+        c.metrics.open_streams.dec()
+        await stream.close()
+    return sse.response
