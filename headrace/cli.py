@@ -102,10 +102,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Measure the pipeline with the echo engine."""
-    from headrace import bench
+    """Measure the pipeline and the edge with the echo engine."""
+    from headrace.bench import edge, pipeline
 
-    return bench.pipeline(jobs=args.jobs, latency_samples=args.samples, out=args.out)
+    status = 0
+    if args.what in ("pipeline", "all"):
+        status |= pipeline.pipeline(jobs=args.jobs, latency_samples=args.samples, out=args.out)
+    if args.what in ("edge", "all"):
+        status |= edge.run(samples=args.samples, requests=args.requests, out=args.out)
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,9 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", type=float, metavar="S", help="refresh every S seconds")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("bench", help="measure the pipeline's own overhead with the echo engine")
+    p = sub.add_parser("bench", help="measure the pipeline and the edge with the echo engine")
+    p.add_argument("what", nargs="?", choices=["pipeline", "edge", "all"], default="all")
     p.add_argument("--jobs", type=int, default=2000, help="jobs for the throughput run")
-    p.add_argument("--samples", type=int, default=500, help="1-token jobs for the latency run")
+    p.add_argument("--samples", type=int, default=500, help="1-token jobs for the latency runs")
+    p.add_argument(
+        "--requests", type=int, default=3000, help="requests for the edge throughput run"
+    )
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="where JSON and PNG go")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +16,9 @@ import pytest
 from nats.js import JetStreamContext
 
 from schemas.client import JobClient
+from schemas.errors import ContextLengthExceeded, HeadraceError, InvalidRequest
+from schemas.events import Delta, EngineEvent
+from schemas.jobs import TextJob
 from tests.conftest import API_KEY, OTHER_KEY, running
 from workers.engines.echo import EchoEngine
 from workers.settings import WorkerSettings
@@ -412,3 +417,98 @@ async def test_openapi_document(edge: str) -> None:
     schema = doc["components"]["schemas"]["ChatCompletionRequest"]
     assert schema["properties"]["temperature"]["maximum"] == 2.0
     assert "/v1/chat/completions" in doc["paths"]
+
+
+class FailingEngine(EchoEngine):
+    """Fault injection: fails permanently, at once or after a few tokens."""
+
+    def __init__(self, after_tokens: int, error: HeadraceError) -> None:
+        super().__init__()
+        self.after_tokens = after_tokens
+        self.error = error
+
+    async def run(self, job: TextJob, cancel: threading.Event) -> AsyncIterator[EngineEvent]:
+        for _ in range(self.after_tokens):
+            yield Delta(text="word ", tokens=1)
+        if self.after_tokens:
+            await asyncio.sleep(0.8)  # past the first-event wait: the headers are out by now
+        raise self.error
+
+
+async def test_failure_before_any_text_gets_its_http_status(
+    oai: openai.AsyncOpenAI, worker_settings: WorkerSettings
+) -> None:
+    engine = FailingEngine(
+        0, ContextLengthExceeded("the prompt has 9000 tokens; the context holds 2048")
+    )
+    async with running(worker_settings, engine):
+        with pytest.raises(openai.BadRequestError) as e:
+            await oai.chat.completions.create(model="echo", messages=CHAT, stream=True)
+    assert e.value.code == "context_length_exceeded"
+    assert "2048" in e.value.message
+
+
+async def test_failure_mid_stream_is_an_error_event_then_done(
+    edge: str, worker_settings: WorkerSettings
+) -> None:
+    body = {"model": "echo", "messages": CHAT, "stream": True}
+    engine = FailingEngine(2, InvalidRequest("the engine gave up"))
+    async with (
+        running(worker_settings, engine),
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{edge}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+        ) as resp,
+    ):
+        assert resp.status == 200
+        raw = (await resp.read()).decode()
+    # keep-alive comment lines may sit between events; they carry nothing
+    data = "\n".join(line for line in raw.split("\n") if not line.startswith(":"))
+    events = data.strip().split("\n\n")
+    assert events[-1] == "data: [DONE]"
+    error = orjson.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["message"] == "the engine gave up"
+    assert set(error) == {"message", "type", "param", "code"}
+    assert sum('"content":"word "' in e for e in events) == 2
+
+
+async def test_unstreamed_client_that_goes_away_cancels_its_job(
+    edge: str, client: JobClient, js: JetStreamContext, worker_settings: WorkerSettings
+) -> None:
+    body = {"model": "echo", "messages": CHAT, "max_tokens": 400}
+    async with running(worker_settings, EchoEngine(token_delay_s=0.02)):
+        async with aiohttp.ClientSession() as http:
+            request = asyncio.create_task(
+                http.post(
+                    f"{edge}/v1/chat/completions",
+                    json=body,
+                    headers={"Authorization": f"Bearer {API_KEY}"},
+                )
+            )
+            await asyncio.sleep(0.5)
+            request.cancel()  # the client hangs up before the answer is ready
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+        subjects = (await js.stream_info("RESULTS", subjects_filter=">")).state.subjects or {}
+        (job_id,) = (s.removeprefix("results.") for s in subjects)
+        for _ in range(60):
+            history = await client.history(job_id)
+            if history[-1].final:
+                break
+            await asyncio.sleep(0.05)
+    done = history[-1].event
+    assert done.type == "done"
+    assert done.finish_reason == "cancelled"
+    assert done.usage.completion_tokens < 100
+
+
+async def test_too_many_messages_is_400(edge: str) -> None:
+    body = {"model": "echo", "messages": [{"role": "user", "content": "x"}] * 1025}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{edge}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+        ) as resp,
+    ):
+        assert resp.status == 400
+        assert (await resp.json())["error"]["param"] == "messages"

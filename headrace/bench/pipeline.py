@@ -1,4 +1,4 @@
-"""``headrace bench``: the pipeline's own cost, measured with the echo engine.
+"""``headrace bench pipeline``: the pipeline's own cost, measured with the echo engine.
 
 It starts its own nats-server and one echo worker process, then measures
 (1) jobs per second through that worker with zero-delay tokens and
@@ -12,33 +12,21 @@ import asyncio
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import nats
 import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-import nats
-from headrace.servers import NatsServer
+from headrace.bench.common import child, percentile, private_nats, progress, wait_worker
 from schemas.client import JobClient
 from schemas.codec import encode
 from schemas.jobs import TextJob, TextParams
-from schemas.subjects import WORKERS_BUCKET, Header, job_subject, new_job_id, worker_key
-from schemas.topology import Limits, provision
-
-
-def progress(label: str, done: int, total: int) -> None:
-    """One self-overwriting progress line on stderr."""
-    width = 30
-    filled = width * done // max(total, 1)
-    end = "\n" if done >= total else ""
-    sys.stderr.write(f"\r  {label:28} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{end}")
-    sys.stderr.flush()
+from schemas.subjects import Header, job_subject, new_job_id
 
 
 def _job(tokens: int) -> TextJob:
@@ -50,12 +38,6 @@ def _job(tokens: int) -> TextJob:
             prompt="one two three four five six seven eight", max_tokens=tokens, seed=1
         ),
     )
-
-
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100), nearest rank."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
 async def _throughput(nc: NATS, jobs: int, tokens: int) -> dict[str, float]:
@@ -119,18 +101,6 @@ async def _latency(client: JobClient, samples: int, show: bool = True) -> dict[s
     }
 
 
-async def _wait_worker(nc: NATS, worker_id: str) -> None:
-    kv = await nc.jetstream().key_value(WORKERS_BUCKET)
-    for _ in range(600):
-        try:
-            if (await kv.get(worker_key(worker_id))).value:
-                return
-        except nats.js.errors.KeyNotFoundError:
-            pass
-        await asyncio.sleep(0.05)
-    raise TimeoutError("the echo worker did not start")
-
-
 def _plot(result: dict[str, Any], path: Path) -> bool:
     try:
         import matplotlib
@@ -156,20 +126,10 @@ def _plot(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
-async def _provision(url: str, jobs: int) -> None:
-    nc = await nats.connect(url)
-    try:
-        await provision(
-            nc.jetstream(), Limits(jobs_max_msgs=max(10_000, jobs * 2)), [("llm", "echo")]
-        )
-    finally:
-        await nc.close()
-
-
 async def _measure(url: str, jobs: int, samples: int) -> dict[str, Any]:
     nc = await nats.connect(url)
     try:
-        await _wait_worker(nc, "bench")
+        await wait_worker(nc, "bench")
         await _latency(JobClient(nc), 20, show=False)  # warm-up
         throughput = await _throughput(nc, jobs, 16)
         latency = await _latency(JobClient(nc), samples)
@@ -184,21 +144,10 @@ def pipeline(jobs: int, latency_samples: int, out: Path, slots: int = 32) -> int
     print(
         f"headrace bench: echo engine, nats-server and one worker ({slots} slots)", file=sys.stderr
     )
-    with tempfile.TemporaryDirectory(prefix="headrace-bench-") as tmp:
-        server = NatsServer(Path(tmp) / "nats")
-        server.start()
-        env = dict(os.environ, HEADRACE_NATS_URL=server.url, HEADRACE_LOG_LEVEL="WARNING")
-        argv = [sys.executable, "-m", "headrace", "worker", "echo", "--worker-id", "bench"]
-        try:
-            asyncio.run(_provision(server.url, jobs))
-            worker = subprocess.Popen([*argv, "--slots", str(slots)], env=env)
-            try:
-                result = asyncio.run(_measure(server.url, jobs, latency_samples))
-            finally:
-                worker.terminate()
-                worker.wait(30)
-        finally:
-            server.stop()
+    with private_nats(max(10_000, jobs * 2)) as server:
+        env = {"HEADRACE_NATS_URL": server.url, "HEADRACE_LOG_LEVEL": "WARNING"}
+        with child(["worker", "echo", "--worker-id", "bench", "--slots", str(slots)], env):
+            result = asyncio.run(_measure(server.url, jobs, latency_samples))
     result["worker_slots"] = slots
     result["machine"] = {
         "cpus": os.cpu_count(),

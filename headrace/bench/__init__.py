@@ -1,0 +1,1 @@
+"""``headrace bench``: reproducible measurements of the pipeline and the edge on this machine."""

@@ -1,0 +1,78 @@
+"""What every benchmark shares: progress lines, percentiles, a private nats-server and children."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import nats.js.errors
+from nats.aio.client import Client as NATS
+
+from headrace.servers import NatsServer
+from schemas.subjects import WORKERS_BUCKET, worker_key
+from schemas.topology import Limits, provision
+
+
+def progress(label: str, done: int, total: int) -> None:
+    """One self-overwriting progress line on stderr."""
+    width = 30
+    filled = width * done // max(total, 1)
+    end = "\n" if done >= total else ""
+    sys.stderr.write(f"\r  {label:32} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{end}")
+    sys.stderr.flush()
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100), nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+@contextlib.contextmanager
+def private_nats(max_msgs: int = 100_000) -> Iterator[NatsServer]:
+    """A provisioned nats-server in a temporary directory, stopped afterwards."""
+    with tempfile.TemporaryDirectory(prefix="headrace-bench-") as tmp:
+        server = NatsServer(Path(tmp) / "nats")
+        server.start()
+        try:
+            asyncio.run(_provision(server.url, max_msgs))
+            yield server
+        finally:
+            server.stop()
+
+
+async def _provision(url: str, max_msgs: int) -> None:
+    nc = await nats.connect(url)
+    try:
+        await provision(nc.jetstream(), Limits(jobs_max_msgs=max_msgs), [("llm", "echo")])
+    finally:
+        await nc.close()
+
+
+@contextlib.contextmanager
+def child(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A ``headrace`` subprocess (worker or edge), terminated afterwards."""
+    proc = subprocess.Popen([sys.executable, "-m", "headrace", *args], env={**os.environ, **env})
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+async def wait_worker(nc: NATS, worker_id: str) -> None:
+    """Until the worker has registered."""
+    kv = await nc.jetstream().key_value(WORKERS_BUCKET)
+    for _ in range(600):
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            if (await kv.get(worker_key(worker_id))).value:
+                return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"worker {worker_id} did not start")
