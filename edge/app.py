@@ -6,17 +6,18 @@ import asyncio
 import logging
 import signal
 
+import nats
 import uvloop
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-import nats
 from edge import middlewares
 from edge.auth import KeyStore
 from edge.context import CTX, EdgeContext
+from edge.dedup import Dedup
 from edge.metrics import EdgeMetrics
 from edge.registry import Registry
-from edge.routes import health, openai, openapi
+from edge.routes import health, llamacpp, ollama, openai, openapi
 from edge.settings import EdgeSettings
 from schemas.client import JobClient
 
@@ -31,11 +32,11 @@ def build_app(settings: EdgeSettings, registry: CollectorRegistry | None = None)
     app = web.Application(
         client_max_size=settings.max_body_bytes, middlewares=[middlewares.errors, middlewares.auth]
     )
-    app[CTX] = EdgeContext(settings, keys, EdgeMetrics(registry))
+    app[CTX] = EdgeContext(settings, keys, EdgeMetrics(registry), Dedup(settings.dedup_grace_s))
     app.on_startup.append(_connect)
     app.on_cleanup.append(_disconnect)
     app.on_response_prepare.append(middlewares.stamp_request_id)
-    for module in (openai, health, openapi):
+    for module in (openai, llamacpp, ollama, health, openapi):
         app.add_routes(module.routes)
     return app
 

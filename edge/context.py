@@ -8,6 +8,7 @@ from aiohttp import web
 from nats.aio.client import Client as NATS
 
 from edge.auth import ApiKey, KeyStore
+from edge.dedup import Dedup
 from edge.metrics import EdgeMetrics
 from edge.registry import Registry
 from edge.settings import EdgeSettings
@@ -21,6 +22,7 @@ class EdgeContext:
     settings: EdgeSettings
     keys: KeyStore
     metrics: EdgeMetrics
+    dedup: Dedup
     nc: NATS | None = None
     client: JobClient | None = None
     registry: Registry | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import time
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from edge.context import REQUEST_ID, caller, ctx
+from edge.dedup import fingerprint
 from schemas.client import JobStream
 from schemas.errors import InvalidRequest
 from schemas.jobs import SEED_MAX, TextJob, TextParams
@@ -25,10 +27,16 @@ class Submission:
     """Jobs of one request (n of them for ``n`` > 1) and their event streams."""
 
     model: ModelInfo
-    jobs: list[TextJob]
+    job_ids: list[str]
     streams: list[JobStream]
     created_s: int
     started: float
+    fingerprint: str | None = None  # set when retries of this request may share its jobs
+
+
+def job_ids_header(sub: Submission) -> dict[str, str]:
+    """``x-headrace-job-ids``: which jobs answer this request (for /v1/jobs/{id}/events)."""
+    return {"x-headrace-job-ids": ",".join(sub.job_ids)}
 
 
 def deadline_ms(request: web.Request) -> int:
@@ -71,13 +79,51 @@ def check_bounds(
         )
 
 
+def fingerprint_of(request: web.Request, body: bytes | None) -> str | None:
+    """Which earlier request this one repeats: by Idempotency-Key, or by ``body`` when given."""
+    key_id = caller(request).id
+    if (idem := request.headers.get("Idempotency-Key")) is not None:
+        return fingerprint(key_id, "idempotency-key", idem)
+    return None if body is None else fingerprint(key_id, request.path, body)
+
+
 async def submit_text(
-    request: web.Request, model: str, params: list[TextParams], *, stream: bool
+    request: web.Request,
+    model: str,
+    params: list[TextParams],
+    *,
+    stream: bool,
+    fingerprint: str | None = None,
 ) -> Submission:
-    """Wait for a worker of the model, then publish one job per choice; returns their streams."""
+    """Wait for a worker of the model, then publish one job per choice; returns their streams.
+
+    With a ``fingerprint`` that is already in flight, join those jobs instead (see edge.dedup).
+    """
     c = ctx(request)
     started = time.perf_counter()
     info = await c.fleet.require("llm", model, c.settings.no_worker_wait_s)
+    if fingerprint is None:
+        job_ids, streams, created_s = await _publish(request, model, params, stream)
+        return Submission(info, job_ids, streams, created_s, started)
+    entry, new = c.dedup.join(fingerprint)
+    if not new:
+        await asyncio.shield(entry.ready)
+        joined = [await c.jobs.watch(job_id, replay=True) for job_id in entry.job_ids]
+        return Submission(info, entry.job_ids, joined, entry.created_s, started, fingerprint)
+    try:
+        job_ids, streams, created_s = await _publish(request, model, params, stream)
+    except BaseException as e:
+        c.dedup.failed(fingerprint, entry, e)
+        raise
+    c.dedup.published(entry, job_ids, created_s)
+    return Submission(info, job_ids, streams, created_s, started, fingerprint)
+
+
+async def _publish(
+    request: web.Request, model: str, params: list[TextParams], stream: bool
+) -> tuple[list[str], list[JobStream], int]:
+    """Publish one job per choice, all or nothing; returns their ids, streams and creation second."""
+    c = ctx(request)
     now_ms = int(time.time() * 1000)
     deadline = deadline_ms(request)
     headers: dict[str, str] = {
@@ -107,4 +153,4 @@ async def submit_text(
                 await s.cancel()
                 await s.close()
         raise
-    return Submission(info, jobs, streams, now_ms // 1000, started)
+    return [j.id for j in jobs], streams, now_ms // 1000

@@ -8,11 +8,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+import orjson
 from aiohttp import web
 
 from edge.auth import bearer
 from edge.context import KEY, REQUEST_ID, ctx
-from edge.errors import error_response, from_exception
+from edge.errors import error_response, from_exception, json_response
 from schemas.errors import HeadraceError
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,12 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await _translated(request, handler)
     finally:
         c.metrics.in_flight.dec()
+    if (
+        response.status >= 400
+        and request.path.startswith("/api/")
+        and isinstance(response, web.Response)
+    ):
+        response = ollama_error(response)
     c.metrics.requests.labels(route_name(request), str(response.status)).inc()
     log.info(
         "%s %s %d %.1f ms",
@@ -70,6 +77,18 @@ async def _translated(request: web.Request, handler: Handler) -> web.StreamRespo
         log.error("unhandled %s", type(e).__name__, extra={"request_id": request[REQUEST_ID]})
         log.debug("unhandled error", exc_info=True)
         return error_response(500, "internal error", "server_error", "internal_error")
+
+
+def ollama_error(response: web.Response) -> web.Response:
+    """Ollama's clients read ``{"error": "<message>"}``: the same error, in their shape."""
+    try:
+        message = orjson.loads(response.body)["error"]["message"]  # type: ignore[arg-type]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return response
+    headers = {
+        k: v for k, v in response.headers.items() if k in ("Retry-After", "WWW-Authenticate")
+    }
+    return json_response({"error": message}, response.status, headers)
 
 
 def _keep(e: web.HTTPException) -> dict[str, str]:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 from schemas.client import JobStream, Received
 from schemas.events import Delta, Done, Error, TokenLogprob
-from schemas.subjects import cancel_subject
 
 Tick = float | None
 
@@ -157,15 +156,10 @@ class Relay:
             self._queue.put_nowait(e)
 
     async def close(self) -> list[str]:
-        """Stop reading; cancel every job that has not finished. Returns the cancelled job ids."""
+        """Stop reading; returns the ids of the jobs that have not finished (the caller cancels)."""
         for task in self._readers:
             task.cancel()
-        cancelled = []
         for c in self.choices:
-            if not c.finished:
-                with contextlib.suppress(Exception):
-                    await c.stream.client.nc.publish(cancel_subject(c.stream.job_id), b"")
-                cancelled.append(c.stream.job_id)
             with contextlib.suppress(Exception):
                 await c.stream.close()
-        return cancelled
+        return [c.stream.job_id for c in self.choices if not c.finished]

@@ -1,4 +1,4 @@
-"""Answering with a submission's results: streamed as SSE, or collected into one body.
+"""Answering with a submission's results: streamed (SSE or NDJSON), or collected into one body.
 
 Both paths cancel the jobs when the client goes away or the deadline passes, so
 no worker spends time on an answer nobody will read.
@@ -7,6 +7,7 @@ no worker spends time on an answer nobody will read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,9 +20,10 @@ from edge.context import ctx
 from edge.errors import body_of, from_exception
 from edge.jobs import Submission
 from edge.relay import Failed, Finished, Idle, Out, Relay, Text
-from edge.sse import DONE, EventStream
+from edge.sse import DONE, EventStream, Framing
 from schemas.errors import DeadlineExceeded, HeadraceError, error_from_code
 from schemas.events import Done, TokenLogprob
+from schemas.subjects import cancel_subject
 
 
 @dataclass
@@ -33,14 +35,21 @@ class Collected:
     logprobs: list[list[TokenLogprob] | None]
 
 
-@dataclass
-class SseFormat:
-    """What a route writes for each kind of relay output (bytes of one ``data:`` payload)."""
+def _nothing(*_: object) -> list[dict[str, Any]]:
+    return []
 
-    opening: Callable[[int], list[dict[str, Any]]]  # chunks sent with the headers, given n
+
+@dataclass
+class StreamFormat:
+    """What a route writes for each kind of relay output, and how it frames the stream."""
+
     text: Callable[[Text], dict[str, Any]]
     finished: Callable[[Finished], dict[str, Any]]
-    closing: Callable[[list[Done]], list[dict[str, Any]]]
+    opening: Callable[[int], list[dict[str, Any]]] = _nothing  # sent with the headers, given n
+    closing: Callable[[list[Done]], list[dict[str, Any]]] = _nothing
+    error: Callable[[HeadraceError], dict[str, Any]] = lambda e: body_of(e.code, e.message)
+    framing: type[Framing] = EventStream
+    end: bytes = DONE  # written after the last event (b"" for none)
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -59,10 +68,18 @@ def _observe(request: web.Request, sub: Submission, relay: Relay, dones: list[Do
     m.tokens.labels(model, "completion").inc(sum(d.usage.completion_tokens for d in dones))
 
 
-async def _close(request: web.Request, relay: Relay, reason: str) -> None:
-    cancelled = await relay.close()
-    if cancelled:
-        ctx(request).metrics.cancels.labels(reason).inc(len(cancelled))
+async def _close(request: web.Request, sub: Submission, relay: Relay, reason: str) -> None:
+    """Stop following; cancel what is unfinished (shared jobs: once their last client left)."""
+    c = ctx(request)
+    unfinished = await relay.close()
+    if sub.fingerprint is not None:
+        c.dedup.release(sub.fingerprint, unfinished, c.jobs.cancel)
+    else:
+        for job_id in unfinished:
+            with contextlib.suppress(Exception):
+                await c.jobs.nc.publish(cancel_subject(job_id), b"")
+    if unfinished:
+        c.metrics.cancels.labels(reason).inc(len(unfinished))
 
 
 async def collect(request: web.Request, sub: Submission) -> Collected:
@@ -81,7 +98,7 @@ async def collect(request: web.Request, sub: Submission) -> Collected:
         reason = "deadline"
         raise
     finally:
-        await _close(request, relay, reason)
+        await _close(request, sub, relay, reason)
     finished = [d for d in dones if d is not None]
     _observe(request, sub, relay, finished)
     logprobs = [_logprobs_of(relay, i) for i in range(len(dones))]
@@ -93,10 +110,10 @@ def _logprobs_of(relay: Relay, index: int) -> list[TokenLogprob] | None:
     return items if items else None
 
 
-async def stream_sse(request: web.Request, sub: Submission, fmt: SseFormat) -> web.StreamResponse:
-    """Relay as SSE. Headers wait briefly for the first event, so early errors get a real status."""
+async def stream(request: web.Request, sub: Submission, fmt: StreamFormat) -> web.StreamResponse:
+    """Relay as a stream. Headers wait briefly for the first event, so early errors get a real status."""
     relay = _relay(request, sub)
-    sse = EventStream(request, fmt.headers)
+    sse = fmt.framing(request, fmt.headers)
     dones: list[Done | None] = [None] * len(sub.streams)
     reason = "client_gone"
     try:
@@ -112,24 +129,24 @@ async def stream_sse(request: web.Request, sub: Submission, fmt: SseFormat) -> w
                 return sse.response
         for chunk in fmt.closing([d for d in dones if d is not None]):
             await sse.send(orjson.dumps(chunk))
-        await sse.raw(DONE)
+        await sse.raw(fmt.end)
         reason = "finished"
     except DeadlineExceeded as e:
         reason = "deadline"
         if not sse.opened:
             raise
-        await _send_error(sse, e)
+        await _send_error(sse, fmt, e)
     except (ConnectionResetError, asyncio.CancelledError):
         raise  # the client went away: the finally block cancels the jobs
     finally:
-        await _close(request, relay, reason)
+        await _close(request, sub, relay, reason)
         if sse.opened:
             ctx(request).metrics.open_streams.dec()
     _observe(request, sub, relay, [d for d in dones if d is not None])
     return sse.response
 
 
-async def _open(request: web.Request, sse: EventStream, fmt: SseFormat, n: int) -> None:
+async def _open(request: web.Request, sse: Framing, fmt: StreamFormat, n: int) -> None:
     if sse.opened:
         return
     await sse.open()
@@ -138,9 +155,9 @@ async def _open(request: web.Request, sse: EventStream, fmt: SseFormat, n: int) 
         await sse.send(orjson.dumps(chunk))
 
 
-async def _write(sse: EventStream, fmt: SseFormat, out: Out, dones: list[Done | None]) -> None:
+async def _write(sse: Framing, fmt: StreamFormat, out: Out, dones: list[Done | None]) -> None:
     if isinstance(out, Idle):
-        await sse.comment()
+        await sse.keepalive()
     elif isinstance(out, Text):
         await sse.send(orjson.dumps(fmt.text(out)), id=_sse_id(out.index, out.event_id, len(dones)))
     elif isinstance(out, Finished):
@@ -148,8 +165,8 @@ async def _write(sse: EventStream, fmt: SseFormat, out: Out, dones: list[Done | 
         await sse.send(
             orjson.dumps(fmt.finished(out)), id=_sse_id(out.index, out.event_id, len(dones))
         )
-    else:  # Failed after the headers went out: an error event, then [DONE]
-        await _send_error(sse, error_from_code(out.error.code, out.error.message))
+    else:  # Failed after the headers went out: an error event, then the end marker
+        await _send_error(sse, fmt, error_from_code(out.error.code, out.error.message))
 
 
 def _sse_id(index: int, event_id: str, n: int) -> str:
@@ -157,6 +174,6 @@ def _sse_id(index: int, event_id: str, n: int) -> str:
     return event_id if n == 1 else f"{index}:{event_id}"
 
 
-async def _send_error(sse: EventStream, e: HeadraceError) -> None:
-    await sse.send(orjson.dumps(body_of(e.code, e.message)))
-    await sse.raw(DONE)
+async def _send_error(sse: Framing, fmt: StreamFormat, e: HeadraceError) -> None:
+    await sse.send(orjson.dumps(fmt.error(e)))
+    await sse.raw(fmt.end)

@@ -42,3 +42,11 @@ class EdgeSettings(CommonSettings):
         default=15.0, gt=0, description="a worker whose heartbeat is older than this is gone"
     )
     retry_after_s: int = Field(default=2, ge=1, description="Retry-After sent with 503")
+    dedup_grace_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="a shared job outlives its last client this long, for retries",
+    )
+    dedup_completion: bool = Field(
+        default=True, description="identical in-flight /completion bodies of one key share a job"
+    )

@@ -1,4 +1,8 @@
-"""Server-Sent Events: headers once, then each event straight to the socket (no buffering)."""
+"""Streamed response framings: Server-Sent Events and newline-delimited JSON.
+
+Each writes every event straight to the socket (no buffering); aiohttp sets
+TCP_NODELAY, so the first token leaves when the worker publishes it.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,16 @@ from aiohttp import web
 DONE = b"data: [DONE]\n\n"
 
 
-class EventStream:
-    """One SSE response. Lines starting with ``:`` are comments: clients ignore them."""
+class Framing:
+    """A streamed response; subclasses say how one event and a keep-alive look on the wire."""
+
+    content_type = "application/octet-stream"
 
     def __init__(self, request: web.Request, headers: dict[str, str] | None = None) -> None:
         self.request = request
         self.response = web.StreamResponse(
             headers={
-                "Content-Type": "text/event-stream; charset=utf-8",
+                "Content-Type": self.content_type,
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",  # tell nginx-style proxies not to buffer
                 **(headers or {}),
@@ -32,7 +38,24 @@ class EventStream:
             await self.response.prepare(self.request)
 
     async def send(self, data: bytes, *, id: str | None = None, event: str | None = None) -> None:
-        """One event: optional ``id:`` and ``event:`` lines, then ``data:``."""
+        """One event."""
+        raise NotImplementedError
+
+    async def keepalive(self) -> None:
+        """Something harmless that keeps proxies from timing the connection out."""
+
+    async def raw(self, data: bytes) -> None:
+        """Bytes as they are (``data: [DONE]``)."""
+        await self.response.write(data)
+
+
+class EventStream(Framing):
+    """Server-Sent Events. Lines starting with ``:`` are comments: clients ignore them."""
+
+    content_type = "text/event-stream; charset=utf-8"
+
+    async def send(self, data: bytes, *, id: str | None = None, event: str | None = None) -> None:
+        """Optional ``id:`` and ``event:`` lines, then ``data:``."""
         head = b""
         if id is not None:
             head += b"id: " + id.encode() + b"\n"
@@ -40,18 +63,20 @@ class EventStream:
             head += b"event: " + event.encode() + b"\n"
         await self.response.write(head + b"data: " + data + b"\n\n")
 
-    async def comment(self, text: str = "keep-alive") -> None:
-        """A comment line, used as a keep-alive, written between two events.
+    async def keepalive(self) -> None:
+        """A comment line written between two events.
 
         No blank line follows it: the OpenAI SDK's decoder keeps the last ``id:`` and
         dispatches an empty (unparseable) event on any blank line once it has seen one.
         """
-        await self.response.write(b": " + text.encode() + b"\n")
+        await self.response.write(b": keep-alive\n")
 
-    async def raw(self, data: bytes) -> None:
-        """Bytes as they are (``data: [DONE]``)."""
-        await self.response.write(data)
 
-    async def close(self) -> None:
-        """End the response body."""
-        await self.response.write_eof()
+class NdjsonStream(Framing):
+    """Newline-delimited JSON (Ollama): one object per line, no keep-alives (clients parse every line)."""
+
+    content_type = "application/x-ndjson"
+
+    async def send(self, data: bytes, *, id: str | None = None, event: str | None = None) -> None:
+        """One JSON object and a newline."""
+        await self.response.write(data + b"\n")

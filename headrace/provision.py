@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import nats
+
 from headrace.settings import ProvisionSettings
 from schemas.subjects import JobKind
 from schemas.topology import Change, Limits, provision

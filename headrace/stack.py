@@ -20,11 +20,11 @@ from pathlib import Path
 from types import FrameType
 
 import nats.js.errors
+from nats import connect as nats_connect
 
 from headrace import provision
 from headrace.servers import ChildServer, NatsServer, ValkeyServer, child_setup, wait_for_port
 from headrace.settings import StackSettings
-from nats import connect as nats_connect
 from schemas.subjects import WORKERS_BUCKET, worker_key
 
 

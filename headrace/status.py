@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+import nats
 import nats.js.errors
 from nats.js import JetStreamContext
 
-import nats
 from schemas.codec import decode_worker
 from schemas.registry import WorkerInfo
 from schemas.settings import CommonSettings

@@ -131,8 +131,9 @@ class JobClient:
         reply: str | None = None,
         deadline_ms: int | None = None,
         after: Position = START,
+        replay: bool = False,
     ) -> JobStream:
-        """Follow a job's events live, from ``after`` on (earlier ones come from RESULTS)."""
+        """Follow a job's events live; with ``replay`` (or ``after``) stored ones come first from RESULTS."""
         queue: asyncio.Queue[Msg] = asyncio.Queue()
 
         async def deliver(msg: Msg) -> None:
@@ -142,7 +143,7 @@ class JobClient:
         # Interest must reach the server before the job can produce anything.
         await self.nc.flush()
         stream = JobStream(self, job_id, sub, queue, deadline_ms)
-        if after != START:
+        if replay or after != START:
             await stream.replay_after(after)
         return stream
 

@@ -12,11 +12,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-import nats
 from headrace.servers import NatsServer, free_port
 from schemas.client import JobClient
 from schemas.jobs import ChatMessage, TextJob, TextParams

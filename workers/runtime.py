@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import nats
 import nats.errors
 import nats.js.errors
 import orjson
@@ -17,7 +18,6 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-import nats
 from schemas.codec import decode_job
 from schemas.errors import ErrorCode, HeadraceError, Poison, Retry
 from schemas.events import Done, Error, Started

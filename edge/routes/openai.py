@@ -8,10 +8,10 @@ from aiohttp import web
 from edge.body import parse
 from edge.context import caller, ctx
 from edge.errors import json_response
-from edge.jobs import Submission, check_bounds, seeds, submit_text
+from edge.jobs import Submission, check_bounds, fingerprint_of, job_ids_header, seeds, submit_text
 from edge.openai.requests import ChatCompletionRequest, CompletionRequest, Sampling
 from edge.openai.responses import ChunkMaker, chat_response, completion_response
-from edge.respond import SseFormat, collect, stream_sse
+from edge.respond import StreamFormat, collect, stream
 from edge.sse import EventStream
 from schemas.client import START, Position
 from schemas.codec import encode
@@ -57,19 +57,15 @@ def _chat_params(req: ChatCompletionRequest) -> list[TextParams]:
     return [_params(req, seed, **extra) for seed in seeds(req.seed, req.n)]
 
 
-def _job_ids(sub: Submission) -> dict[str, str]:
-    return {"x-headrace-job-ids": ",".join(j.id for j in sub.jobs)}
-
-
-def _sse_format(
+def _stream_format(
     sub: Submission, maker: ChunkMaker, *, chat: bool, include_usage: bool
-) -> SseFormat:
-    return SseFormat(
+) -> StreamFormat:
+    return StreamFormat(
         opening=(lambda n: [maker.role(i) for i in range(n)]) if chat else (lambda n: []),
         text=lambda out: maker.text(out.index, out.text, out.logprobs),
         finished=lambda out: maker.finish(out.index, out.done),
         closing=(lambda dones: [maker.usage(dones)]) if include_usage else (lambda dones: []),
-        headers=_job_ids(sub),
+        headers=job_ids_header(sub),
     )
 
 
@@ -79,8 +75,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = await parse(request, ChatCompletionRequest)
     prompt_chars = sum(len(m.text()) for m in req.messages)
     check_bounds(request, n=req.n, max_tokens=req.token_limit(), prompt_chars=prompt_chars)
-    sub = await submit_text(request, req.model, _chat_params(req), stream=req.stream)
-    id_ = f"chatcmpl-{sub.jobs[0].id}"
+    fp = fingerprint_of(request, None)
+    sub = await submit_text(
+        request, req.model, _chat_params(req), stream=req.stream, fingerprint=fp
+    )
+    id_ = f"chatcmpl-{sub.job_ids[0]}"
     if req.stream:
         maker = ChunkMaker(
             chat=True,
@@ -89,12 +88,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             model=req.model,
             include_usage=req.include_usage,
         )
-        return await stream_sse(
-            request, sub, _sse_format(sub, maker, chat=True, include_usage=req.include_usage)
+        return await stream(
+            request, sub, _stream_format(sub, maker, chat=True, include_usage=req.include_usage)
         )
     result = await collect(request, sub)
     body = chat_response(id_, sub.created_s, req.model, result.texts, result.dones, result.logprobs)
-    return json_response(body, headers=_job_ids(sub))
+    return json_response(body, headers=job_ids_header(sub))
 
 
 @routes.post("/v1/completions")
@@ -111,8 +110,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 top_logprobs=req.logprobs)
         for seed in seeds(req.seed, req.n)
     ]  # fmt: skip
-    sub = await submit_text(request, req.model, params, stream=req.stream)
-    id_ = f"cmpl-{sub.jobs[0].id}"
+    fp = fingerprint_of(request, None)
+    sub = await submit_text(request, req.model, params, stream=req.stream, fingerprint=fp)
+    id_ = f"cmpl-{sub.job_ids[0]}"
     if req.stream:
         maker = ChunkMaker(
             chat=False,
@@ -121,14 +121,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
             model=req.model,
             include_usage=req.include_usage,
         )
-        return await stream_sse(
-            request, sub, _sse_format(sub, maker, chat=False, include_usage=req.include_usage)
+        return await stream(
+            request, sub, _stream_format(sub, maker, chat=False, include_usage=req.include_usage)
         )
     result = await collect(request, sub)
     body = completion_response(
         id_, sub.created_s, req.model, result.texts, result.dones, result.logprobs
     )
-    return json_response(body, headers=_job_ids(sub))
+    return json_response(body, headers=job_ids_header(sub))
 
 
 @routes.get("/v1/models")
@@ -174,7 +174,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         while not stream.finished:
             received = await stream.next(c.settings.keepalive_s)
             if received is None:
-                await sse.comment()
+                await sse.keepalive()
                 continue
             await sse.send(
                 encode(received.event), id=received.pos.event_id(), event=received.event.type

@@ -1,0 +1,1 @@
+"""llama.cpp server's (and LLMUnity's) request and response shapes."""

@@ -1,0 +1,1 @@
+"""Ollama's request and response shapes."""

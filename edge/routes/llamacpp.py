@@ -1,0 +1,155 @@
+"""llama.cpp server's native routes, as LLMUnity and llama.cpp clients call them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from edge import rpc
+from edge.body import parse
+from edge.context import ctx
+from edge.errors import json_response
+from edge.jobs import check_bounds, fingerprint_of, job_ids_header, seeds, submit_text
+from edge.llamacpp.requests import RANDOM_SEEDS, CompletionRequest
+from edge.llamacpp.responses import chunk, final
+from edge.respond import StreamFormat, collect, stream
+from schemas.errors import InvalidRequest
+from schemas.jobs import TextParams
+
+routes = web.RouteTableDef()
+
+
+def _params(req: CompletionRequest) -> TextParams:
+    try:
+        biases = req.biases()
+    except ValueError as e:
+        raise InvalidRequest(str(e), param="logit_bias") from None
+    (seed,) = seeds(None if req.seed in RANDOM_SEEDS else req.seed, 1)
+    return TextParams(
+        prompt=req.prompt,
+        max_tokens=None if req.n_predict == -1 else req.n_predict,
+        temperature=req.temperature,
+        top_k=req.top_k,
+        top_p=req.top_p,
+        min_p=req.min_p,
+        typical_p=req.typical_p,
+        repeat_penalty=req.repeat_penalty,
+        repeat_last_n=req.repeat_last_n,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        mirostat=req.mirostat,
+        mirostat_tau=req.mirostat_tau,
+        mirostat_eta=req.mirostat_eta,
+        grammar=req.grammar,
+        json_schema=req.json_schema,
+        response_format="json_schema" if req.json_schema is not None else "text",
+        seed=seed,
+        stop=req.stop,
+        ignore_eos=req.ignore_eos,
+        logit_bias=biases,
+        logprobs=req.n_probs > 0,
+        top_logprobs=req.n_probs or None,
+    )
+
+
+@routes.post("/completion")
+async def completion(request: web.Request) -> web.StreamResponse:
+    """llama.cpp's completion: ``{content, stop}`` chunks, the last with timings; no ``[DONE]``."""
+    req = await parse(request, CompletionRequest)
+    chars = len(req.prompt) if isinstance(req.prompt, str) else 4 * len(req.prompt)
+    max_tokens = None if req.n_predict == -1 else req.n_predict
+    check_bounds(request, n=1, max_tokens=max_tokens, prompt_chars=chars)
+    model = await rpc.default_model(request, req.model)
+    dedup_body = await request.read() if ctx(request).settings.dedup_completion else None
+    fp = fingerprint_of(request, dedup_body)
+    sub = await submit_text(request, model, [_params(req)], stream=req.stream, fingerprint=fp)
+    if req.stream:
+        fmt = StreamFormat(
+            text=lambda out: chunk(out.text),
+            finished=lambda out: final(model, "", out.done),
+            error=lambda e: {"error": {"code": e.code, "message": e.message}},
+            end=b"",
+            headers=job_ids_header(sub),
+        )
+        return await stream(request, sub, fmt)
+    result = await collect(request, sub)
+    return json_response(
+        final(model, result.texts[0], result.dones[0]), headers=job_ids_header(sub)
+    )
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        body = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError:
+        raise InvalidRequest("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+async def _forward(request: web.Request, op: str) -> dict[str, Any]:
+    body = await _body(request)
+    model = await rpc.default_model(request, body.pop("model", None))
+    return await rpc.call(request, model, op, body)
+
+
+@routes.post("/tokenize")
+async def tokenize(request: web.Request) -> web.Response:
+    """``{content, add_special, with_pieces}`` -> ``{tokens}``."""
+    return json_response(await _forward(request, "tokenize"))
+
+
+@routes.post("/detokenize")
+async def detokenize(request: web.Request) -> web.Response:
+    """``{tokens}`` -> ``{content}``."""
+    return json_response(await _forward(request, "detokenize"))
+
+
+@routes.post("/apply-template")
+async def apply_template(request: web.Request) -> web.Response:
+    """``{messages}`` -> ``{prompt}``: the model's own chat template applied."""
+    return json_response(await _forward(request, "apply-template"))
+
+
+@routes.get("/props")
+async def props(request: web.Request) -> web.Response:
+    """The model's properties (context size, chat template ...)."""
+    model = await rpc.default_model(request, request.query.get("model"))
+    return json_response(await rpc.call(request, model, "props", {}))
+
+
+@routes.route("*", "/template")
+async def template(request: web.Request) -> web.Response:
+    """LLMUnity asks for ``{"template": ...}`` with GET or POST ``{}``."""
+    asked = request.query.get("model")
+    if request.method == "POST" and request.can_read_body:
+        asked = (await _body(request)).get("model") or asked
+    elif request.method not in ("GET", "POST"):
+        raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST"])
+    model = await rpc.default_model(request, asked)
+    info = await rpc.call(request, model, "props", {})
+    return json_response({"template": info.get("chat_template", "")})
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    """llama.cpp's health: ``{"status": "ok"}``, or 503 while no text worker is ready."""
+    if ctx(request).fleet.models("llm"):
+        return json_response({"status": "ok"})
+    error = {"code": 503, "message": "Loading model", "type": "unavailable_error"}
+    return json_response({"error": error}, 503)
+
+
+@routes.post("/embeddings")
+@routes.post("/v1/embeddings")
+async def embeddings(request: web.Request) -> web.Response:
+    """No configured model computes embeddings: a clear 400 rather than a 404."""
+    body = await _body(request)
+    model = body.get("model") or "this deployment's models"
+    raise InvalidRequest(
+        f"embeddings are not supported by {model}: no embedding model is configured", param="model"
+    )

@@ -1,0 +1,52 @@
+"""Request/reply to the workers of a text model: tokenize, detokenize, apply-template, props."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats.errors
+import orjson
+from aiohttp import web
+
+from edge.context import ctx
+from schemas.errors import HeadraceError, InvalidRequest, NoWorker, Unavailable, error_from_code
+from schemas.subjects import rpc_subject
+
+
+async def default_model(request: web.Request, asked: str | None) -> str:
+    """The model a request means: the one it names, or the only live text model."""
+    c = ctx(request)
+    if asked:
+        await c.fleet.require("llm", asked, c.settings.no_worker_wait_s)
+        return asked
+    live = sorted(c.fleet.models("llm"))
+    if len(live) == 1:
+        return live[0]
+    if not live:
+        raise NoWorker("no text model has a live worker right now; retry shortly")
+    raise InvalidRequest(
+        f"several models are served ({', '.join(live)}): name one in 'model'", param="model"
+    )
+
+
+async def call(
+    request: web.Request, model: str, op: str, payload: dict[str, Any]
+) -> dict[str, Any]:
+    """Ask any worker of ``model`` (a queue group answers once); errors come back as ours."""
+    nc = ctx(request).nc
+    if nc is None:
+        raise Unavailable("the edge is not connected to NATS")
+    try:
+        reply = await nc.request(rpc_subject(model, op), orjson.dumps(payload), timeout=10)
+    except nats.errors.NoRespondersError as e:
+        raise NoWorker(f"no worker of '{model}' answered") from e
+    except nats.errors.TimeoutError as e:
+        raise Unavailable(f"the workers of '{model}' did not answer {op} in time") from e
+    body = orjson.loads(reply.data)
+    if "error" in body:
+        error: HeadraceError = error_from_code(
+            body["error"].get("code", ""), body["error"].get("message", "")
+        )
+        raise error
+    result: dict[str, Any] = body["result"]
+    return result
