@@ -3,8 +3,14 @@ VENV   ?= .venv
 PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.headrace-installed
+LLM_STAMP := $(VENV)/.headrace-llm
+# llama-cpp-python 0.3.36 has no wheel and builds from source (~6 min on 2 cores).
+# GGML_NATIVE=OFF with explicit AVX2/FMA/F16C: the default native build crashes
+# (general-protection fault in libggml-cpu) on VMs whose CPU reports AMX it may not use.
+# GPU hosts: make install-llm LLAMA_CMAKE_ARGS="-DGGML_CUDA=on"
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: up test install lint typecheck unit schemas bench clean
+.PHONY: up test install install-llm lint typecheck unit schemas bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,17 +24,30 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-up: install
+# --no-cache-dir: pip caches a built wheel by version, not by CMAKE_ARGS, so a
+# wheel cached from an earlier default (crashing) build would be reused silently.
+# Once installed, pip sees the requirement met and builds nothing, so re-running
+# this (after a pyproject.toml change) costs seconds, not a rebuild.
+$(LLM_STAMP): $(STAMP)
+	@echo "building llama-cpp-python from source (about 6 minutes on 2 cores) ..."
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --progress-bar on --no-cache-dir \
+		'llama-cpp-python>=0.3.36,<0.4'
+	$(BIN)/pip install --progress-bar on -e '.[llm]'
+	touch $@
+
+install-llm: $(LLM_STAMP)
+
+up: install install-llm
 	$(BIN)/headrace up
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: install
+typecheck: install install-llm
 	$(BIN)/mypy
 
-unit: install
+unit: install install-llm
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
 
 test: lint typecheck unit

@@ -20,6 +20,7 @@ def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]
 
 
 _COMMON = ("nats_url", "region", "log_level")
+_LLM = ("llm_n_ctx", "llm_threads", "llm_threads_batch", "llm_gpu_layers", "llm_chat_template_file")
 _LIMITS = (
     "jobs_max_msgs",
     "jobs_max_bytes",
@@ -52,7 +53,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     from headrace.settings import StackSettings
     from headrace.stack import up
 
-    names = (*_COMMON, *_LIMITS, "data_dir", "port", "nats_port", "valkey_port", "echo_workers")
+    names = (
+        *_COMMON,
+        *_LIMITS,
+        "data_dir",
+        "port",
+        "nats_port",
+        "valkey_port",
+        "echo_workers",
+        "llm_workers",
+    )
     return up(StackSettings(**_overrides(args, names)))
 
 
@@ -72,12 +82,20 @@ def cmd_provision(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run a worker process."""
     from headrace import worker
+    from workers.engines.base import Engine
     from workers.settings import WorkerSettings
 
-    names = (*_COMMON, "slots", "worker_id", "echo_token_delay_s", "echo_tokens")
-    settings = WorkerSettings(**_overrides(args, names))
+    names = (*_COMMON, "slots", "worker_id", "echo_token_delay_s", "echo_tokens", *_LLM)
+    overrides = _overrides(args, names)
+    if args.engine == "llm" and args.model:
+        overrides["llm_models"] = ",".join(args.model)
+    settings = WorkerSettings(**overrides)
     logs.setup(settings.log_level, f"worker {args.engine}")
-    worker.run(settings, worker.echo_engine(settings, args.model or "echo"))
+    if args.engine == "llm":
+        engine: Engine[Any] = worker.llama_engine(settings)
+    else:
+        engine = worker.echo_engine(settings, args.model[-1] if args.model else "echo")
+    worker.run(settings, engine)
     return 0
 
 
@@ -128,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nats-port", type=int, help="default 4222")
     p.add_argument("--valkey-port", type=int, help="default 6379")
     p.add_argument("--echo-workers", type=int, help="echo workers to start (default 1)")
+    p.add_argument(
+        "--llm-workers", type=int, help="SmolLM2 workers on llama.cpp to start (default 1)"
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("provision", help="create or update streams, buckets and consumers")
@@ -143,13 +164,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_provision)
 
     p = sub.add_parser("worker", help="run a worker")
-    p.add_argument("engine", choices=["echo"], help="echo: deterministic pseudo-tokens, no model")
+    p.add_argument(
+        "engine",
+        choices=["echo", "llm"],
+        help="echo: deterministic pseudo-tokens, no model; llm: GGUF models on llama.cpp",
+    )
     _add_common(p)
-    p.add_argument("--model", help="model id to serve (echo: default 'echo')")
+    p.add_argument(
+        "--model",
+        action="append",
+        metavar="ID[=PATH]",
+        help="echo: the model id (default 'echo'); llm: ID=PATH.gguf, repeatable "
+        "(HEADRACE_LLM_MODELS, default: the bundled SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--slots", type=int, help="jobs run at once (default 1)")
     p.add_argument("--worker-id", help="registry id (default host-pid-random)")
     p.add_argument("--echo-token-delay-s", type=float, help="echo: delay per token")
     p.add_argument("--echo-tokens", type=int, help="echo: tokens when max_tokens is unset")
+    p.add_argument(
+        "--n-ctx", dest="llm_n_ctx", type=int, metavar="N", help="llm: context size (default 2048)"
+    )
+    p.add_argument(
+        "--threads",
+        dest="llm_threads",
+        type=int,
+        metavar="N",
+        help="llm: CPU threads per slot (CPUs / slots)",
+    )
+    p.add_argument(
+        "--threads-batch",
+        dest="llm_threads_batch",
+        type=int,
+        metavar="N",
+        help="llm: CPU threads per slot for prompts (as --threads)",
+    )
+    p.add_argument(
+        "--gpu-layers",
+        dest="llm_gpu_layers",
+        type=int,
+        metavar="N",
+        help="llm: layers on the GPU (-1: all)",
+    )
+    p.add_argument(
+        "--chat-template",
+        dest="llm_chat_template_file",
+        type=Path,
+        metavar="FILE",
+        help="llm: Jinja chat template replacing the GGUF's own",
+    )
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("edge", help="run the HTTP edge (OpenAI-compatible API)")

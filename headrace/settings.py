@@ -25,6 +25,12 @@ class StackSettings(ProvisionSettings):
     valkey_port: int = Field(default=6379, ge=0, le=65535)
     port: int = Field(default=8000, ge=0, le=65535, description="the edge's HTTP port")
     echo_workers: int = Field(default=1, ge=0, le=16, description="echo workers to start")
+    llm_workers: int = Field(
+        default=1,
+        ge=0,
+        le=16,
+        description="llama.cpp workers on the bundled SmolLM2 (needs the llm extra)",
+    )
     api_keys: str = Field(
         default="",
         validation_alias=AliasChoices("HEADRACE_API_KEYS", "API_TOKENS", "api_keys"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import secrets
 import signal
@@ -115,10 +116,14 @@ class Stack:
         say("  " + ", ".join(f"{k}: {v}" for k, v in changes.items()))
         env = self._child_env(nats.url, valkey.url)
         worker_ids = []
-        for i in range(s.echo_workers):
-            worker_id = f"{s.region}-echo-{i + 1}"
-            self._spawn(f"worker-echo-{i + 1}", ["worker", "echo", "--worker-id", worker_id], env)
-            worker_ids.append(worker_id)
+        for engine, count in (("echo", s.echo_workers), ("llm", self._llm_workers())):
+            for i in range(1, count + 1):
+                worker_id = f"{s.region}-{engine}-{i}"
+                self._spawn(
+                    f"worker-{engine}-{i}", ["worker", engine, "--worker-id", worker_id], env
+                )
+                worker_ids.append(worker_id)
+        say("  waiting for workers to load their models and register ...")
         asyncio.run(self._wait_ready(nats.url, worker_ids))
         key = s.api_keys.split(",")[0].strip() or self._dev_key()
         edge_env = dict(env, HEADRACE_PORT=str(s.port), HEADRACE_API_KEYS=s.api_keys or key)
@@ -133,6 +138,13 @@ class Stack:
             """-d '{"model": "echo", "stream": true, "messages": [{"role": "user", "content": "hello"}]}'"""
         )
         say("Press Ctrl-C to stop.")
+
+    def _llm_workers(self) -> int:
+        """LLM workers to start: none when llama-cpp-python is not installed (make install-llm)."""
+        if self.settings.llm_workers and importlib.util.find_spec("llama_cpp") is None:
+            say("  llama-cpp-python is not installed (make install-llm): starting no LLM worker")
+            return 0
+        return self.settings.llm_workers
 
     def _dev_key(self) -> str:
         """A development key, generated once per data directory (the edge never runs open)."""

