@@ -24,7 +24,14 @@ import nats.js.errors
 from nats import connect as nats_connect
 
 from headrace import provision
-from headrace.servers import ChildServer, NatsServer, ValkeyServer, child_setup, wait_for_port
+from headrace.servers import (
+    ChildServer,
+    NatsServer,
+    ValkeyServer,
+    child_setup,
+    terminate,
+    wait_for_port,
+)
 from headrace.settings import StackSettings
 from schemas.subjects import WORKERS_BUCKET, worker_key
 
@@ -53,16 +60,7 @@ class Child:
 
     def stop(self, timeout_s: float) -> int | None:
         """SIGTERM, then SIGKILL after ``timeout_s``; returns the exit status."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return None if self.proc is None else terminate(self.proc, timeout_s)
 
 
 class Stack:

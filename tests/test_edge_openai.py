@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import io
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -427,7 +427,7 @@ class FailingEngine(EchoEngine):
         self.after_tokens = after_tokens
         self.error = error
 
-    async def run(self, job: TextJob, cancel: threading.Event) -> AsyncIterator[EngineEvent]:
+    async def run(self, job: TextJob, cancel: threading.Event) -> AsyncGenerator[EngineEvent, None]:
         for _ in range(self.after_tokens):
             yield Delta(text="word ", tokens=1)
         if self.after_tokens:

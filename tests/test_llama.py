@@ -281,11 +281,13 @@ async def test_a_slow_consumer_gets_coalesced_deltas(engine: LlamaEngine) -> Non
         events = []
         async for event in engine.run(job, threading.Event()):
             events.append(event)
-            await asyncio.sleep(0.05)  # slower than the model: pieces queue up meanwhile
+            if len(events) == 1:
+                await asyncio.sleep(1.0)  # far slower than the model: pieces queue up meanwhile
     finally:
         await engine.close()
     found = [e for e in events if isinstance(e, Delta)]
     assert len(found) < 40
+    assert max(d.tokens for d in found) > 1
     assert sum(d.tokens for d in found) == 40
     assert sum(len(d.logprobs or ()) for d in found) == 40
 

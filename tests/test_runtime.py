@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import pytest
 from nats.js import JetStreamContext
@@ -150,7 +150,7 @@ class FlakyEngine(EchoEngine):
         self.permanent = permanent
         self.calls = 0
 
-    async def run(self, job: TextJob, cancel: threading.Event) -> AsyncIterator[EngineEvent]:
+    async def run(self, job: TextJob, cancel: threading.Event) -> AsyncGenerator[EngineEvent, None]:
         self.calls += 1
         yield Delta(text="partial ", tokens=1)
         if self.permanent:

@@ -283,8 +283,11 @@ class Runtime:
                     queue_ms=queue_ms,
                 )
             )
-            async for event in self.engine.run(job, cancel):
-                await emitter.emit(event)
+            # aclosing: if this task is cancelled, the engine's generator is closed now (its
+            # finally stops any generation thread), not whenever it is garbage collected.
+            async with contextlib.aclosing(self.engine.run(job, cancel)) as events:
+                async for event in events:
+                    await emitter.emit(event)
             await self._settle(msg)
             self.jobs_done += 1
         except Retry as e:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Protocol, TypeVar
 
 from schemas.events import EngineEvent
@@ -34,7 +34,7 @@ class Engine(Protocol[JobT]):
         """Load models (showing progress); called once before any job."""
         ...
 
-    def run(self, job: JobT, cancel: threading.Event) -> AsyncIterator[EngineEvent]:
+    def run(self, job: JobT, cancel: threading.Event) -> AsyncGenerator[EngineEvent, None]:
         """Run one job."""
         ...
 

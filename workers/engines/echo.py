@@ -12,7 +12,7 @@ import hashlib
 import random
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from schemas.errors import InvalidRequest
@@ -76,7 +76,7 @@ class EchoEngine:
         words = text.split() or list(_FILLER)
         return words, random.Random(int.from_bytes(digest, "big"))
 
-    async def run(self, job: TextJob, cancel: threading.Event) -> AsyncIterator[EngineEvent]:
+    async def run(self, job: TextJob, cancel: threading.Event) -> AsyncGenerator[EngineEvent, None]:
         """Emit max_tokens (or the default count of) pseudo-tokens, one per delta."""
         started = time.perf_counter()
         words, rng = self._words(job)

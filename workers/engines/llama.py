@@ -22,7 +22,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -153,7 +153,7 @@ class LlamaEngine:
         _, loaded = self._model(model)
         return await asyncio.to_thread(llama_rpc.answer, loaded, op, payload)
 
-    async def run(self, job: TextJob, cancel: threading.Event) -> AsyncIterator[EngineEvent]:
+    async def run(self, job: TextJob, cancel: threading.Event) -> AsyncGenerator[EngineEvent, None]:
         """Generate on a borrowed context's thread; yield coalesced deltas, then done."""
         model_id, model = self._model(job.model)
         free = self._free[model_id]
