@@ -6,8 +6,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.subjects import JobKind
-
 # Bounds every producer must respect; the edge rejects requests outside them
 # before anything is enqueued, and a worker treats a job outside them as poison.
 MAX_PROMPT_CHARS = 1_000_000
@@ -106,8 +104,3 @@ class ImageJob(JobBase):
 
 
 Job = Annotated[TextJob | ImageJob, Field(discriminator="kind")]
-
-
-def job_kind(job: TextJob | ImageJob) -> JobKind:
-    """The kind of a job, typed as the subject module expects it."""
-    return job.kind

@@ -31,8 +31,3 @@ class SlotPool:
         async with self._changed:
             self.free += n
             self._changed.notify_all()
-
-    async def idle(self) -> None:
-        """Wait until every slot is free."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.free == self.size)
