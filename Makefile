@@ -4,13 +4,14 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.headrace-installed
 LLM_STAMP := $(VENV)/.headrace-llm
+BENCH_STAMP := $(VENV)/.headrace-bench
 # llama-cpp-python 0.3.36 has no wheel and builds from source (~6 min on 2 cores).
 # GGML_NATIVE=OFF with explicit AVX2/FMA/F16C: the default native build crashes
 # (general-protection fault in libggml-cpu) on VMs whose CPU reports AMX it may not use.
 # GPU hosts: make install-llm LLAMA_CMAKE_ARGS="-DGGML_CUDA=on"
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: up test install install-llm lint typecheck unit schemas bench clean
+.PHONY: up test install install-llm install-bench lint typecheck unit schemas bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,13 @@ $(LLM_STAMP): $(STAMP)
 
 install-llm: $(LLM_STAMP)
 
+# llama_cpp.server's dependencies, for `headrace bench llm` (after llama-cpp-python's own build).
+$(BENCH_STAMP): $(LLM_STAMP)
+	$(BIN)/pip install --progress-bar on -e '.[bench]'
+	touch $@
+
+install-bench: $(BENCH_STAMP)
+
 up: install install-llm
 	$(BIN)/headrace up
 
@@ -47,7 +55,7 @@ lint: install
 typecheck: install install-llm
 	$(BIN)/mypy
 
-unit: install install-llm
+unit: install install-llm install-bench
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
 
 test: lint typecheck unit
@@ -56,8 +64,10 @@ test: lint typecheck unit
 schemas: install
 	$(BIN)/python -m schemas.jsonschema
 
-bench: install
+# The echo benchmarks (pipeline, edge), then SmolLM2 side by side (about 5 minutes on 2 cores).
+bench: install install-bench
 	$(BIN)/headrace bench
+	$(BIN)/headrace bench llm
 
 clean:
 	rm -rf .headrace bench-results .pytest_cache .mypy_cache .ruff_cache

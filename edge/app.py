@@ -16,6 +16,8 @@ from edge.auth import KeyStore
 from edge.context import CTX, EdgeContext
 from edge.dedup import Dedup
 from edge.metrics import EdgeMetrics
+from edge.ratelimit import http as ratelimit
+from edge.ratelimit.admission import Limiter
 from edge.registry import Registry
 from edge.routes import health, llamacpp, ollama, openai, openapi
 from edge.settings import EdgeSettings
@@ -29,13 +31,21 @@ def build_app(settings: EdgeSettings, registry: CollectorRegistry | None = None)
     keys = KeyStore.from_settings(settings)
     if not keys:
         raise ValueError("no API keys configured: set HEADRACE_API_KEYS (or a keys file)")
+    metrics = EdgeMetrics(registry)
+    limiter = None
+    if keys.limited:
+        if not settings.redis_url:
+            raise ValueError("keys have rate limits: set HEADRACE_REDIS_URL (Redis or Valkey)")
+        limiter = Limiter(settings, metrics)
     app = web.Application(
-        client_max_size=settings.max_body_bytes, middlewares=[middlewares.errors, middlewares.auth]
+        client_max_size=settings.max_body_bytes,
+        middlewares=[middlewares.errors, middlewares.auth, ratelimit.middleware],
     )
-    app[CTX] = EdgeContext(settings, keys, EdgeMetrics(registry), Dedup(settings.dedup_grace_s))
+    app[CTX] = EdgeContext(settings, keys, metrics, Dedup(settings.dedup_grace_s), limiter=limiter)
     app.on_startup.append(_connect)
     app.on_cleanup.append(_disconnect)
     app.on_response_prepare.append(middlewares.stamp_request_id)
+    app.on_response_prepare.append(ratelimit.stamp)
     for module in (openai, llamacpp, ollama, health, openapi):
         app.add_routes(module.routes)
     return app
@@ -54,10 +64,15 @@ async def _connect(app: web.Application) -> None:
     c.registry = Registry(c.nc.jetstream(), c.settings.worker_stale_s)
     await c.registry.start()
     log.info("edge connected to NATS; %d live worker(s)", len(c.registry.live()))
+    if c.limiter is not None:
+        await c.limiter.start()
+        log.info("rate limits on, kept in Redis (failing %s)", c.settings.ratelimit_fail)
 
 
 async def _disconnect(app: web.Application) -> None:
     c = app[CTX]
+    if c.limiter is not None:
+        await c.limiter.close()
     if c.registry is not None:
         await c.registry.stop()
     if c.nc is not None:

@@ -1,14 +1,20 @@
-"""Bearer keys: stored and compared as SHA-256 digests, in constant time."""
+"""Bearer keys: stored and compared as SHA-256 digests, in constant time, with per-key limits."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from edge.ratelimit.limits import Limits
 from edge.settings import EdgeSettings
+from schemas.errors import ModelNotFound
+
+# Limit fields of a ``[[keys]]`` table (absent: unlimited).
+LIMIT_FIELDS = ("rpm", "tpm", "max_parallel", "image_budget")
 
 
 def digest(secret: str) -> bytes:
@@ -23,6 +29,19 @@ class ApiKey:
     id: str
     name: str
     sha256: bytes
+    limits: Limits = field(default_factory=Limits)
+    models: frozenset[str] | None = None  # None: every model
+
+    def allows(self, model: str) -> bool:
+        """May this key use ``model``?"""
+        return self.models is None or model in self.models
+
+    def check(self, model: str) -> None:
+        """Raise ModelNotFound for a model this key may not use (it cannot tell them apart)."""
+        if not self.allows(model):
+            raise ModelNotFound(
+                f"The model '{model}' does not exist or you do not have access to it"
+            )
 
 
 class KeyStore:
@@ -34,14 +53,24 @@ class KeyStore:
     def __len__(self) -> int:
         return len(self.keys)
 
+    @property
+    def limited(self) -> bool:
+        """True when some key has a rate limit (the edge then needs Redis)."""
+        return any(k.limits.any for k in self.keys)
+
     @classmethod
     def from_settings(cls, settings: EdgeSettings) -> KeyStore:
-        """Keys from ``HEADRACE_API_KEYS`` (or ``API_TOKENS``) and the keys file."""
+        """Keys from ``HEADRACE_API_KEYS`` (with the ``HEADRACE_DEFAULT_*`` limits) and the keys file."""
+        defaults = Limits(
+            rpm=settings.default_rpm,
+            tpm=settings.default_tpm,
+            max_parallel=settings.default_max_parallel,
+        )
         keys = []
         for secret in (s.strip() for s in settings.api_keys.split(",")):
             if secret:
                 d = digest(secret)
-                keys.append(ApiKey(id=f"key-{d.hex()[:12]}", name="env", sha256=d))
+                keys.append(ApiKey(id=f"key-{d.hex()[:12]}", name="env", sha256=d, limits=defaults))
         if settings.keys_file is not None:
             keys.extend(load_keys_file(settings.keys_file))
         return cls(keys)
@@ -57,19 +86,38 @@ class KeyStore:
 
 
 def load_keys_file(path: Path) -> list[ApiKey]:
-    """``[[keys]]`` tables with ``name`` and ``sha256`` (hex digest of the secret)."""
+    """``[[keys]]`` tables: ``name``, ``sha256`` (hex digest of the secret), and optionally
+    ``rpm``, ``tpm``, ``max_parallel``, ``image_budget`` (positive integers) and ``models``."""
     data = tomllib.loads(path.read_text())
-    keys = []
-    for i, entry in enumerate(data.get("keys", [])):
-        try:
-            name, hexdigest = str(entry["name"]), str(entry["sha256"])
-            sha = bytes.fromhex(hexdigest)
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"{path}: keys[{i}] needs name and a hex sha256") from e
-        if len(sha) != 32:
-            raise ValueError(f"{path}: keys[{i}].sha256 is not a SHA-256 digest")
-        keys.append(ApiKey(id=f"key-{hexdigest[:12]}", name=name, sha256=sha))
-    return keys
+    return [_key(entry, f"{path}: keys[{i}]") for i, entry in enumerate(data.get("keys", []))]
+
+
+def _key(entry: dict[str, Any], where: str) -> ApiKey:
+    try:
+        name, hexdigest = str(entry["name"]), str(entry["sha256"])
+        sha = bytes.fromhex(hexdigest)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{where} needs name and a hex sha256") from e
+    if len(sha) != 32:
+        raise ValueError(f"{where}.sha256 is not a SHA-256 digest")
+    values = {}
+    for name_ in LIMIT_FIELDS:
+        value = entry.get(name_)
+        if value is not None and (type(value) is not int or value < 1):
+            raise ValueError(f"{where}.{name_} must be a positive integer")
+        values[name_] = value
+    models = entry.get("models")
+    if models is not None and (
+        not isinstance(models, list) or not all(isinstance(m, str) and m for m in models)
+    ):
+        raise ValueError(f"{where}.models must be a list of model ids")
+    return ApiKey(
+        id=f"key-{hexdigest.lower()[:12]}",
+        name=name,
+        sha256=sha,
+        limits=Limits(**values),
+        models=None if models is None else frozenset(models),
+    )
 
 
 def bearer(header: str | None) -> str | None:

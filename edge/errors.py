@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from schemas.errors import ErrorCode, HeadraceError
+from schemas.errors import ErrorCode, HeadraceError, RateLimited
 
 # (status, OpenAI "type"). The OpenAI SDK retries 408/409/429/5xx: only retryable errors get those.
 _STATUS: dict[str, tuple[int, str]] = {
@@ -15,6 +16,7 @@ _STATUS: dict[str, tuple[int, str]] = {
     ErrorCode.INVALID_JOB: (400, "invalid_request_error"),
     ErrorCode.CONTEXT_LENGTH_EXCEEDED: (400, "invalid_request_error"),
     ErrorCode.MODEL_NOT_FOUND: (404, "invalid_request_error"),
+    ErrorCode.RATE_LIMITED: (429, "requests"),
     ErrorCode.QUEUE_FULL: (503, "server_error"),
     ErrorCode.NO_WORKER: (503, "server_error"),
     ErrorCode.UNAVAILABLE: (503, "server_error"),
@@ -67,7 +69,12 @@ def error_response(
 
 
 def from_exception(e: HeadraceError, retry_after_s: int) -> web.Response:
-    """Translate a headrace error; retryable 503s carry Retry-After."""
+    """Translate a headrace error; 429 and 503 carry Retry-After (a rate limit says how long)."""
     status, _ = status_of(e.code)
+    if isinstance(e, RateLimited):
+        retry_after_s = max(1, math.ceil(e.retry_after_s))  # whole seconds (RFC 9110)
     headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
-    return json_response(body_of(e.code, e.message, e.param), status, headers)
+    body = body_of(e.code, e.message, e.param)
+    if isinstance(e, RateLimited) and e.limit:
+        body["error"]["type"] = e.limit  # as OpenAI: "requests" or "tokens"
+    return json_response(body, status, headers)

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from edge.context import REQUEST_ID, caller, ctx
 from edge.dedup import fingerprint
+from edge.ratelimit.http import admit_text
 from schemas.client import JobStream
 from schemas.errors import InvalidRequest
 from schemas.jobs import SEED_MAX, TextJob, TextParams
@@ -95,18 +96,23 @@ async def submit_text(
     stream: bool,
     fingerprint: str | None = None,
 ) -> Submission:
-    """Wait for a worker of the model, then publish one job per choice; returns their streams.
+    """Admit against the key's limits, wait for a worker of the model, then publish one job per
+    choice; returns their streams.
 
     With a ``fingerprint`` that is already in flight, join those jobs instead (see edge.dedup).
     """
     c = ctx(request)
     started = time.perf_counter()
+    caller(request).check(model)
+    ticket = await admit_text(request, params)
     info = await c.fleet.require("llm", model, c.settings.no_worker_wait_s)
     if fingerprint is None:
         job_ids, streams, created_s = await _publish(request, model, params, stream)
         return Submission(info, job_ids, streams, created_s, started)
     entry, new = c.dedup.join(fingerprint)
     if not new:
+        if ticket is not None:
+            ticket.shared = True  # the request that started the job pays its tokens
         await asyncio.shield(entry.ready)
         joined = [await c.jobs.watch(job_id, replay=True) for job_id in entry.job_ids]
         return Submission(info, entry.job_ids, joined, entry.created_s, started, fingerprint)

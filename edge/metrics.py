@@ -6,6 +6,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Buckets that fit LLM serving: sub-10 ms pipeline overhead up to minutes-long generations.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# A local Redis answers in tens to hundreds of microseconds; the limiter's timeout is ~0.2 s.
+_REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
 class EdgeMetrics:
@@ -43,3 +45,25 @@ class EdgeMetrics:
         self.cancels = Counter(
             "headrace_edge_cancels", "jobs cancelled by the edge, by reason", ["reason"], registry=r
         )
+        self.ratelimit = Counter(
+            "headrace_edge_ratelimit_decisions",
+            "rate-limit decisions by outcome (admitted, limited, fail_open, fail_closed) and the "
+            "limit that refused (requests, tokens, images, parallel_requests; none otherwise)",
+            ["outcome", "limit"],
+            registry=r,
+        )
+        self.redis_failures = Counter(
+            "headrace_edge_ratelimit_redis_failures",
+            "rate-limiter Redis calls that failed, by reason (timeout, connection, error)",
+            ["reason"],
+            registry=r,
+        )
+        self.breaker_open = Gauge(
+            "headrace_edge_ratelimit_breaker_open",
+            "1 while the rate limiter skips an unreachable Redis",
+            registry=r,
+        )
+        self.redis_seconds = Histogram(
+            "headrace_edge_ratelimit_redis_seconds", "rate-limiter Redis calls by script", ["script"],
+            buckets=_REDIS_BUCKETS, registry=r,
+        )  # fmt: skip

@@ -66,6 +66,9 @@ class Choice:
     sent: int = 0  # characters passed on to the client, across attempts
     seen: int = 0  # characters seen in the current attempt
     finished: bool = False
+    started: bool = False  # a worker took the job
+    tokens: int = 0  # completion tokens passed on (what a job that never finishes is charged)
+    done: Done | None = None
     first_text_at: float | None = None
     parts: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -79,11 +82,12 @@ class Choice:
         if isinstance(event, Delta):
             return self._text(event, event_id)
         if isinstance(event, Done):
-            self.finished = True
+            self.finished, self.done = True, event
             return Finished(self.index, event_id, event)
         if isinstance(event, Error):
             self.finished = True
             return Failed(self.index, event_id, event)
+        self.started = True
         return None  # started and progress mean nothing to a text route
 
     def _text(self, delta: Delta, event_id: str) -> Text | None:
@@ -95,6 +99,7 @@ class Choice:
         self.sent = self.seen
         if self.first_text_at is None:
             self.first_text_at = time.perf_counter()
+        self.tokens += delta.tokens
         self.parts.append(text)
         if delta.logprobs:
             self.logprobs.extend(delta.logprobs)

@@ -19,6 +19,7 @@ from aiohttp import web
 from edge.context import ctx
 from edge.errors import body_of, from_exception
 from edge.jobs import Submission
+from edge.ratelimit import http as ratelimit
 from edge.relay import Failed, Finished, Idle, Out, Relay, Text
 from edge.sse import DONE, EventStream, Framing
 from schemas.errors import DeadlineExceeded, HeadraceError, error_from_code
@@ -99,6 +100,7 @@ async def collect(request: web.Request, sub: Submission) -> Collected:
         raise
     finally:
         await _close(request, sub, relay, reason)
+        await ratelimit.settle(request, relay)
     finished = [d for d in dones if d is not None]
     _observe(request, sub, relay, finished)
     logprobs = [_logprobs_of(relay, i) for i in range(len(dones))]
@@ -127,6 +129,9 @@ async def stream(request: web.Request, sub: Submission, fmt: StreamFormat) -> we
             if isinstance(out, Failed):
                 reason = "failed"
                 return sse.response
+        # Before the end marker: a client that starts its next request on [DONE] finds
+        # this one's lease released and its tokens settled.
+        await ratelimit.settle(request, relay)
         for chunk in fmt.closing([d for d in dones if d is not None]):
             await sse.send(orjson.dumps(chunk))
         await sse.raw(fmt.end)
@@ -140,6 +145,7 @@ async def stream(request: web.Request, sub: Submission, fmt: StreamFormat) -> we
         raise  # the client went away: the finally block cancels the jobs
     finally:
         await _close(request, sub, relay, reason)
+        await ratelimit.settle(request, relay)  # a no-op when already settled
         if sse.opened:
             ctx(request).metrics.open_streams.dec()
     _observe(request, sub, relay, [d for d in dones if d is not None])

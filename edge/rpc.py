@@ -8,7 +8,7 @@ import nats.errors
 import orjson
 from aiohttp import web
 
-from edge.context import ctx
+from edge.context import caller, ctx
 from schemas.errors import HeadraceError, InvalidRequest, NoWorker, Unavailable, error_from_code
 from schemas.subjects import rpc_subject
 
@@ -16,10 +16,12 @@ from schemas.subjects import rpc_subject
 async def default_model(request: web.Request, asked: str | None) -> str:
     """The model a request means: the one it names, or the only live text model."""
     c = ctx(request)
+    key = caller(request)
     if asked:
+        key.check(asked)
         await c.fleet.require("llm", asked, c.settings.no_worker_wait_s)
         return asked
-    live = sorted(c.fleet.models("llm"))
+    live = sorted(m for m in c.fleet.models("llm") if key.allows(m))
     if len(live) == 1:
         return live[0]
     if not live:

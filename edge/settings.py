@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, BeforeValidator, Field
 
 from schemas.settings import CommonSettings
+
+
+def _unset(value: object) -> object:
+    """An empty variable (``HEADRACE_DEFAULT_RPM=``) means unset."""
+    return None if value == "" else value
+
+
+# A per-minute or parallel limit: a positive integer, or unset (unlimited).
+Limit = Annotated[Annotated[int, Field(ge=1)] | None, BeforeValidator(_unset)]
 
 
 class EdgeSettings(CommonSettings):
@@ -49,4 +59,31 @@ class EdgeSettings(CommonSettings):
     )
     dedup_completion: bool = Field(
         default=True, description="identical in-flight /completion bodies of one key share a job"
+    )
+    redis_url: str = Field(
+        default="",
+        description="Redis or Valkey holding the rate-limit buckets (needed once a key has limits)",
+    )
+    default_rpm: Limit = None
+    default_tpm: Limit = None
+    default_max_parallel: Limit = None
+    ratelimit_fail: Literal["open", "closed"] = Field(
+        default="open",
+        description="while Redis is unreachable: serve (open) or answer 503 (closed)",
+    )
+    redis_timeout_s: float = Field(
+        default=0.2, gt=0, description="the longest any Redis call of the rate limiter may take"
+    )
+    ratelimit_breaker_s: float = Field(
+        default=2.0, gt=0, description="after Redis failed, skip it this long before trying again"
+    )
+    ratelimit_lease_ttl_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a parallel-request lease expires this long after its edge stopped renewing it",
+    )
+    ratelimit_completion_estimate: int = Field(
+        default=256,
+        ge=0,
+        description="completion tokens assumed at admission when a request sets no max_tokens",
     )

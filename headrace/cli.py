@@ -110,6 +110,27 @@ def cmd_edge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_add(args: argparse.Namespace) -> int:
+    """Create an API key: print it once, write only its hash."""
+    from edge.settings import EdgeSettings
+    from headrace import keys
+
+    path = args.file or EdgeSettings().keys_file or Path("keys.toml")
+    limits = {
+        "rpm": args.rpm,
+        "tpm": args.tpm,
+        "max_parallel": args.max_parallel,
+        "image_budget": args.image_budget,
+    }
+    secret, entry = keys.add(path, args.name, limits=limits, models=args.model)
+    print(secret)
+    print(
+        f"added key {entry.name!r} ({entry.id}) to {path}; the key is shown only this once",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Print workers, queues and dead letters."""
     from headrace import status
@@ -120,9 +141,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Measure the pipeline and the edge with the echo engine."""
+    """Measure the pipeline and the edge with the echo engine, or LLM serving side by side."""
     from headrace.bench import edge, pipeline
 
+    if args.what == "llm":
+        from headrace.bench import llm
+
+        return llm.run(quick=args.quick, out=args.out, threads=args.threads)
     status = 0
     if args.what in ("pipeline", "all"):
         status |= pipeline.pipeline(jobs=args.jobs, latency_samples=args.samples, out=args.out)
@@ -220,17 +245,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (HEADRACE_PORT, default 8000)")
     p.set_defaults(func=cmd_edge)
 
+    p = sub.add_parser("keys", help="manage API keys in a keys file")
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    p = keys.add_parser("add", help="create a key: printed once, only its hash is written")
+    p.add_argument("name", help="a name for the key (shown in logs and metrics, never secret)")
+    p.add_argument(
+        "--file", type=Path, help="keys file (HEADRACE_KEYS_FILE, default keys.toml); created 0600"
+    )
+    p.add_argument("--rpm", type=int, help="requests per minute (default: unlimited)")
+    p.add_argument("--tpm", type=int, help="tokens per minute (default: unlimited)")
+    p.add_argument("--max-parallel", type=int, help="requests at once (default: unlimited)")
+    p.add_argument(
+        "--image-budget", type=int, help="megapixel-steps per minute (default: unlimited)"
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        metavar="ID",
+        help="a model the key may use (repeatable; default: all)",
+    )
+    p.set_defaults(func=cmd_keys_add)
+
     p = sub.add_parser("status", help="workers, queue depth and dead letters")
     _add_common(p)
     p.add_argument("--watch", type=float, metavar="S", help="refresh every S seconds")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("bench", help="measure the pipeline and the edge with the echo engine")
-    p.add_argument("what", nargs="?", choices=["pipeline", "edge", "all"], default="all")
+    p = sub.add_parser(
+        "bench",
+        help="measure the pipeline and the edge with the echo engine (all = both), "
+        "or llm: SmolLM2 in-process vs llama_cpp.server vs headrace",
+    )
+    p.add_argument("what", nargs="?", choices=["pipeline", "edge", "all", "llm"], default="all")
     p.add_argument("--jobs", type=int, default=2000, help="jobs for the throughput run")
     p.add_argument("--samples", type=int, default=500, help="1-token jobs for the latency runs")
     p.add_argument(
         "--requests", type=int, default=3000, help="requests for the edge throughput run"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="llm: 2 prompts, 16 tokens, 1 and 4 clients"
+    )
+    p.add_argument(
+        "--threads", type=int, metavar="N", help="llm: llama.cpp threads in every path (CPUs)"
     )
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="where JSON and PNG go")
     p.set_defaults(func=cmd_bench)

@@ -17,6 +17,7 @@ class ErrorCode(StrEnum):
     MODEL_NOT_FOUND = "model_not_found"
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
     QUEUE_FULL = "queue_full"
+    RATE_LIMITED = "rate_limit_exceeded"
     NO_WORKER = "no_worker"
     DEADLINE_EXCEEDED = "deadline_exceeded"
     UNAVAILABLE = "unavailable"
@@ -60,6 +61,18 @@ class QueueFull(HeadraceError):
 
     code = ErrorCode.QUEUE_FULL
     retryable = True
+
+
+class RateLimited(HeadraceError):
+    """The caller's key is past one of its limits (``limit``: requests, tokens, parallel, images)."""
+
+    code = ErrorCode.RATE_LIMITED
+    retryable = True
+
+    def __init__(self, message: str, *, limit: str = "", retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after_s = retry_after_s
 
 
 class NoWorker(HeadraceError):
@@ -113,6 +126,7 @@ _BY_CODE: dict[ErrorCode, type[HeadraceError]] = {
         ModelNotFound,
         ContextLengthExceeded,
         QueueFull,
+        RateLimited,
         NoWorker,
         Unavailable,
         DeadlineExceeded,

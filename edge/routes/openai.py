@@ -11,6 +11,7 @@ from edge.errors import json_response
 from edge.jobs import Submission, check_bounds, fingerprint_of, job_ids_header, seeds, submit_text
 from edge.openai.requests import ChatCompletionRequest, CompletionRequest, Sampling
 from edge.openai.responses import ChunkMaker, chat_response, completion_response
+from edge.ratelimit.http import admits_itself
 from edge.respond import StreamFormat, collect, stream
 from edge.sse import EventStream
 from schemas.client import START, Position
@@ -70,6 +71,7 @@ def _stream_format(
 
 
 @routes.post("/v1/chat/completions")
+@admits_itself
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """OpenAI chat completions, streamed (SSE) or not."""
     req = await parse(request, ChatCompletionRequest)
@@ -97,6 +99,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 @routes.post("/v1/completions")
+@admits_itself
 async def completions(request: web.Request) -> web.StreamResponse:
     """OpenAI legacy completions, streamed (SSE) or not."""
     req = await parse(request, CompletionRequest)
@@ -133,9 +136,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/v1/models")
 async def models(request: web.Request) -> web.Response:
-    """Models with at least one live worker."""
+    """Models with at least one live worker (that this key may use)."""
     data = []
+    key = caller(request)
     for m in ctx(request).fleet.models().values():
+        if not key.allows(m.id):
+            continue
         entry: dict[str, object] = {
             "id": m.id,
             "object": "model",

@@ -57,14 +57,22 @@ async def _provision(url: str, max_msgs: int) -> None:
 
 
 @contextlib.contextmanager
-def child(args: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
-    """A ``headrace`` subprocess (worker or edge), terminated afterwards."""
-    proc = subprocess.Popen([sys.executable, "-m", "headrace", *args], env={**os.environ, **env})
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        proc.wait(30)
+def child(
+    args: list[str], env: dict[str, str], module: str = "headrace", log: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m headrace ARGS`` (or another module), terminated afterwards.
+
+    Its output goes to ``log`` when one is given, else to this process's.
+    """
+    argv = [sys.executable, "-m", module, *args]
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(log.open("ab")) if log is not None else None
+        proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=out, stderr=out)
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            proc.wait(30)
 
 
 async def wait_worker(nc: NATS, worker_id: str) -> None:

@@ -1,0 +1,6 @@
+"""Rate limits kept in Redis (or Valkey), shared by every edge.
+
+``limits`` (what a key may do), ``scripts`` (the Lua and the key layout), ``breaker`` and
+``buckets`` (the Redis client: timeouts, NOSCRIPT reload, circuit breaker), ``admission``
+(admit, settle, lease renewal), ``headers`` (OpenAI's x-ratelimit-*), ``http`` (the request path).
+"""

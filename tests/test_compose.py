@@ -1,0 +1,96 @@
+"""compose.yaml and docker/Dockerfile, read statically (no Docker engine is needed)."""
+
+from __future__ import annotations
+
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from headrace.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    return data
+
+
+def dockerfile() -> list[list[str]]:
+    """Instructions as word lists, continuation lines joined, comments dropped."""
+    text = (ROOT / "docker" / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [line.split() for line in lines if line and not line.startswith("#")]
+
+
+def test_compose_runs_nats_valkey_edge_and_a_worker_from_official_images() -> None:
+    services = compose()["services"]
+    assert {"nats", "valkey", "provision", "edge", "worker"} <= set(services)
+    assert services["nats"]["image"].startswith("nats:")
+    assert services["valkey"]["image"].startswith(("valkey/valkey:", "redis:"))
+    for name in ("provision", "edge", "worker"):
+        build = services[name]["build"]
+        assert (ROOT / build["context"] / build["dockerfile"]).is_file()
+    for name, service in services.items():
+        assert set(service.get("depends_on", {})) <= set(services), name
+
+
+def test_nats_has_jetstream_and_listens_beyond_localhost() -> None:
+    nats = compose()["services"]["nats"]
+    (mount,) = [v for v in nats["volumes"] if v.startswith("./")]
+    source, target, _ = mount.split(":")
+    assert target in nats["command"]
+    conf = (ROOT / source).read_text()
+    assert "jetstream" in conf
+    assert "listen: 0.0.0.0:4222" in conf
+
+
+def test_the_edge_is_wired_to_nats_and_valkey() -> None:
+    services = compose()["services"]
+    env = services["edge"]["environment"]
+    redis = urlsplit(env["HEADRACE_REDIS_URL"])
+    assert redis.scheme == "redis"
+    assert redis.hostname == "valkey"
+    assert redis.port == 6379
+    for name in ("edge", "worker", "provision"):
+        assert urlsplit(services[name]["environment"]["HEADRACE_NATS_URL"]).hostname == "nats"
+    assert env["HEADRACE_KEYS_FILE"] == "/run/secrets/keys.toml"
+    assert services["edge"]["secrets"][0]["target"] == "keys.toml"
+    assert "service_healthy" in str(services["edge"]["depends_on"]["valkey"])
+
+
+def test_every_headrace_command_in_compose_parses() -> None:
+    parser = build_parser()
+    for name, service in compose()["services"].items():
+        if "build" in service:
+            args = parser.parse_args(service["command"])
+            assert callable(args.func), name
+
+
+def test_the_dockerfile_builds_every_package_and_runs_headrace() -> None:
+    steps = dockerfile()
+    froms = [s[1] for s in steps if s[0] == "FROM"]
+    args = {
+        s[1].split("=")[0]: s[1].split("=", 1)[1] for s in steps if s[0] == "ARG" and "=" in s[1]
+    }
+    assert args["PYTHON"].startswith("python:3.")
+    assert all(f == "${PYTHON}" for f in froms)
+    copied = {s[1] for s in steps if s[0] == "COPY" and not s[1].startswith("--from")}
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]
+    assert set(packages) | {"nats", "pyproject.toml"} <= copied
+    assert all((ROOT / c).exists() for c in copied)
+    (entrypoint,) = [s for s in steps if s[0] == "ENTRYPOINT"]
+    assert " ".join(entrypoint[1:]) == '["headrace"]'
+    (cmd,) = [s for s in steps if s[0] == "CMD"]
+    build_parser().parse_args(shlex.split(" ".join(cmd[1:]).strip("[]").replace(",", " ")))
+    assert [s for s in steps if s[0] == "USER"][-1][1] != "root"
+
+
+def test_the_build_context_leaves_out_local_state() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".headrace", "keys.toml"} <= set(ignored)
