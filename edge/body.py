@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -14,8 +14,8 @@ M = TypeVar("M", bound=BaseModel)
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart"}
 
 
-async def parse(request: web.Request, model: type[M]) -> M:
-    """The body as ``model``; invalid JSON or values raise InvalidRequest (400)."""
+async def read_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object; anything else raises InvalidRequest (400)."""
     raw = await request.read()  # bounded by client_max_size (413 past it)
     try:
         data = orjson.loads(raw or b"{}")
@@ -23,6 +23,12 @@ async def parse(request: web.Request, model: type[M]) -> M:
         raise InvalidRequest("the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    return data
+
+
+async def parse(request: web.Request, model: type[M]) -> M:
+    """The body as ``model``; invalid JSON or values raise InvalidRequest (400)."""
+    data = await read_object(request)
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.events import Done, TokenLogprob, Usage
+from schemas.events import Done, TokenLogprob
 
 # OpenAI's finish reasons; a job cancelled by someone else reads as a stop.
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
@@ -174,13 +174,4 @@ def completion_response(
             for i, (text, done, lp) in enumerate(zip(texts, dones, logprobs, strict=True))
         ],
         "usage": total_usage(dones),
-    }
-
-
-def usage_of(usage: Usage) -> dict[str, int]:
-    """A single job's usage as OpenAI spells it."""
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
     }

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from edge import rpc
-from edge.body import parse
+from edge.body import parse, read_object
 from edge.context import ctx
 from edge.errors import json_response
 from edge.jobs import check_bounds, fingerprint_of, job_ids_header, seeds, submit_text
@@ -82,19 +81,8 @@ async def completion(request: web.Request) -> web.StreamResponse:
     )
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        body = orjson.loads(raw or b"{}")
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    return body
-
-
 async def _forward(request: web.Request, op: str) -> dict[str, Any]:
-    body = await _body(request)
+    body = await read_object(request)
     model = await rpc.default_model(request, body.pop("model", None))
     return await rpc.call(request, model, op, body)
 
@@ -129,7 +117,7 @@ async def template(request: web.Request) -> web.Response:
     """LLMUnity asks for ``{"template": ...}`` with GET or POST ``{}``."""
     asked = request.query.get("model")
     if request.method == "POST" and request.can_read_body:
-        asked = (await _body(request)).get("model") or asked
+        asked = (await read_object(request)).get("model") or asked
     elif request.method not in ("GET", "POST"):
         raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST"])
     model = await rpc.default_model(request, asked)
@@ -150,7 +138,7 @@ async def health(request: web.Request) -> web.Response:
 @routes.post("/v1/embeddings")
 async def embeddings(request: web.Request) -> web.Response:
     """No configured model computes embeddings: a clear 400 rather than a 404."""
-    body = await _body(request)
+    body = await read_object(request)
     model = body.get("model") or "this deployment's models"
     raise InvalidRequest(
         f"embeddings are not supported by {model}: no embedding model is configured", param="model"

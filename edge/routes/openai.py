@@ -58,16 +58,33 @@ def _chat_params(req: ChatCompletionRequest) -> list[TextParams]:
     return [_params(req, seed, **extra) for seed in seeds(req.seed, req.n)]
 
 
-def _stream_format(
-    sub: Submission, maker: ChunkMaker, *, chat: bool, include_usage: bool
-) -> StreamFormat:
-    return StreamFormat(
-        opening=(lambda n: [maker.role(i) for i in range(n)]) if chat else (lambda n: []),
-        text=lambda out: maker.text(out.index, out.text, out.logprobs),
-        finished=lambda out: maker.finish(out.index, out.done),
-        closing=(lambda dones: [maker.usage(dones)]) if include_usage else (lambda dones: []),
-        headers=job_ids_header(sub),
-    )
+async def _answer(
+    request: web.Request, req: Sampling, sub: Submission, *, chat: bool
+) -> web.StreamResponse:
+    """Stream OpenAI chunks, or collect one chat.completion / text_completion body."""
+    id_ = f"{'chatcmpl' if chat else 'cmpl'}-{sub.job_ids[0]}"
+    if req.stream:
+        maker = ChunkMaker(
+            chat=chat,
+            id_=id_,
+            created=sub.created_s,
+            model=req.model,
+            include_usage=req.include_usage,
+        )
+        fmt = StreamFormat(
+            opening=(lambda n: [maker.role(i) for i in range(n)]) if chat else (lambda n: []),
+            text=lambda out: maker.text(out.index, out.text, out.logprobs),
+            finished=lambda out: maker.finish(out.index, out.done),
+            closing=(lambda dones: [maker.usage(dones)])
+            if req.include_usage
+            else (lambda dones: []),
+            headers=job_ids_header(sub),
+        )
+        return await stream(request, sub, fmt)
+    result = await collect(request, sub)
+    whole = chat_response if chat else completion_response
+    body = whole(id_, sub.created_s, req.model, result.texts, result.dones, result.logprobs)
+    return json_response(body, headers=job_ids_header(sub))
 
 
 @routes.post("/v1/chat/completions")
@@ -81,21 +98,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     sub = await submit_text(
         request, req.model, _chat_params(req), stream=req.stream, fingerprint=fp
     )
-    id_ = f"chatcmpl-{sub.job_ids[0]}"
-    if req.stream:
-        maker = ChunkMaker(
-            chat=True,
-            id_=id_,
-            created=sub.created_s,
-            model=req.model,
-            include_usage=req.include_usage,
-        )
-        return await stream(
-            request, sub, _stream_format(sub, maker, chat=True, include_usage=req.include_usage)
-        )
-    result = await collect(request, sub)
-    body = chat_response(id_, sub.created_s, req.model, result.texts, result.dones, result.logprobs)
-    return json_response(body, headers=job_ids_header(sub))
+    return await _answer(request, req, sub, chat=True)
 
 
 @routes.post("/v1/completions")
@@ -115,23 +118,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     ]  # fmt: skip
     fp = fingerprint_of(request, None)
     sub = await submit_text(request, req.model, params, stream=req.stream, fingerprint=fp)
-    id_ = f"cmpl-{sub.job_ids[0]}"
-    if req.stream:
-        maker = ChunkMaker(
-            chat=False,
-            id_=id_,
-            created=sub.created_s,
-            model=req.model,
-            include_usage=req.include_usage,
-        )
-        return await stream(
-            request, sub, _stream_format(sub, maker, chat=False, include_usage=req.include_usage)
-        )
-    result = await collect(request, sub)
-    body = completion_response(
-        id_, sub.created_s, req.model, result.texts, result.dones, result.logprobs
-    )
-    return json_response(body, headers=job_ids_header(sub))
+    return await _answer(request, req, sub, chat=False)
 
 
 @routes.get("/v1/models")
