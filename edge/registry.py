@@ -81,7 +81,11 @@ class Registry:
         for w in self.live():
             for m in w.models:
                 if kind is None or m.kind == kind:
-                    out.setdefault(m.id, m)
+                    # OpenAI's "created": when the model came up, if its engine does not say.
+                    out.setdefault(
+                        m.id,
+                        m if m.created else m.model_copy(update={"created": w.started_ms // 1000}),
+                    )
         return out
 
     async def require(self, kind: JobKind, model: str, wait_s: float) -> ModelInfo:

@@ -14,9 +14,13 @@ from schemas.subjects import rpc_subject
 
 
 async def default_model(request: web.Request, asked: str | None) -> str:
-    """The model a request means: the one it names, or the only live text model."""
+    """The model a request means: the one it names, HEADRACE_DEFAULT_MODEL, or the only live one.
+
+    llama.cpp's server has one model, so its clients (LLMUnity) name none.
+    """
     c = ctx(request)
     key = caller(request)
+    asked = asked or c.settings.default_model
     if asked:
         key.check(asked)
         await c.fleet.require("llm", asked, c.settings.no_worker_wait_s)
@@ -27,7 +31,9 @@ async def default_model(request: web.Request, asked: str | None) -> str:
     if not live:
         raise NoWorker("no text model has a live worker right now; retry shortly")
     raise InvalidRequest(
-        f"several models are served ({', '.join(live)}): name one in 'model'", param="model"
+        f"several models are served ({', '.join(live)}): name one in 'model' "
+        "(or set HEADRACE_DEFAULT_MODEL)",
+        param="model",
     )
 
 

@@ -125,6 +125,12 @@ class Stack:
         asyncio.run(self._wait_ready(nats.url, worker_ids))
         key = s.api_keys.split(",")[0].strip() or self._dev_key()
         edge_env = dict(env, HEADRACE_PORT=str(s.port), HEADRACE_API_KEYS=s.api_keys or key)
+        model = "echo"
+        if any(w.startswith(f"{s.region}-llm-") for w in worker_ids):
+            from workers.engines.gguf import DEFAULT_MODEL_ID
+
+            model = DEFAULT_MODEL_ID  # what clients that name no model (LLMUnity) get
+            edge_env.setdefault("HEADRACE_DEFAULT_MODEL", model)
         self._spawn("edge", ["edge"], edge_env)
         wait_for_port(s.port, 30)
         base = f"http://127.0.0.1:{s.port}"
@@ -133,7 +139,7 @@ class Stack:
         say(
             f"Try:  curl -N {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
             "-H 'Content-Type: application/json' "
-            """-d '{"model": "echo", "stream": true, "messages": [{"role": "user", "content": "hello"}]}'"""
+            f"""-d '{{"model": "{model}", "stream": true, "messages": [{{"role": "user", "content": "hello"}}]}}'"""
         )
         say("Press Ctrl-C to stop.")
 

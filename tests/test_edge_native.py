@@ -207,3 +207,28 @@ async def test_ollama_errors_are_in_ollamas_shape(edge: str) -> None:
     )
     assert status == 404
     assert orjson.loads(raw) == {"error": "The model 'nope' does not exist"}
+
+
+async def test_unnamed_model_needs_a_default_when_several_are_served(
+    edge: str, edge_settings: Any, js: JetStreamContext, worker_settings: WorkerSettings
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from edge.app import start
+    from headrace.servers import free_port
+
+    other = worker_settings.model_copy(update={"worker_id": "w2"})
+    settings = edge_settings.model_copy(update={"port": free_port(), "default_model": "echo-b"})
+    runner = await start(settings, CollectorRegistry())
+    try:
+        async with running(worker_settings), running(other, EchoEngine("echo-b")):
+            status, raw, _ = await post(edge, "/completion", {"prompt": "x", "n_predict": 2})
+            assert status == 400
+            assert "HEADRACE_DEFAULT_MODEL" in orjson.loads(raw)["error"]["message"]
+            status, raw, _ = await post(
+                f"http://127.0.0.1:{settings.port}", "/completion", {"prompt": "x", "n_predict": 2}
+            )
+            assert status == 200
+            assert orjson.loads(raw)["model"] == "echo-b"
+    finally:
+        await runner.cleanup()

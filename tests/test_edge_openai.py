@@ -235,6 +235,7 @@ async def test_models_lists_live_models(
         models = await oai.models.list()
     assert [m.id for m in models.data] == ["echo"]
     assert models.data[0].context_length == 4096  # type: ignore[attr-defined]
+    assert models.data[0].created > 1_700_000_000  # when its worker came up
 
 
 @pytest.mark.parametrize(

@@ -102,6 +102,18 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path, sig: signal.Sign
     assert answer["usage"]["completion_tokens"] == 3
     assert (limit, remaining) == ("1000", "999")
 
+    # LLMUnity names no model: /completion goes to the bundled SmolLM2 that up started.
+    completion = urllib.request.Request(
+        f"http://127.0.0.1:{port}/completion",
+        data=orjson.dumps({"prompt": "The sky is", "n_predict": 3}),
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    with urllib.request.urlopen(completion, timeout=60) as resp:
+        llama = orjson.loads(resp.read())
+    assert llama["model"] == "SmolLM2-135M-Instruct"
+    assert llama["tokens_predicted"] == 3
+    assert '"model": "SmolLM2-135M-Instruct"' in output  # the printed curl example uses it
+
     proc.send_signal(sig)
     rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, rest
