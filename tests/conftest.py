@@ -28,6 +28,9 @@ from workers.runtime import Runtime
 from workers.settings import WorkerSettings
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# llama.cpp worker processes started by tests (and by `headrace up` in tests) use one thread:
+# an OpenMP team's spinning barrier slows to a crawl when other processes share the cores.
+os.environ.setdefault("HEADRACE_LLM_THREADS", "1")
 
 # Short enough that redelivery tests take seconds, not the production 30 s.
 TEST_LIMITS = Limits(ack_wait_s=2.0, max_deliver=3)

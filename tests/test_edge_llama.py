@@ -26,7 +26,7 @@ CHAT = [{"role": "user", "content": "Name three colours."}]
 @pytest.fixture(scope="module")
 def engine() -> LlamaEngine:
     """One engine for the module; each runtime start()s and close()s it."""
-    return LlamaEngine([ModelConfig(id=MODEL, path=bundled_gguf(), n_ctx=512)])
+    return LlamaEngine([ModelConfig(id=MODEL, path=bundled_gguf(), n_ctx=512, n_threads=1)])
 
 
 @pytest.fixture

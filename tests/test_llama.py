@@ -36,7 +36,8 @@ POEM = "Write a short poem about the sea."
 
 
 def new_engine() -> LlamaEngine:
-    return LlamaEngine([ModelConfig(id=MODEL, path=bundled_gguf(), n_ctx=N_CTX)])
+    # One thread: no OpenMP team, whose spinning barrier crawls when the cores are shared.
+    return LlamaEngine([ModelConfig(id=MODEL, path=bundled_gguf(), n_ctx=N_CTX, n_threads=1)])
 
 
 @pytest.fixture(scope="module")
