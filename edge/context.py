@@ -45,6 +45,7 @@ class EdgeContext:
 CTX = web.AppKey("headrace_edge", EdgeContext)
 KEY = web.RequestKey("headrace_key", ApiKey)  # the authenticated caller
 REQUEST_ID = web.RequestKey("headrace_request_id", str)
+JOB_IDS = web.RequestKey("headrace_job_ids", list[str])  # the jobs answering it, for its log line
 
 
 def ctx(request: web.Request) -> EdgeContext:

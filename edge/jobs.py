@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from edge.context import REQUEST_ID, caller, ctx
+from edge.context import JOB_IDS, REQUEST_ID, caller, ctx
 from edge.dedup import fingerprint
 from edge.ratelimit.http import admit_text
 from schemas.client import JobStream
@@ -115,6 +115,7 @@ async def submit_text(
             ticket.shared = True  # the request that started the job pays its tokens
         await asyncio.shield(entry.ready)
         joined = [await c.jobs.watch(job_id, replay=True) for job_id in entry.job_ids]
+        request[JOB_IDS] = entry.job_ids
         return Submission(info, entry.job_ids, joined, entry.created_s, started, fingerprint)
     try:
         job_ids, streams, created_s = await _publish(request, model, params, stream)
@@ -150,6 +151,7 @@ async def _publish(
         for p in params
     ]
     streams: list[JobStream] = []
+    request[JOB_IDS] = [j.id for j in jobs]
     try:
         for job in jobs:
             streams.append(await c.jobs.submit(job, headers=headers))

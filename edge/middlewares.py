@@ -12,7 +12,7 @@ import orjson
 from aiohttp import web
 
 from edge.auth import bearer
-from edge.context import KEY, REQUEST_ID, ctx
+from edge.context import JOB_IDS, KEY, REQUEST_ID, ctx
 from edge.errors import error_response, from_exception, json_response
 from schemas.errors import HeadraceError
 
@@ -50,13 +50,16 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     ):
         response = ollama_error(response)
     c.metrics.requests.labels(route_name(request), str(response.status)).inc()
+    extra: dict[str, object] = {"request_id": request[REQUEST_ID]}
+    if JOB_IDS in request:
+        extra["job_ids"] = request[JOB_IDS]
     log.info(
         "%s %s %d %.1f ms",
         request.method,
         route_name(request),
         response.status,
         (time.perf_counter() - started) * 1000,
-        extra={"request_id": request[REQUEST_ID]},
+        extra=extra,
     )
     return response
 

@@ -85,7 +85,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.engines.base import Engine
     from workers.settings import WorkerSettings
 
-    names = (*_COMMON, "slots", "worker_id", "echo_token_delay_s", "echo_tokens", *_LLM)
+    names = (
+        *_COMMON,
+        "slots",
+        "worker_id",
+        "metrics_port",
+        "echo_token_delay_s",
+        "echo_tokens",
+        *_LLM,
+    )
     overrides = _overrides(args, names)
     if args.engine == "llm" and args.model:
         overrides["llm_models"] = ",".join(args.model)
@@ -204,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--slots", type=int, help="jobs run at once (default 1)")
     p.add_argument("--worker-id", help="registry id (default host-pid-random)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="N",
+        help="serve Prometheus /metrics on this port (HEADRACE_METRICS_PORT; default: none)",
+    )
     p.add_argument("--echo-token-delay-s", type=float, help="echo: delay per token")
     p.add_argument("--echo-tokens", type=int, help="echo: tokens when max_tokens is unset")
     p.add_argument(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import uvloop
 
 from schemas.subjects import model_slug
+from workers import metrics
 from workers.engines.base import Engine
 from workers.engines.echo import EchoEngine
 from workers.runtime import Runtime
@@ -81,7 +82,16 @@ async def serve(settings: WorkerSettings, engine: Engine[Any]) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, runtime.stop)
-    await runtime.run()
+    server = None
+    if settings.metrics_port is not None:
+        registry = runtime.metrics.registry
+        server = await metrics.serve(registry, settings.metrics_host, settings.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+    try:
+        await runtime.run()
+    finally:
+        if server is not None:
+            await server.cleanup()
     log.info("worker %s stopped after %d job(s)", settings.worker_id, runtime.jobs_done)
 
 

@@ -189,3 +189,12 @@ async def edge(js: JetStreamContext, edge_settings: Any) -> AsyncIterator[str]:
     runner = await start(edge_settings, CollectorRegistry())
     yield f"http://127.0.0.1:{edge_settings.port}"
     await runner.cleanup()
+
+
+@pytest.fixture
+async def oai(edge: str) -> AsyncIterator[Any]:
+    """The official OpenAI SDK, unmodified, pointed at the edge (no retries, so errors show)."""
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=f"{edge}/v1", api_key=API_KEY, max_retries=0) as client:
+        yield client

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -27,12 +26,6 @@ CHAT = [{"role": "user", "content": "Name three colours."}]
 def engine() -> LlamaEngine:
     """One engine for the module; each runtime start()s and close()s it."""
     return LlamaEngine([ModelConfig(id=MODEL, path=bundled_gguf(), n_ctx=512, n_threads=1)])
-
-
-@pytest.fixture
-async def oai(edge: str) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(base_url=f"{edge}/v1", api_key=API_KEY, max_retries=0) as client:
-        yield client
 
 
 async def test_openai_sdk_chat_streamed_and_not_agree(

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import io
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -24,13 +24,6 @@ from workers.engines.echo import EchoEngine
 from workers.settings import WorkerSettings
 
 CHAT = [{"role": "user", "content": "the quick brown fox jumps over the lazy dog"}]
-
-
-@pytest.fixture
-async def oai(edge: str) -> AsyncIterator[openai.AsyncOpenAI]:
-    """The official SDK, unmodified, pointed at the edge (no retries, so errors show)."""
-    async with openai.AsyncOpenAI(base_url=f"{edge}/v1", api_key=API_KEY, max_retries=0) as client:
-        yield client
 
 
 async def test_chat_completion_not_streamed(

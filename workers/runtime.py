@@ -37,6 +37,7 @@ from schemas.topology import Limits, consumer_definition, ensure_consumer
 from workers.cancels import CancelBook
 from workers.emitter import Emitter
 from workers.engines.base import Engine
+from workers.metrics import Outcome, WorkerMetrics
 from workers.registry import Heartbeat
 from workers.settings import WorkerSettings
 from workers.slots import SlotPool
@@ -79,7 +80,9 @@ async def _log_nats_error(e: Exception) -> None:
 class Runtime:
     """Serves one engine's models from JetStream until stopped."""
 
-    def __init__(self, settings: WorkerSettings, engine: Engine[Any]) -> None:
+    def __init__(
+        self, settings: WorkerSettings, engine: Engine[Any], metrics: WorkerMetrics | None = None
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.slots = SlotPool(settings.slots)
@@ -89,6 +92,9 @@ class Runtime:
         self._stopping = asyncio.Event()
         self._held: dict[asyncio.Task[None], Msg] = {}
         self._nc: NATS | None = None
+        self.metrics = metrics or WorkerMetrics()
+        self.metrics.slots.set(settings.slots)
+        self.metrics.busy_slots.set_function(lambda: len(self._held))
 
     @property
     def nc(self) -> NATS:
@@ -115,7 +121,11 @@ class Runtime:
 
     async def run(self, *, until_idle: bool = False) -> None:
         """Serve until ``stop()``; with ``until_idle``, also return once the queue is empty."""
+        loading = time.perf_counter()
         await self.engine.start()
+        loaded_s = time.perf_counter() - loading
+        for m in self.engine.models():  # start() loads every model at once: each gets the total
+            self.metrics.model_load_seconds.labels(m.id).set(loaded_s)
         self._nc = await connect(self.settings, self.settings.worker_id)
         js = self.nc.jetstream()
         bindings = [await self._bind(js, m.id) for m in self.engine.models()]
@@ -138,7 +148,9 @@ class Runtime:
             await heartbeat.remove(self.settings.worker_id)
             with contextlib.suppress(nats.errors.Error, TimeoutError):
                 await self.nc.flush(timeout=2)  # results and acks already published must leave
-            await self.nc.close()
+            # nats-py's close() raises RuntimeError when the server went away before us.
+            with contextlib.suppress(nats.errors.Error, TimeoutError, RuntimeError):
+                await self.nc.close()
             await self.engine.close()
 
     async def _bind(self, js: JetStreamContext, model: str) -> Binding:
@@ -245,6 +257,7 @@ class Runtime:
         try:
             job = decode_job(msg.data)
         except Poison as e:
+            self.metrics.ended(b.model, "dead_lettered", 0, None)
             await self._dead_letter(msg, e, headers.get(Header.REPLY), attempt)
             return
         reply = headers.get(Header.REPLY) or results_subject(job.id)
@@ -252,6 +265,7 @@ class Runtime:
         if self.cancels.was_cancelled(job.id):
             await emitter.emit(Done(finish_reason="cancelled", seed=job.params.seed))
             await self._settle(msg)
+            self._ended(b, msg, job, "cancelled")
             return
         deadline_ms = _deadline_ms(job, headers)
         if deadline_ms is not None and time.time() * 1000 >= deadline_ms:
@@ -259,6 +273,7 @@ class Runtime:
                 Error(code=ErrorCode.DEADLINE_EXCEEDED, message="the job expired in the queue")
             )
             await msg.term()
+            self._ended(b, msg, job, "expired")
             return
         await self._run(b, msg, job, emitter, attempt, deadline_ms)
 
@@ -273,6 +288,9 @@ class Runtime:
     ) -> None:
         cancel = self.cancels.track(job.id)
         keeper = asyncio.create_task(self._keep_alive(msg, cancel, deadline_ms))
+        ran_from = time.perf_counter()
+        done: Done | None = None
+        outcome: Outcome
         try:
             queue_ms = max(0.0, time.time() * 1000 - job.created_ms)
             await emitter.emit(
@@ -283,22 +301,27 @@ class Runtime:
                     queue_ms=queue_ms,
                 )
             )
+            self.metrics.started(b.model, attempt, queue_ms)
             # aclosing: if this task is cancelled, the engine's generator is closed now (its
             # finally stops any generation thread), not whenever it is garbage collected.
             async with contextlib.aclosing(self.engine.run(job, cancel)) as events:
                 async for event in events:
                     await emitter.emit(event)
+                    done = event if isinstance(event, Done) else done
             await self._settle(msg)
             self.jobs_done += 1
+            cancelled = done is not None and done.finish_reason == "cancelled"
+            outcome = "cancelled" if cancelled else "done"
         except Retry as e:
-            await self._retry(b, msg, emitter, attempt, e)
+            outcome = await self._retry(b, msg, emitter, attempt, e)
         except HeadraceError as e:
             await emitter.emit(Error(code=e.code, message=e.message, retryable=False))
             await msg.term()
+            outcome = "failed"
         except Exception as e:  # an engine bug: another attempt (maybe elsewhere) may fare better
             log.error("job %s: engine failed with %s", job.id, type(e).__name__)
             log.debug("engine failure", exc_info=True)
-            await self._retry(
+            outcome = await self._retry(
                 b,
                 msg,
                 emitter,
@@ -308,6 +331,36 @@ class Runtime:
         finally:
             keeper.cancel()
             self.cancels.forget(job.id)
+        self._ended(b, msg, job, outcome, done=done, ran_from=ran_from)
+
+    def _ended(
+        self,
+        b: Binding,
+        msg: Msg,
+        job: TextJob | ImageJob,
+        outcome: Outcome,
+        *,
+        done: Done | None = None,
+        ran_from: float | None = None,
+    ) -> None:
+        """Count an attempt's outcome and log its one line (ids and numbers, never text)."""
+        tokens = done.usage.completion_tokens if done is not None else 0
+        ran_s = None if ran_from is None else time.perf_counter() - ran_from
+        self.metrics.ended(b.model, outcome, tokens, ran_s)
+        log.info(
+            "job %s %s",
+            job.id,
+            outcome,
+            extra={
+                "job_id": job.id,
+                "model": b.model,
+                "attempt": msg.metadata.num_delivered or 1,
+                "outcome": outcome,
+                "tokens": tokens,
+                "duration_ms": round((ran_s or 0.0) * 1000, 1),
+                "request_id": (msg.headers or {}).get(Header.REQUEST_ID),
+            },
+        )
 
     async def _keep_alive(self, msg: Msg, cancel: threading.Event, deadline_ms: int | None) -> None:
         """+WPI so a long job is not redelivered (ack_wait restarts on in_progress); stop at the deadline."""
@@ -327,16 +380,19 @@ class Runtime:
         with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
             await msg.ack_sync(timeout=5.0)
 
-    async def _retry(self, b: Binding, msg: Msg, emitter: Emitter, attempt: int, e: Retry) -> None:
+    async def _retry(
+        self, b: Binding, msg: Msg, emitter: Emitter, attempt: int, e: Retry
+    ) -> Outcome:
         if attempt < b.max_deliver:
             log.warning(
                 "job attempt %d failed (%s); redelivering in %.1f s", attempt, e.message, e.delay_s
             )
             await msg.nak(delay=e.delay_s)
-            return
+            return "retried"
         message = f"the job failed on all {attempt} attempts: {e.message}"
         await emitter.emit(Error(code=ErrorCode.DEAD_LETTERED, message=message, retryable=False))
         await self._dead_letter(msg, e, None, attempt)
+        return "dead_lettered"
 
     async def _dead_letter(
         self, msg: Msg, e: HeadraceError, reply: str | None, attempt: int

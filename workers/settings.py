@@ -33,6 +33,12 @@ class WorkerSettings(CommonSettings):
     cancel_memory_s: float = Field(
         default=600.0, gt=0, description="how long a cancel is remembered"
     )
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="serve /metrics on this port (None: no server)"
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="address of the /metrics server (0.0.0.0 for Prometheus)"
+    )
     echo_token_delay_s: float = Field(default=0.0, ge=0, description="echo engine: delay per token")
     echo_tokens: int = Field(
         default=16, ge=1, description="echo engine: tokens when max_tokens is unset"
