@@ -423,3 +423,25 @@ async def test_valkey_stopped_mid_load_then_restarted(
     assert "headrace_edge_ratelimit_redis_failures_total" in metrics
     assert 'headrace_edge_ratelimit_decisions_total{limit="none",outcome="fail_open"}' in metrics
     assert after == [200, 200, 200, 429, 429]  # limits apply again, with no restart
+
+
+async def test_readiness_reports_redis_degraded_or_down(
+    start_edge: StartEdge, valkey: ValkeyServer, worker_settings: WorkerSettings
+) -> None:
+    fail_open = await start_edge(redis_timeout_s=0.2)
+    fail_closed = await start_edge(redis_timeout_s=0.2, ratelimit_fail="closed")
+
+    async def ready(http: aiohttp.ClientSession, base: str) -> tuple[int, dict[str, Any]]:
+        async with http.get(f"{base}/health/ready") as resp:
+            return resp.status, await resp.json()
+
+    async with running(worker_settings), aiohttp.ClientSession() as http:
+        assert (await ready(http, fail_open))[1]["status"] == "ready"
+        valkey.stop()
+        open_status, open_body = await ready(http, fail_open)
+        closed_status, closed_body = await ready(http, fail_closed)
+    assert open_status == 200  # fails open: still serving, so ready but degraded
+    assert open_body["status"] == "degraded"
+    assert open_body["degraded"] == ["Redis (rate limits) is unreachable"]
+    assert closed_status == 503  # fails closed: limited keys are refused
+    assert "Redis (rate limits) is unreachable" in closed_body["reasons"]

@@ -76,6 +76,14 @@ class Buckets:
         except (RedisError, OSError, TimeoutError) as e:
             self._failed(e)
 
+    async def reachable(self) -> bool:
+        """One PING within the timeout (for readiness; it does not touch the breaker)."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return bool(await self.redis.ping())
+        except (RedisError, OSError, TimeoutError):
+            return False
+
     async def run(self, script: Script, keys: list[str], args: list[Any]) -> list[int]:
         """Run a script; raises LimiterDown when Redis fails or the breaker is open."""
         if not self.breaker.allow():

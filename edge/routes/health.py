@@ -22,9 +22,12 @@ async def live(request: web.Request) -> web.Response:
 
 @routes.get("/health/ready")
 async def ready(request: web.Request) -> web.Response:
-    """200 once NATS is connected, the streams exist and a worker is live; else 503 with reasons."""
+    """200 once NATS is connected, the streams exist and a worker is live; else 503 with reasons.
+
+    An unreachable Redis makes it "degraded" (200) when limits fail open, 503 when they fail closed.
+    """
     c = ctx(request)
-    reasons = []
+    reasons: list[str] = []
     if c.nc is None or not c.nc.is_connected:
         reasons.append("NATS is not connected")
     else:
@@ -36,9 +39,17 @@ async def ready(request: web.Request) -> web.Response:
     workers = c.registry.live() if c.registry is not None else []
     if not workers:
         reasons.append("no live worker")
+    # Without Redis the edge still serves when it fails open: degraded, not down.
+    degraded: list[str] = []
+    if c.limiter is not None and not await c.limiter.buckets.reachable():
+        (reasons if c.limiter.fail_closed else degraded).append(
+            "Redis (rate limits) is unreachable"
+        )
     models = sorted({m.id for w in workers for m in w.models})
+    status = "not_ready" if reasons else ("degraded" if degraded else "ready")
     body = {
-        "status": "not_ready" if reasons else "ready",
+        "status": status,
+        "degraded": degraded,
         "reasons": reasons,
         "workers": len(workers),
         "models": models,
