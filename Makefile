@@ -11,7 +11,7 @@ BENCH_STAMP := $(VENV)/.headrace-bench
 # GPU hosts: make install-llm LLAMA_CMAKE_ARGS="-DGGML_CUDA=on"
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: up test install install-llm install-bench lint typecheck unit schemas bench clean
+.PHONY: up test install install-llm install-bench lint typecheck unit schemas bench loadtest loadtest-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,14 @@ schemas: install
 bench: install install-bench
 	$(BIN)/headrace bench
 	$(BIN)/headrace bench llm
+
+# Against a running `make up`: 16 users for 30 s; fails on >1 % errors or p95 TTFT > 1 s.
+loadtest: install
+	$(BIN)/python loadtests/run.py
+
+# A 3-second locust run against a private edge and echo worker, with its thresholds checked.
+loadtest-smoke: install
+	$(BIN)/pytest -m loadtest
 
 clean:
 	rm -rf .headrace bench-results .pytest_cache .mypy_cache .ruff_cache

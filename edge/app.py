@@ -16,6 +16,7 @@ from edge.auth import KeyStore
 from edge.context import CTX, EdgeContext
 from edge.dedup import Dedup
 from edge.metrics import EdgeMetrics
+from edge.queues import QueueDepth
 from edge.ratelimit import http as ratelimit
 from edge.ratelimit.admission import Limiter
 from edge.registry import Registry
@@ -63,6 +64,10 @@ async def _connect(app: web.Application) -> None:
     c.client = JobClient(c.nc)
     c.registry = Registry(c.nc.jetstream(), c.settings.worker_stale_s)
     await c.registry.start()
+    c.queues = QueueDepth(
+        c.nc.jetstream(), c.metrics.queued, c.metrics.running, c.settings.queue_poll_s
+    )
+    c.queues.start()
     log.info("edge connected to NATS; %d live worker(s)", len(c.registry.live()))
     if c.limiter is not None:
         await c.limiter.start()
@@ -73,6 +78,8 @@ async def _disconnect(app: web.Application) -> None:
     c = app[CTX]
     if c.limiter is not None:
         await c.limiter.close()
+    if c.queues is not None:
+        await c.queues.stop()
     if c.registry is not None:
         await c.registry.stop()
     if c.nc is not None:

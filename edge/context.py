@@ -10,6 +10,7 @@ from nats.aio.client import Client as NATS
 from edge.auth import ApiKey, KeyStore
 from edge.dedup import Dedup
 from edge.metrics import EdgeMetrics
+from edge.queues import QueueDepth
 from edge.ratelimit.admission import Limiter
 from edge.registry import Registry
 from edge.settings import EdgeSettings
@@ -27,6 +28,7 @@ class EdgeContext:
     nc: NATS | None = None
     client: JobClient | None = None
     registry: Registry | None = None
+    queues: QueueDepth | None = None
     limiter: Limiter | None = None  # None: no key has a rate limit
 
     @property

@@ -42,6 +42,18 @@ class EdgeMetrics:
             ["model", "direction"],
             registry=r,
         )
+        self.queued = Gauge(
+            "headrace_edge_queue_depth",
+            "jobs waiting in JOBS, by model consumer",
+            ["consumer"],
+            registry=r,
+        )
+        self.running = Gauge(
+            "headrace_edge_jobs_running",
+            "jobs held by workers, by model consumer",
+            ["consumer"],
+            registry=r,
+        )
         self.cancels = Counter(
             "headrace_edge_cancels", "jobs cancelled by the edge, by reason", ["reason"], registry=r
         )

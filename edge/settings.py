@@ -52,6 +52,9 @@ class EdgeSettings(CommonSettings):
         default=15.0, gt=0, description="a worker whose heartbeat is older than this is gone"
     )
     retry_after_s: int = Field(default=2, ge=1, description="Retry-After sent with 503")
+    queue_poll_s: float = Field(
+        default=5.0, gt=0, description="how often queue depth is read for /metrics"
+    )
     default_model: str | None = Field(
         default=None, description="the text model of requests that name none (llama.cpp routes)"
     )

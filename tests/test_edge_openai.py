@@ -506,3 +506,28 @@ async def test_too_many_messages_is_400(edge: str) -> None:
     ):
         assert resp.status == 400
         assert (await resp.json())["error"]["param"] == "messages"
+
+
+async def test_metrics_show_queue_depth_per_model(
+    edge_settings: Any, client: JobClient, js: JetStreamContext
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from edge.app import start
+    from tests.conftest import text_job
+
+    settings = edge_settings.model_copy(update={"queue_poll_s": 0.1})
+    runner = await start(settings, CollectorRegistry())
+    try:
+        for _ in range(3):  # no worker runs: they wait in JOBS
+            await client.publish(text_job())
+        await asyncio.sleep(0.5)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{settings.port}/metrics") as resp,
+        ):
+            text = await resp.text()
+    finally:
+        await runner.cleanup()
+    assert 'headrace_edge_queue_depth{consumer="llm-echo"} 3.0' in text
+    assert 'headrace_edge_jobs_running{consumer="llm-echo"} 0.0' in text
