@@ -99,6 +99,7 @@ class Limiter:
         self.leases: dict[str, set[str]] = {}  # key id -> lease ids this edge holds
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
 
     async def start(self) -> None:
         """Load the scripts and start renewing leases."""
@@ -107,10 +108,14 @@ class Limiter:
 
     async def close(self) -> None:
         """Stop renewing (held leases then expire), drop pending settlements, close Redis."""
-        tasks = [*self._tasks, *([self._renewer] if self._renewer else [])]
-        for task in tasks:
+        # The renewer stops between two calls: cancelling it inside one leaves that
+        # connection's socket behind, unclosed.
+        self._closing.set()
+        if self._renewer is not None:
+            await asyncio.gather(self._renewer, return_exceptions=True)
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.buckets.close()
 
     async def admit(self, key: ApiKey, *, tokens: int = 0, images: int = 0) -> Ticket:
@@ -212,7 +217,12 @@ class Limiter:
     async def _renew_forever(self) -> None:
         """Push back the expiry of this edge's leases, every third of their lifetime."""
         while True:
-            await asyncio.sleep(self.lease_ttl_ms / 3000)
+            try:
+                async with asyncio.timeout(self.lease_ttl_ms / 3000):
+                    await self._closing.wait()
+                return  # close() was called
+            except TimeoutError:
+                pass  # time to renew
             for key_id, held in list(self.leases.items()):
                 ids = list(held)
                 for i in range(0, len(ids), _RENEW_BATCH):
