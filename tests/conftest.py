@@ -152,6 +152,25 @@ def spawn_worker(nats_url: str, worker_id: str, *extra: str, log: Path) -> subpr
         )
 
 
+async def finished_history(client: JobClient, job_id: str, timeout_s: float = 5.0) -> list[Any]:
+    """A job's events from RESULTS once its last one is final (done or error)."""
+    history: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        history = await client.history(job_id)
+        if history and history[-1].final:
+            break
+        await asyncio.sleep(0.05)
+    return history
+
+
+async def only_job_id(js: JetStreamContext) -> str:
+    """The id of the one job that has events in RESULTS."""
+    subjects = (await js.stream_info("RESULTS", subjects_filter=">")).state.subjects or {}
+    (job_id,) = (s.removeprefix("results.") for s in subjects)
+    return job_id
+
+
 async def collect(stream: Any, timeout_s: float = 20.0) -> list[Any]:
     """Every event of a job until done or error."""
     out = []

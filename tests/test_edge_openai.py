@@ -19,7 +19,7 @@ from schemas.client import JobClient
 from schemas.errors import ContextLengthExceeded, HeadraceError, InvalidRequest
 from schemas.events import Delta, EngineEvent
 from schemas.jobs import TextJob
-from tests.conftest import API_KEY, OTHER_KEY, running
+from tests.conftest import API_KEY, OTHER_KEY, finished_history, only_job_id, running
 from workers.engines.echo import EchoEngine
 from workers.settings import WorkerSettings
 
@@ -184,11 +184,7 @@ async def test_client_disconnect_cancels_the_job(
             for _ in range(4):
                 await resp.content.readuntil(b"\n\n")
             resp.close()  # the client goes away mid-stream
-        for _ in range(100):
-            history = await client.history(job_id)
-            if history and history[-1].event.type == "done":
-                break
-            await asyncio.sleep(0.05)
+        history = await finished_history(client, job_id)
     done = history[-1].event
     assert done.type == "done"
     assert done.finish_reason == "cancelled"
@@ -389,13 +385,7 @@ async def test_deadline_is_504_and_cancels_the_job(
             await oai.chat.completions.create(
                 model="echo", messages=CHAT, max_tokens=200, extra_headers={"Timeout": "0.5"}
             )
-        subjects = (await js.stream_info("RESULTS", subjects_filter=">")).state.subjects or {}
-        (job_id,) = (s.removeprefix("results.") for s in subjects)
-        for _ in range(40):
-            history = await client.history(job_id)
-            if history[-1].final:
-                break
-            await asyncio.sleep(0.05)
+        history = await finished_history(client, await only_job_id(js))
     assert e.value.status_code == 504
     assert e.value.code == "deadline_exceeded"
     done = history[-1].event
@@ -483,13 +473,7 @@ async def test_unstreamed_client_that_goes_away_cancels_its_job(
             request.cancel()  # the client hangs up before the answer is ready
             with contextlib.suppress(asyncio.CancelledError):
                 await request
-        subjects = (await js.stream_info("RESULTS", subjects_filter=">")).state.subjects or {}
-        (job_id,) = (s.removeprefix("results.") for s in subjects)
-        for _ in range(60):
-            history = await client.history(job_id)
-            if history[-1].final:
-                break
-            await asyncio.sleep(0.05)
+        history = await finished_history(client, await only_job_id(js))
     done = history[-1].event
     assert done.type == "done"
     assert done.finish_reason == "cancelled"

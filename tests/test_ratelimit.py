@@ -27,7 +27,7 @@ from edge.ratelimit.scripts import keys_of
 from edge.settings import EdgeSettings
 from headrace.servers import NatsServer, ValkeyServer, free_port
 from schemas.client import JobClient
-from tests.conftest import running
+from tests.conftest import finished_history, running
 from workers.engines.echo import EchoEngine
 from workers.settings import WorkerSettings
 
@@ -223,11 +223,7 @@ async def test_tokens_are_settled_with_real_usage_streamed_or_cancelled(
         for _ in range(4):
             await resp.content.readuntil(b"\n\n")
         resp.close()  # the client goes away: the job is cancelled after a few tokens
-        for _ in range(100):
-            history = await client.history(job_id)
-            if history and history[-1].event.type == "done":
-                break
-            await asyncio.sleep(0.05)
+        history = await finished_history(client, job_id)
         done = history[-1].event
         assert done.type == "done"
         assert done.finish_reason == "cancelled"
