@@ -52,6 +52,10 @@ async def test_worker_counts_jobs_tokens_slots_and_serves_them(
         assert value(r, "headrace_worker_busy_slots") == 1
         await long.cancel()
         cancelled = (await collect(long))[-1].event
+        for _ in range(500):  # counted once the worker's ack is confirmed, after `done` is out
+            if value(r, "headrace_worker_jobs_total", model="echo", outcome="cancelled") == 1:
+                break
+            await asyncio.sleep(0.01)
         server = await metrics.serve(r, "127.0.0.1", port := free_port())
         try:
             async with (
