@@ -14,6 +14,8 @@ MAX_STOP = 8
 MAX_STOP_CHARS = 256
 MAX_TOKENS_LIMIT = 1_000_000
 SEED_MAX = 2**32 - 1
+MAX_INIT_IMAGES = 16
+MAX_INLINE_IMAGE_CHARS = 8 * 1024 * 1024  # an inline image must also fit one NATS message
 
 
 class Contract(BaseModel):
@@ -61,8 +63,21 @@ class TextParams(Contract):
     ignore_eos: bool = False
 
 
+class ImageInput(Contract):
+    """An input image (img2img): inline base64 PNG/JPEG/WebP when small, else an object in the
+    ``images`` store. The worker fetches objects before the engine sees the job."""
+
+    b64: str | None = Field(default=None, max_length=MAX_INLINE_IMAGE_CHARS)
+    object: str | None = Field(default=None, max_length=256)
+
+
 class ImageParams(Contract):
-    """Parameters of an image job, A1111-shaped, with a concrete seed."""
+    """Parameters of an image job, A1111-shaped, with a concrete seed.
+
+    ``sampler`` is a name from ``schemas.samplers.SAMPLERS`` (a Karras schedule folded in);
+    image ``i`` of the job uses seed ``seed + i``; ``preview_every`` k > 0 asks for a
+    low-resolution preview with every k-th progress event.
+    """
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = ""
@@ -75,7 +90,7 @@ class ImageParams(Contract):
     batch_size: int = Field(default=1, ge=1, le=16)
     n_iter: int = Field(default=1, ge=1, le=16)
     denoising_strength: float = Field(default=0.75, ge=0.0, le=1.0)
-    init_images: list[str] = []  # object names in the ``images`` store
+    init_images: Annotated[list[ImageInput], Field(max_length=MAX_INIT_IMAGES)] = []
     preview_every: int = Field(default=0, ge=0)
 
 

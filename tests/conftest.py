@@ -217,3 +217,12 @@ async def oai(edge: str) -> AsyncIterator[Any]:
 
     async with openai.AsyncOpenAI(base_url=f"{edge}/v1", api_key=API_KEY, max_retries=0) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The random-weight demo Stable Diffusion pipeline, built once per test session."""
+    pytest.importorskip("diffusers", reason="the sd extra is not installed")
+    from headrace.tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
