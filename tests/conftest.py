@@ -222,7 +222,6 @@ async def oai(edge: str) -> AsyncIterator[Any]:
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The random-weight demo Stable Diffusion pipeline, built once per test session."""
-    pytest.importorskip("diffusers", reason="the sd extra is not installed")
     from headrace.tiny_sd import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
