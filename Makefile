@@ -5,13 +5,18 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.headrace-installed
 LLM_STAMP := $(VENV)/.headrace-llm
 BENCH_STAMP := $(VENV)/.headrace-bench
+SD_STAMP := $(VENV)/.headrace-sd
+# torch first, on its own: then diffusers finds its requirement met. Left to diffusers' resolver,
+# pip picks a multi-GB CUDA build. GPU hosts: make install-sd TORCH_SPEC='torch==2.13.0' with
+# PIP_INDEX_URL pointing at the CUDA wheels they want.
+TORCH_SPEC ?= torch==2.13.0
 # llama-cpp-python 0.3.36 has no wheel and builds from source (~6 min on 2 cores).
 # GGML_NATIVE=OFF with explicit AVX2/FMA/F16C: the default native build crashes
 # (general-protection fault in libggml-cpu) on VMs whose CPU reports AMX it may not use.
 # GPU hosts: make install-llm LLAMA_CMAKE_ARGS="-DGGML_CUDA=on"
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: up test install install-llm install-bench lint typecheck unit schemas bench loadtest loadtest-smoke clean
+.PHONY: up test install install-llm install-sd install-bench lint typecheck unit schemas bench loadtest loadtest-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +43,15 @@ $(LLM_STAMP): $(STAMP)
 
 install-llm: $(LLM_STAMP)
 
+# The image worker: torch, diffusers, transformers, pillow (the ``sd`` extra).
+$(SD_STAMP): $(STAMP)
+	@echo "installing torch, then diffusers and transformers ..."
+	$(BIN)/pip install --progress-bar on '$(TORCH_SPEC)'
+	$(BIN)/pip install --progress-bar on -e '.[sd]'
+	touch $@
+
+install-sd: $(SD_STAMP)
+
 # llama_cpp.server's dependencies, for `headrace bench llm` (after llama-cpp-python's own build).
 $(BENCH_STAMP): $(LLM_STAMP)
 	$(BIN)/pip install --progress-bar on -e '.[bench]'
@@ -45,17 +59,17 @@ $(BENCH_STAMP): $(LLM_STAMP)
 
 install-bench: $(BENCH_STAMP)
 
-up: install install-llm
+up: install install-llm install-sd
 	$(BIN)/headrace up
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: install install-llm
+typecheck: install install-llm install-sd
 	$(BIN)/mypy
 
-unit: install install-llm install-bench
+unit: install install-llm install-sd install-bench
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
 
 test: lint typecheck unit
@@ -65,7 +79,7 @@ schemas: install
 	$(BIN)/python -m schemas.jsonschema
 
 # The echo benchmarks (pipeline, edge), then SmolLM2 side by side (about 5 minutes on 2 cores).
-bench: install install-bench
+bench: install install-bench install-sd
 	$(BIN)/headrace bench
 	$(BIN)/headrace bench llm
 

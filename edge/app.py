@@ -16,12 +16,14 @@ from edge.auth import KeyStore
 from edge.context import CTX, EdgeContext
 from edge.dedup import Dedup
 from edge.metrics import EdgeMetrics
+from edge.options import Options
 from edge.queues import QueueDepth
 from edge.ratelimit import http as ratelimit
 from edge.ratelimit.admission import Limiter
 from edge.registry import Registry
-from edge.routes import health, llamacpp, ollama, openai, openapi
+from edge.routes import a1111, health, images, llamacpp, ollama, openai, openapi
 from edge.settings import EdgeSettings
+from edge.tasks import TaskBook
 from schemas.client import JobClient
 
 log = logging.getLogger(__name__)
@@ -42,12 +44,14 @@ def build_app(settings: EdgeSettings, registry: CollectorRegistry | None = None)
         client_max_size=settings.max_body_bytes,
         middlewares=[middlewares.errors, middlewares.auth, ratelimit.middleware],
     )
-    app[CTX] = EdgeContext(settings, keys, metrics, Dedup(settings.dedup_grace_s), limiter=limiter)
+    app[CTX] = EdgeContext(
+        settings, keys, metrics, Dedup(settings.dedup_grace_s), TaskBook(), limiter=limiter
+    )
     app.on_startup.append(_connect)
     app.on_cleanup.append(_disconnect)
     app.on_response_prepare.append(middlewares.stamp_request_id)
     app.on_response_prepare.append(ratelimit.stamp)
-    for module in (openai, llamacpp, ollama, health, openapi):
+    for module in (openai, images, a1111, llamacpp, ollama, health, openapi):
         app.add_routes(module.routes)
     return app
 
@@ -68,6 +72,8 @@ async def _connect(app: web.Application) -> None:
         c.nc.jetstream(), c.metrics.queued, c.metrics.running, c.settings.queue_poll_s
     )
     c.queues.start()
+    c.options = Options(c.nc.jetstream())
+    await c.tasks.start(c.nc)
     log.info("edge connected to NATS; %d live worker(s)", len(c.registry.live()))
     if c.limiter is not None:
         await c.limiter.start()
@@ -78,6 +84,7 @@ async def _disconnect(app: web.Application) -> None:
     c = app[CTX]
     if c.limiter is not None:
         await c.limiter.close()
+    await c.tasks.stop()
     if c.queues is not None:
         await c.queues.stop()
     if c.registry is not None:

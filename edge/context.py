@@ -10,10 +10,12 @@ from nats.aio.client import Client as NATS
 from edge.auth import ApiKey, KeyStore
 from edge.dedup import Dedup
 from edge.metrics import EdgeMetrics
+from edge.options import Options
 from edge.queues import QueueDepth
 from edge.ratelimit.admission import Limiter
 from edge.registry import Registry
 from edge.settings import EdgeSettings
+from edge.tasks import TaskBook
 from schemas.client import JobClient
 
 
@@ -25,11 +27,13 @@ class EdgeContext:
     keys: KeyStore
     metrics: EdgeMetrics
     dedup: Dedup
+    tasks: TaskBook
     nc: NATS | None = None
     client: JobClient | None = None
     registry: Registry | None = None
     queues: QueueDepth | None = None
     limiter: Limiter | None = None  # None: no key has a rate limit
+    options: Options | None = None  # A1111 options per key (once connected)
 
     @property
     def jobs(self) -> JobClient:

@@ -88,6 +88,17 @@ def fingerprint_of(request: web.Request, body: bytes | None) -> str | None:
     return None if body is None else fingerprint(key_id, request.path, body)
 
 
+def job_headers(request: web.Request) -> dict[str, str]:
+    """Headers of every job a request publishes: its request id, owner and W3C trace context."""
+    headers: dict[str, str] = {
+        Header.REQUEST_ID: request[REQUEST_ID],
+        Header.OWNER: caller(request).id,
+    }
+    if (traceparent := request.headers.get("traceparent")) is not None:
+        headers[Header.TRACEPARENT] = traceparent[:128]
+    return headers
+
+
 async def submit_text(
     request: web.Request,
     model: str,
@@ -133,12 +144,7 @@ async def _publish(
     c = ctx(request)
     now_ms = int(time.time() * 1000)
     deadline = deadline_ms(request)
-    headers: dict[str, str] = {
-        Header.REQUEST_ID: request[REQUEST_ID],
-        Header.OWNER: caller(request).id,
-    }
-    if (traceparent := request.headers.get("traceparent")) is not None:
-        headers[Header.TRACEPARENT] = traceparent[:128]
+    headers = job_headers(request)
     jobs = [
         TextJob(
             id=new_job_id(),

@@ -58,6 +58,19 @@ class EdgeSettings(CommonSettings):
     default_model: str | None = Field(
         default=None, description="the text model of requests that name none (llama.cpp routes)"
     )
+    default_image_model: str | None = Field(
+        default=None,
+        description="the image model of requests that name none (default: the one live image model)",
+    )
+    image_min_side: int = Field(default=64, ge=8, description="smallest image width or height")
+    image_max_side: int = Field(default=2048, ge=8, le=4096, description="largest width or height")
+    image_max_steps: int = Field(default=150, ge=1, le=150, description="most diffusion steps")
+    image_max_count: int = Field(
+        default=16, ge=1, le=256, description="most images per request (batch_size x n_iter, n)"
+    )
+    openai_image_steps: int = Field(
+        default=20, ge=1, le=150, description="diffusion steps of /v1/images/generations"
+    )
     dedup_grace_s: float = Field(
         default=5.0,
         ge=0,

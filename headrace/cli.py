@@ -20,6 +20,7 @@ def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]
 
 
 _COMMON = ("nats_url", "region", "log_level")
+_SD = ("sd_device", "sd_threads", "image_inline_chars")
 _LLM = ("llm_n_ctx", "llm_threads", "llm_threads_batch", "llm_gpu_layers", "llm_chat_template_file")
 _LIMITS = (
     "jobs_max_msgs",
@@ -62,6 +63,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "valkey_port",
         "echo_workers",
         "llm_workers",
+        "sd_workers",
     )
     return up(StackSettings(**_overrides(args, names)))
 
@@ -93,17 +95,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
         "echo_token_delay_s",
         "echo_tokens",
         *_LLM,
+        *_SD,
     )
     overrides = _overrides(args, names)
-    if args.engine == "llm" and args.model:
-        overrides["llm_models"] = ",".join(args.model)
+    if args.engine in ("llm", "sd") and args.model:
+        overrides[f"{args.engine}_models"] = ",".join(args.model)
     settings = WorkerSettings(**overrides)
     logs.setup(settings.log_level, f"worker {args.engine}")
     if args.engine == "llm":
         engine: Engine[Any] = worker.llama_engine(settings)
+    elif args.engine == "sd":
+        engine = worker.diffusion_engine(settings)
     else:
         engine = worker.echo_engine(settings, args.model[-1] if args.model else "echo")
     worker.run(settings, engine)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Build a demo model."""
+    from headrace.tiny_sd import build_tiny_sd
+
+    logs.setup("INFO", "models")
+    print(build_tiny_sd(args.directory))
     return 0
 
 
@@ -156,6 +170,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from headrace.bench import llm
 
         return llm.run(quick=args.quick, out=args.out, threads=args.threads)
+    if args.what == "sd":
+        from headrace.bench import sd
+
+        return sd.run(quick=args.quick, out=args.out, threads=args.threads)
     status = 0
     if args.what in ("pipeline", "all"):
         status |= pipeline.pipeline(jobs=args.jobs, latency_samples=args.samples, out=args.out)
@@ -180,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--valkey-port", type=int, help="default 6379")
     p.add_argument("--echo-workers", type=int, help="echo workers to start (default 1)")
     p.add_argument(
+        "--sd-workers", type=int, help="tiny-sd workers on diffusers to start (default 1)"
+    )
+    p.add_argument(
         "--llm-workers", type=int, help="SmolLM2 workers on llama.cpp to start (default 1)"
     )
     p.set_defaults(func=cmd_up)
@@ -199,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a worker")
     p.add_argument(
         "engine",
-        choices=["echo", "llm"],
-        help="echo: deterministic pseudo-tokens, no model; llm: GGUF models on llama.cpp",
+        choices=["echo", "llm", "sd"],
+        help="echo: deterministic pseudo-tokens, no model; llm: GGUF models on llama.cpp; "
+        "sd: diffusers pipelines (Stable Diffusion and friends)",
     )
     _add_common(p)
     p.add_argument(
@@ -208,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="ID[=PATH]",
         help="echo: the model id (default 'echo'); llm: ID=PATH.gguf, repeatable "
-        "(HEADRACE_LLM_MODELS, default: the bundled SmolLM2-135M-Instruct)",
+        "(HEADRACE_LLM_MODELS, default: the bundled SmolLM2-135M-Instruct); sd: ID=DIR or "
+        "ID=hub-id, repeatable (HEADRACE_SD_MODELS, default: the demo tiny-sd, random weights)",
     )
     p.add_argument("--slots", type=int, help="jobs run at once (default 1)")
     p.add_argument("--worker-id", help="registry id (default host-pid-random)")
@@ -251,7 +274,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="llm: Jinja chat template replacing the GGUF's own",
     )
+    p.add_argument(
+        "--device", dest="sd_device", choices=["auto", "cuda", "cpu"], help="sd: where to run"
+    )
+    p.add_argument(
+        "--torch-threads", dest="sd_threads", type=int, metavar="N", help="sd: CPU threads"
+    )
+    p.add_argument(
+        "--image-inline-chars",
+        type=int,
+        metavar="N",
+        help="sd: results above this many base64 characters go to the images object store",
+    )
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("models", help="build demo models")
+    p.add_argument("what", choices=["tiny-sd"], help="tiny-sd: a random-weight Stable Diffusion")
+    p.add_argument("directory", type=Path, help="where to save it")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("edge", help="run the HTTP edge (OpenAI-compatible API)")
     _add_common(p)
@@ -288,19 +328,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
         help="measure the pipeline and the edge with the echo engine (all = both), "
-        "or llm: SmolLM2 in-process vs llama_cpp.server vs headrace",
+        "llm: SmolLM2 in-process vs llama_cpp.server vs headrace, "
+        "sd: tiny-sd in-process vs headrace, and the object store",
     )
-    p.add_argument("what", nargs="?", choices=["pipeline", "edge", "all", "llm"], default="all")
+    p.add_argument(
+        "what", nargs="?", choices=["pipeline", "edge", "all", "llm", "sd"], default="all"
+    )
     p.add_argument("--jobs", type=int, default=2000, help="jobs for the throughput run")
     p.add_argument("--samples", type=int, default=500, help="1-token jobs for the latency runs")
     p.add_argument(
         "--requests", type=int, default=3000, help="requests for the edge throughput run"
     )
     p.add_argument(
-        "--quick", action="store_true", help="llm: 2 prompts, 16 tokens, 1 and 4 clients"
+        "--quick",
+        action="store_true",
+        help="llm: 2 prompts, 16 tokens, 1 and 4 clients; sd: 4 and 10 steps, 2 repeats",
     )
     p.add_argument(
-        "--threads", type=int, metavar="N", help="llm: llama.cpp threads in every path (CPUs)"
+        "--threads",
+        type=int,
+        metavar="N",
+        help="llm: llama.cpp threads in every path; sd: torch threads in both paths (CPUs)",
     )
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="where JSON and PNG go")
     p.set_defaults(func=cmd_bench)

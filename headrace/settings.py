@@ -31,6 +31,12 @@ class StackSettings(ProvisionSettings):
         le=16,
         description="llama.cpp workers on the bundled SmolLM2 (needs the llm extra)",
     )
+    sd_workers: int = Field(
+        default=1,
+        ge=0,
+        le=16,
+        description="diffusers workers on the demo tiny-sd pipeline (needs the sd extra)",
+    )
     api_keys: str = Field(
         default="",
         validation_alias=AliasChoices("HEADRACE_API_KEYS", "API_TOKENS", "api_keys"),

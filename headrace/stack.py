@@ -113,8 +113,14 @@ class Stack:
         changes = asyncio.run(provision.run(settings, [("llm", "echo")]))
         say("  " + ", ".join(f"{k}: {v}" for k, v in changes.items()))
         env = self._child_env(nats.url, valkey.url)
+        env.setdefault("HEADRACE_SD_DEMO_DIR", str(self.data_dir / "tiny-sd"))
         worker_ids = []
-        for engine, count in (("echo", s.echo_workers), ("llm", self._llm_workers())):
+        counts = (
+            ("echo", s.echo_workers),
+            ("llm", self._optional("llm", s.llm_workers, "llama_cpp")),
+            ("sd", self._optional("sd", s.sd_workers, "diffusers")),
+        )
+        for engine, count in counts:
             for i in range(1, count + 1):
                 worker_id = f"{s.region}-{engine}-{i}"
                 self._spawn(
@@ -141,14 +147,20 @@ class Stack:
             "-H 'Content-Type: application/json' "
             f"""-d '{{"model": "{model}", "stream": true, "messages": [{{"role": "user", "content": "hello"}}]}}'"""
         )
+        if any(w.startswith(f"{s.region}-sd-") for w in worker_ids):
+            say(
+                f"Image: curl {base}/sdapi/v1/txt2img -H 'Authorization: Bearer {key}' "
+                """-d '{"prompt": "a lighthouse", "steps": 4, "width": 64, "height": 64}'"""
+                "   (tiny-sd has random weights: its images are noise)"
+            )
         say("Press Ctrl-C to stop.")
 
-    def _llm_workers(self) -> int:
-        """LLM workers to start: none when llama-cpp-python is not installed (make install-llm)."""
-        if self.settings.llm_workers and importlib.util.find_spec("llama_cpp") is None:
-            say("  llama-cpp-python is not installed (make install-llm): starting no LLM worker")
+    def _optional(self, extra: str, count: int, module: str) -> int:
+        """Workers of an optional engine to start: none when its extra is not installed."""
+        if count and importlib.util.find_spec(module) is None:
+            say(f"  {module} is not installed (make install-{extra}): starting no {extra} worker")
             return 0
-        return self.settings.llm_workers
+        return count
 
     def _dev_key(self) -> str:
         """A development key, generated once per data directory (the edge never runs open)."""

@@ -18,7 +18,10 @@ from workers.runtime import Runtime
 from workers.settings import WorkerSettings
 
 if TYPE_CHECKING:
+    from workers.engines.diffusion import DiffusionEngine
     from workers.engines.llama import LlamaEngine
+
+DEMO_SD_MODEL = "tiny-sd"
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +33,7 @@ def echo_engine(settings: WorkerSettings, model: str = "echo") -> EchoEngine:
     )
 
 
-def parse_llm_models(spec: str) -> dict[str, Path]:
+def parse_models(spec: str) -> dict[str, Path]:
     """``ID=PATH,ID2=PATH2`` as a dict; a bare PATH is served under its file name's stem."""
     out: dict[str, Path] = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
@@ -56,7 +59,7 @@ def llama_engine(settings: WorkerSettings) -> LlamaEngine:
     from workers.engines.gguf import DEFAULT_MODEL_ID, ModelConfig, bundled_gguf
     from workers.engines.llama import LlamaEngine
 
-    paths = parse_llm_models(settings.llm_models) or {DEFAULT_MODEL_ID: bundled_gguf()}
+    paths = parse_models(settings.llm_models) or {DEFAULT_MODEL_ID: bundled_gguf()}
     template_file = settings.llm_chat_template_file
     template = template_file.read_text() if template_file is not None else None
     return LlamaEngine(
@@ -72,6 +75,31 @@ def llama_engine(settings: WorkerSettings) -> LlamaEngine:
                 contexts=settings.slots,
             )
             for model_id, path in paths.items()
+        ]
+    )
+
+
+def diffusion_engine(settings: WorkerSettings) -> DiffusionEngine:
+    """The diffusers engine configured from worker settings (the demo tiny-sd by default).
+
+    A model is ``ID=DIR`` (a saved pipeline) or ``ID=owner/name`` (a hub id; fetching from
+    the hub is the deployment's business: set HF_HUB_OFFLINE=1 where it must not happen).
+    """
+    # Imported here: torch and diffusers are the optional ``sd`` extra.
+    from headrace.tiny_sd import build_tiny_sd
+    from workers.engines.diffusion import DiffusionEngine, ImageModelConfig
+
+    sources = {m: str(p) for m, p in parse_models(settings.sd_models).items()}
+    if not sources:
+        demo = settings.sd_demo_dir.expanduser()
+        log.info("no --model given: serving the demo pipeline %s (random weights)", demo)
+        sources = {DEMO_SD_MODEL: str(build_tiny_sd(demo))}
+    return DiffusionEngine(
+        [
+            ImageModelConfig(
+                id=model_id, source=source, device=settings.sd_device, threads=settings.sd_threads
+            )
+            for model_id, source in sources.items()
         ]
     )
 

@@ -1,4 +1,5 @@
-"""Load test of the edge with locust: streamed chat completions and non-streamed completions.
+"""Load test of the edge with locust: streamed chat completions, non-streamed completions and
+A1111 txt2img requests.
 
 Streamed requests report time to first token (``TTFT``), time per output token after the
 first (``TPOT``) and the whole stream (``stream e2e``) as request events of their own, so
@@ -8,7 +9,9 @@ locust's tables and percentiles show them next to the HTTP requests.
         --headless -u 16 -r 4 -t 1m
 
 Settings: ``HEADRACE_API_KEY`` (default: ``.headrace/dev-api-key``, as ``headrace up`` writes it),
-``HEADRACE_LOADTEST_MODEL`` (default ``echo``), ``HEADRACE_LOADTEST_MAX_TOKENS`` (default 32).
+``HEADRACE_LOADTEST_MODEL`` (default ``echo``), ``HEADRACE_LOADTEST_MAX_TOKENS`` (default 32),
+``HEADRACE_LOADTEST_IMAGES`` (default 1: one image user per four chat users; 0: none, for a
+stack without an image worker) and ``HEADRACE_LOADTEST_IMAGE_STEPS`` (default 4; 64x64 images).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from locust import HttpUser, between, task
 
 MODEL = os.environ.get("HEADRACE_LOADTEST_MODEL", "echo")
 MAX_TOKENS = int(os.environ.get("HEADRACE_LOADTEST_MAX_TOKENS", "32"))
+IMAGES = int(os.environ.get("HEADRACE_LOADTEST_IMAGES", "1"))
+IMAGE_STEPS = int(os.environ.get("HEADRACE_LOADTEST_IMAGE_STEPS", "4"))
 MESSAGES = [{"role": "user", "content": "Tell me a short story about a river and a mill."}]
 
 
@@ -37,6 +42,7 @@ def _api_key() -> str:
 class ChatUser(HttpUser):
     """Mostly streamed chats (what interactive clients do), some whole completions."""
 
+    weight = 4
     wait_time = between(0.05, 0.25)
 
     def on_start(self) -> None:
@@ -112,3 +118,29 @@ class ChatUser(HttpUser):
             exception=None,
             context={},
         )
+
+
+if IMAGES:
+
+    class ImageUser(HttpUser):
+        """A1111 txt2img at 64x64 (on `headrace up`'s demo pipeline: seconds, not minutes)."""
+
+        weight = IMAGES
+        wait_time = between(0.5, 1.5)
+
+        def on_start(self) -> None:
+            """Every request carries the key."""
+            self.client.headers["Authorization"] = f"Bearer {_api_key()}"
+
+        @task
+        def txt2img(self) -> None:
+            """One image; fails unless a decodable base64 PNG comes back."""
+            body = {"prompt": "a lighthouse at dusk", "steps": IMAGE_STEPS, "width": 64,
+                    "height": 64, "seed": -1}  # fmt: skip
+            with self.client.post(
+                "/sdapi/v1/txt2img", json=body, catch_response=True, name="txt2img"
+            ) as response:
+                if response.status_code != 200:
+                    response.failure(f"HTTP {response.status_code}")
+                elif not response.json()["images"][0].startswith("iVBOR"):  # PNG, base64
+                    response.failure("the image is not a PNG")

@@ -14,6 +14,7 @@ RESULTS_STREAM = "RESULTS"
 DLQ_STREAM = "DLQ"
 WORKERS_BUCKET = "workers"
 IMAGES_BUCKET = "images"
+OPTIONS_BUCKET = "options"
 
 JOBS_PREFIX = "jobs"
 RESULTS_PREFIX = "results"

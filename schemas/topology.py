@@ -22,6 +22,7 @@ from schemas.subjects import (
     DLQ_STREAM,
     IMAGES_BUCKET,
     JOBS_STREAM,
+    OPTIONS_BUCKET,
     RESULTS_STREAM,
     WORKERS_BUCKET,
     JobKind,
@@ -144,7 +145,8 @@ async def ensure_consumer(
 
 
 async def ensure_buckets(js: JetStreamContext, limits: Limits) -> dict[str, Change]:
-    """Create the ``workers`` KV bucket and the ``images`` object store; apply a changed TTL."""
+    """Create the ``workers`` and ``options`` KV buckets and the ``images`` object store; apply a
+    changed TTL."""
     workers = _load("buckets/workers.json")
     ttl_s = limits.workers_ttl_s or workers["ttl"] / _NS
     out: dict[str, Change] = {}
@@ -166,6 +168,18 @@ async def ensure_buckets(js: JetStreamContext, limits: Limits) -> dict[str, Chan
         out[WORKERS_BUCKET] = "updated"
     else:
         out[WORKERS_BUCKET] = "unchanged"
+    options = _load("buckets/options.json")
+    if await _stream_json(js, f"KV_{OPTIONS_BUCKET}") is None:
+        await js.create_key_value(
+            bucket=OPTIONS_BUCKET,
+            description=options["description"],
+            history=options["history"],
+            max_value_size=options["max_value_size"],
+            storage=options["storage"],
+        )
+        out[OPTIONS_BUCKET] = "created"
+    else:
+        out[OPTIONS_BUCKET] = "unchanged"
     images = _load("buckets/images.json")
     if await _stream_json(js, f"OBJ_{IMAGES_BUCKET}") is None:
         cfg_obj = ObjectStoreConfig(

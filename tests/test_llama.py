@@ -340,16 +340,14 @@ async def test_worker_process_serves_llm_and_stops_on_sigterm(
 
 
 def test_llm_models_setting_is_parsed() -> None:
-    from headrace.worker import parse_llm_models
+    from headrace.worker import parse_models
 
-    assert parse_llm_models("") == {}
-    assert parse_llm_models("a=/m/a.gguf, b = /m/b.gguf") == {
+    assert parse_models("") == {}
+    assert parse_models("a=/m/a.gguf, b = /m/b.gguf") == {
         "a": Path("/m/a.gguf"),
         "b": Path("/m/b.gguf"),
     }
-    assert parse_llm_models("/m/Qwen2.5-0.5B.gguf") == {
-        "Qwen2.5-0.5B": Path("/m/Qwen2.5-0.5B.gguf")
-    }
+    assert parse_models("/m/Qwen2.5-0.5B.gguf") == {"Qwen2.5-0.5B": Path("/m/Qwen2.5-0.5B.gguf")}
     for bad in ("=/m/a.gguf", "a=", "a=/x,a=/y", "!!=/x"):
         with pytest.raises(ValueError):  # noqa: PT011 - each message differs
-            parse_llm_models(bad)
+            parse_models(bad)

@@ -22,7 +22,8 @@ async def loadtest(edge: str, out: Path, *thresholds: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "loadtests/run.py", "--host", edge, "--users", "4", "--spawn-rate", "4",
         "--run-time", "3s", "--out", str(out), *thresholds,
-        env={**os.environ, "HEADRACE_API_KEY": API_KEY, "HEADRACE_LOADTEST_MAX_TOKENS": "8"},
+        env={**os.environ, "HEADRACE_API_KEY": API_KEY, "HEADRACE_LOADTEST_MAX_TOKENS": "8",
+             "HEADRACE_LOADTEST_IMAGES": "0"},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     output, _ = await asyncio.wait_for(proc.communicate(), 60)

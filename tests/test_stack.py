@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import signal
@@ -33,6 +34,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.timeout(240)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
     nats_port, valkey_port, port = free_port(), free_port(), free_port()
@@ -58,7 +60,7 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path, sig: signal.Sign
     )
     assert proc.stdout is not None
     lines = []
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 110
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         lines.append(line)
@@ -81,6 +83,8 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path, sig: signal.Sign
     assert "local-llm-1" in status.stdout
     assert "SmolLM2-135M-Instruct" in status.stdout
     assert "llm-echo" in status.stdout
+    assert "local-sd-1" in status.stdout
+    assert "tiny-sd" in status.stdout
 
     # The printed development key works, and so does the printed curl example's request.
     key = re.search(r"API key: (\S+)", output).group(1)  # type: ignore[union-attr]
@@ -114,10 +118,23 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path, sig: signal.Sign
     assert llama["tokens_predicted"] == 3
     assert '"model": "SmolLM2-135M-Instruct"' in output  # the printed curl example uses it
 
+    # The SD worker serves the demo pipeline it built in the data directory.
+    assert (tmp_path / "data" / "tiny-sd" / "model_index.json").is_file()
+    assert f"curl http://127.0.0.1:{port}/sdapi/v1/txt2img" in output
+    txt2img = urllib.request.Request(
+        f"http://127.0.0.1:{port}/sdapi/v1/txt2img",
+        data=orjson.dumps({"prompt": "a lighthouse", "steps": 2, "width": 64, "height": 64}),
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    with urllib.request.urlopen(txt2img, timeout=60) as resp:
+        (image,) = orjson.loads(resp.read())["images"]
+    assert base64.b64decode(image).startswith(b"\x89PNG")
+
     proc.send_signal(sig)
     rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, rest
     assert "worker-echo-1 stopped (status 0)" in rest
+    assert "worker-sd-1 stopped (status 0)" in rest
     assert "worker-llm-1 stopped (status 0)" in rest
     assert "edge stopped (status 0)" in rest
     assert "headrace is down" in rest

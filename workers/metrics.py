@@ -14,7 +14,11 @@ from prometheus_client import (
     generate_latest,
 )
 
+from schemas.events import Done
+
 # Buckets that fit LLM serving: a 1-token echo job in milliseconds up to minutes-long generations.
+# A diffusion step: milliseconds for a tiny model on a GPU up to tens of seconds on a CPU.
+_STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 Outcome = Literal[
@@ -54,6 +58,22 @@ class WorkerMetrics:
             "headrace_worker_queue_seconds", "job created to started (Started.queue_ms)", ["model"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
+        self.images = Counter("headrace_worker_images", "images generated", ["model"], registry=r)
+        self.steps = Counter(
+            "headrace_worker_steps",
+            "diffusion steps run (rate() of it is steps per second)",
+            ["model"],
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "headrace_worker_step_seconds", "mean time of one diffusion step, per image job",
+            ["model"], buckets=_STEP_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.gpu_memory_bytes = Gauge(
+            "headrace_worker_gpu_memory_bytes",
+            "GPU memory the engine holds (0 without CUDA)",
+            registry=r,
+        )
         self.model_load_seconds = Gauge(
             "headrace_worker_model_load_seconds",
             "time the engine took to load its models at start-up",
@@ -74,6 +94,14 @@ class WorkerMetrics:
             self.tokens.labels(model).inc(tokens)
         if ran_s is not None:
             self.job_seconds.labels(model).observe(ran_s)
+
+    def imaged(self, model: str, done: Done) -> None:
+        """An image job ended: count its images and steps, and the mean time of a step."""
+        t = done.timings
+        self.images.labels(model).inc(len(done.images))
+        if t.predicted_n:
+            self.steps.labels(model).inc(t.predicted_n)
+            self.step_seconds.labels(model).observe(t.predicted_ms / 1000 / t.predicted_n)
 
 
 async def serve(registry: CollectorRegistry, host: str, port: int) -> web.AppRunner:

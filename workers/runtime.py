@@ -7,6 +7,7 @@ import contextlib
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +20,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from schemas.codec import decode_job
-from schemas.errors import ErrorCode, HeadraceError, Poison, Retry
-from schemas.events import Done, Error, Started
+from schemas.errors import ErrorCode, HeadraceError, Poison, Retry, Unavailable
+from schemas.events import Done, EngineEvent, Error, Started
+from schemas.images import ImageStore
 from schemas.jobs import ImageJob, TextJob
 from schemas.registry import VERSION, WorkerInfo
 from schemas.subjects import (
@@ -92,9 +94,13 @@ class Runtime:
         self._stopping = asyncio.Event()
         self._held: dict[asyncio.Task[None], Msg] = {}
         self._nc: NATS | None = None
+        self._images: ImageStore | None = None
         self.metrics = metrics or WorkerMetrics()
         self.metrics.slots.set(settings.slots)
         self.metrics.busy_slots.set_function(lambda: len(self._held))
+        gpu_memory = getattr(engine, "gpu_memory_bytes", None)  # engines on torch have it
+        if callable(gpu_memory):
+            self.metrics.gpu_memory_bytes.set_function(lambda: gpu_memory() or 0)
 
     @property
     def nc(self) -> NATS:
@@ -128,6 +134,7 @@ class Runtime:
             self.metrics.model_load_seconds.labels(m.id).set(loaded_s)
         self._nc = await connect(self.settings, self.settings.worker_id)
         js = self.nc.jetstream()
+        self._images = ImageStore(js, self.settings.image_inline_chars)
         bindings = [await self._bind(js, m.id) for m in self.engine.models()]
         await self.nc.subscribe(CANCEL_ALL, cb=self._on_cancel)
         await self._serve_rpc()
@@ -302,12 +309,9 @@ class Runtime:
                 )
             )
             self.metrics.started(b.model, attempt, queue_ms)
-            # aclosing: if this task is cancelled, the engine's generator is closed now (its
-            # finally stops any generation thread), not whenever it is garbage collected.
-            async with contextlib.aclosing(self.engine.run(job, cancel)) as events:
-                async for event in events:
-                    await emitter.emit(event)
-                    done = event if isinstance(event, Done) else done
+            async for event in self._events(job, cancel, attempt):
+                await emitter.emit(event)
+                done = event if isinstance(event, Done) else done
             await self._settle(msg)
             self.jobs_done += 1
             cancelled = done is not None and done.finish_reason == "cancelled"
@@ -333,6 +337,25 @@ class Runtime:
             self.cancels.forget(job.id)
         self._ended(b, msg, job, outcome, done=done, ran_from=ran_from)
 
+    async def _events(
+        self, job: TextJob | ImageJob, cancel: threading.Event, attempt: int
+    ) -> AsyncIterator[EngineEvent]:
+        """The engine's events, with image bytes moved through the object store where too large."""
+        images = self._images
+        assert images is not None
+        try:
+            if isinstance(job, ImageJob):
+                job = await images.resolve(job)
+            # aclosing: if this task is cancelled, the engine's generator is closed now (its
+            # finally stops any generation thread), not whenever it is garbage collected.
+            async with contextlib.aclosing(self.engine.run(job, cancel)) as events:
+                async for event in events:
+                    if isinstance(event, Done) and event.images:
+                        event = await images.offload(event, job.id, attempt)
+                    yield event
+        except Unavailable as e:  # the object store, not the job: another attempt may succeed
+            raise Retry(e.message, delay_s=self.settings.retry_delay_s) from e
+
     def _ended(
         self,
         b: Binding,
@@ -347,6 +370,8 @@ class Runtime:
         tokens = done.usage.completion_tokens if done is not None else 0
         ran_s = None if ran_from is None else time.perf_counter() - ran_from
         self.metrics.ended(b.model, outcome, tokens, ran_s)
+        if done is not None and isinstance(job, ImageJob):
+            self.metrics.imaged(b.model, done)
         log.info(
             "job %s %s",
             job.id,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from schemas.images import DEFAULT_INLINE_CHARS
 from schemas.settings import CommonSettings
 
 
@@ -63,4 +64,21 @@ class WorkerSettings(CommonSettings):
     )
     llm_chat_template_file: Path | None = Field(
         default=None, description="llm: a Jinja chat template replacing the GGUF's own"
+    )
+    image_inline_chars: int = Field(
+        default=DEFAULT_INLINE_CHARS,
+        ge=0,
+        description="sd: results above this many base64 characters go to the images object store",
+    )
+    sd_models: str = Field(
+        default="",
+        description="sd: models as ID=DIR-or-hub-id, comma-separated (empty: the demo tiny-sd)",
+    )
+    sd_demo_dir: Path = Field(
+        default=Path("~/.cache/headrace/tiny-sd"),
+        description="sd: where the demo tiny-sd pipeline is built when no model is given",
+    )
+    sd_device: str = Field(default="auto", description="sd: auto (CUDA when present), cuda or cpu")
+    sd_threads: int | None = Field(
+        default=None, ge=1, description="sd: CPU threads for torch (default: torch's own)"
     )

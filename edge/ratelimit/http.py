@@ -30,6 +30,7 @@ TICKET = web.RequestKey("headrace_ratelimit_ticket", Ticket)
 SETTLE_WAIT_S = 10.0
 
 _SELF_ADMITTING: set[Handler] = set()
+_UNCHARGED: set[Handler] = set()
 
 
 def admits_itself(handler: Handler) -> Handler:
@@ -61,11 +62,17 @@ async def admit_text(request: web.Request, params: list[TextParams]) -> Ticket |
     return ticket
 
 
+def uncharged(handler: Handler) -> Handler:
+    """Mark a route that costs nothing: a poll clients repeat every second (A1111 progress)."""
+    _UNCHARGED.add(handler)
+    return handler
+
+
 @web.middleware
 async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Admit non-text routes; whatever happens, release the lease and refund an unsettled estimate."""
     limiter = ctx(request).limiter
-    if limiter is None or KEY not in request:
+    if limiter is None or KEY not in request or request.match_info.handler in _UNCHARGED:
         return await handler(request)
     if request.match_info.handler not in _SELF_ADMITTING:
         await admit(request)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+
 import orjson
 from aiohttp import web
+from nats.js import JetStreamContext
 
 from edge.body import parse
 from edge.context import caller, ctx
@@ -17,6 +20,8 @@ from edge.sse import EventStream
 from schemas.client import START, Position
 from schemas.codec import encode
 from schemas.errors import InvalidRequest
+from schemas.events import Done
+from schemas.images import ImageStore
 from schemas.jobs import ChatMessage, TextParams
 from schemas.subjects import is_job_id
 
@@ -141,6 +146,16 @@ async def models(request: web.Request) -> web.Response:
     return json_response({"object": "list", "data": sorted(data, key=lambda d: str(d["id"]))})
 
 
+async def _inline(js: JetStreamContext, done: Done) -> Done:
+    """``done`` with every stored image fetched and inlined as base64."""
+    store = ImageStore(js)
+    refs = [
+        r.model_copy(update={"b64_png": base64.b64encode(await store.fetch(r)).decode(), "object": None})
+        for r in done.images
+    ]  # fmt: skip
+    return done.model_copy(update={"images": refs})
+
+
 @routes.get("/v1/jobs/{job_id}/events")
 async def job_events(request: web.Request) -> web.StreamResponse:
     """A job's raw events as SSE; ``Last-Event-ID`` resumes after the last event a client saw."""
@@ -159,7 +174,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                        "param": None, "code": "job_not_found"}},
             404,
         )  # fmt: skip
-    stream = await c.jobs.watch(job_id, after=after)
+    stream = await c.jobs.watch(job_id, after=after, replay=True)
     sse = EventStream(request)
     await sse.open()
     c.metrics.open_streams.inc()
@@ -169,9 +184,10 @@ async def job_events(request: web.Request) -> web.StreamResponse:
             if received is None:
                 await sse.keepalive()
                 continue
-            await sse.send(
-                encode(received.event), id=received.pos.event_id(), event=received.event.type
-            )
+            event = received.event
+            if isinstance(event, Done) and any(r.object for r in event.images):
+                event = await _inline(c.jobs.js, event)  # a browser cannot read the object store
+            await sse.send(encode(event), id=received.pos.event_id(), event=event.type)
         await sse.raw(b"data: " + orjson.dumps({"type": "end"}) + b"\n\n")
     finally:
         c.metrics.open_streams.dec()

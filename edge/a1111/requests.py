@@ -1,0 +1,74 @@
+"""A1111 txt2img and img2img bodies with A1111's defaults; out-of-range values are 400s."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from edge.openai.requests import Lenient
+from schemas.errors import InvalidRequest
+from schemas.jobs import MAX_INIT_IMAGES, MAX_PROMPT_CHARS, SEED_MAX
+from schemas.samplers import SAMPLERS, canonical_sampler, with_schedule
+
+
+class Txt2ImgRequest(Lenient):
+    """``POST /sdapi/v1/txt2img``. Fields headrace does not implement are ignored, except those
+    that would silently change the result (see ``refuse_unsupported``)."""
+
+    prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    steps: int = Field(default=50, ge=1, le=150)
+    cfg_scale: float = Field(default=7.0, ge=0.0, le=30.0)
+    width: int = Field(default=512, ge=8, le=4096)
+    height: int = Field(default=512, ge=8, le=4096)
+    seed: int = Field(default=-1, ge=-1, le=SEED_MAX)
+    sampler_name: str | None = Field(default=None, max_length=64)
+    sampler_index: str | None = Field(default=None, max_length=64)  # the older name of the field
+    scheduler: str | None = Field(default=None, max_length=64)
+    batch_size: int = Field(default=1, ge=1, le=16)
+    n_iter: int = Field(default=1, ge=1, le=16)
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    force_task_id: str | None = Field(default=None, max_length=128)
+    enable_hr: bool = False
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError("must be a multiple of 8")
+        return v
+
+    def sampler(self) -> str:
+        """The sampler's table name, with a separate ``scheduler`` folded in."""
+        asked = self.sampler_name or self.sampler_index or "Euler"
+        if canonical_sampler(asked) is None:
+            known = ", ".join(SAMPLERS)
+            raise InvalidRequest(
+                f"unknown sampler {asked!r}; known samplers: {known}", param="sampler_name"
+            )
+        try:
+            return with_schedule(asked, self.scheduler or "Automatic")
+        except ValueError as e:
+            raise InvalidRequest(
+                f"{e}; known schedulers: Automatic, Karras", param="scheduler"
+            ) from None
+
+    def refuse_unsupported(self) -> None:
+        """Refuse what headrace does not do rather than answer with something else."""
+        if self.enable_hr:
+            raise InvalidRequest("hires fix (enable_hr) is not supported", param="enable_hr")
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """``POST /sdapi/v1/img2img``: init images as base64 or data URIs (the first one is used)."""
+
+    init_images: list[str] = Field(min_length=1, max_length=MAX_INIT_IMAGES)
+    denoising_strength: float = Field(default=0.75, ge=0.0, le=1.0)
+    mask: str | None = None
+
+    def refuse_unsupported(self) -> None:
+        """Inpainting (``mask``) is not supported either."""
+        super().refuse_unsupported()
+        if self.mask:
+            raise InvalidRequest("inpainting (mask) is not supported", param="mask")

@@ -1,0 +1,182 @@
+"""AUTOMATIC1111's API (``/sdapi/v1``), with progress, interrupt and options scoped per API key."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from edge.a1111 import responses
+from edge.a1111.requests import Img2ImgRequest, Txt2ImgRequest
+from edge.body import invalid, read_object
+from edge.context import caller, ctx
+from edge.errors import json_response
+from edge.imaging import (
+    ImageRequest,
+    answer,
+    check_image_bounds,
+    decode_image,
+    pick_model,
+    submit_image,
+)
+from edge.jobs import seeds
+from edge.options import CHECKPOINT
+from edge.ratelimit.http import admits_itself, uncharged
+from schemas.client import Received
+from schemas.errors import InvalidRequest, ModelNotFound
+from schemas.events import Done, Progress
+from schemas.jobs import ImageParams
+from schemas.samplers import SCHEDULES
+from schemas.subjects import is_job_id
+
+routes = web.RouteTableDef()
+
+
+async def _generate(request: web.Request, model_type: type[Txt2ImgRequest]) -> web.StreamResponse:
+    body = await read_object(request)
+    try:
+        req = model_type.model_validate(body)
+    except ValidationError as e:
+        raise invalid(e) from None
+    req.refuse_unsupported()
+    init = (
+        [decode_image(v, "init_images") for v in req.init_images]
+        if isinstance(req, Img2ImgRequest)
+        else []
+    )
+    check_image_bounds(
+        request,
+        width=req.width,
+        height=req.height,
+        steps=req.steps,
+        count=req.batch_size * req.n_iter,
+    )
+    params = ImageParams(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        steps=req.steps,
+        cfg_scale=req.cfg_scale,
+        width=req.width,
+        height=req.height,
+        seed=seeds(None if req.seed == -1 else req.seed, 1)[0],
+        sampler=req.sampler(),
+        batch_size=req.batch_size,
+        n_iter=req.n_iter,
+        denoising_strength=req.denoising_strength if isinstance(req, Img2ImgRequest) else 0.75,
+    )
+    model = pick_model(request, await _checkpoint(request, req))
+    sub = await submit_image(request, ImageRequest(model, params, init, req.force_task_id))
+    return await answer(
+        request, sub, lambda result: responses.generation(body, req, params, model, result)
+    )
+
+
+async def _checkpoint(request: web.Request, req: Txt2ImgRequest) -> str | None:
+    """The model the request names (override_settings), else the one the key's options name."""
+    asked = req.override_settings.get(CHECKPOINT)
+    if isinstance(asked, str) and asked:
+        return asked
+    options = ctx(request).options
+    stored = (await options.get(caller(request).id)).get(CHECKPOINT) if options else None
+    return stored if isinstance(stored, str) and stored else None
+
+
+@routes.post("/sdapi/v1/txt2img")
+@admits_itself
+async def txt2img(request: web.Request) -> web.StreamResponse:
+    """Text to image; ``Accept: text/event-stream`` streams progress, then the result."""
+    return await _generate(request, Txt2ImgRequest)
+
+
+@routes.post("/sdapi/v1/img2img")
+@admits_itself
+async def img2img(request: web.Request) -> web.StreamResponse:
+    """Image to image (the first init image, at denoising_strength)."""
+    return await _generate(request, Img2ImgRequest)
+
+
+@routes.get("/sdapi/v1/progress")
+@uncharged
+async def progress(request: web.Request) -> web.Response:
+    """Progress of the caller's current task, or of ``id_task``; never another key's."""
+    c, key = ctx(request), caller(request)
+    task_id = request.query.get("id_task")
+    if task_id is None:
+        return json_response(responses.progress(c.tasks.current(key.id)))
+    task = c.tasks.find(key.id, task_id)
+    if task is None and is_job_id(task_id):
+        return json_response(await _stored_progress(request, task_id))
+    return json_response(responses.progress(task))
+
+
+async def _stored_progress(request: web.Request, job_id: str) -> dict[str, Any]:
+    """A task followed by another edge: its last progress, as RESULTS holds it."""
+    history: list[Received] = await ctx(request).jobs.history(job_id, timeout_s=0.5)
+    if any(r.owner not in (None, caller(request).id) for r in history):
+        history = []  # another key's task: as if it did not exist
+    body = responses.progress(None)
+    for r in history:
+        if isinstance(r.event, Progress):
+            body["progress"] = min(1.0, r.event.step / r.event.total)
+            body["eta_relative"] = r.event.eta_s or 0.0
+            body["state"].update(sampling_step=r.event.step, sampling_steps=r.event.total)
+        elif isinstance(r.event, Done):
+            body["progress"] = 1.0
+    return body
+
+
+@routes.post("/sdapi/v1/interrupt")
+async def interrupt(request: web.Request) -> web.Response:
+    """Stop the caller's running image tasks, on every edge; other keys' tasks go on."""
+    await ctx(request).tasks.interrupt(caller(request).id)
+    return json_response({})
+
+
+@routes.get("/sdapi/v1/sd-models")
+async def sd_models(request: web.Request) -> web.Response:
+    """The live image models this key may use."""
+    key = caller(request)
+    models = [m for m in ctx(request).fleet.models("sd").values() if key.allows(m.id)]
+    return json_response(responses.sd_models(models))
+
+
+@routes.get("/sdapi/v1/samplers")
+async def samplers(request: web.Request) -> web.Response:
+    """The sampler names image jobs accept."""
+    return json_response(responses.samplers())
+
+
+@routes.get("/sdapi/v1/schedulers")
+async def schedulers(request: web.Request) -> web.Response:
+    """The noise schedules that may be named separately from the sampler."""
+    return json_response([{"name": s.lower(), "label": s} for s in SCHEDULES])
+
+
+@routes.get("/sdapi/v1/options")
+async def get_options(request: web.Request) -> web.Response:
+    """The caller's options; ``sd_model_checkpoint`` defaults to the model it would get now."""
+    c, key = ctx(request), caller(request)
+    stored = await c.options.get(key.id) if c.options else {}
+    if CHECKPOINT not in stored:
+        live = sorted(m for m in c.fleet.models("sd") if key.allows(m))
+        stored[CHECKPOINT] = c.settings.default_image_model or (live[0] if live else None)
+    return json_response(stored)
+
+
+@routes.post("/sdapi/v1/options")
+async def set_options(request: web.Request) -> web.Response:
+    """Store options for the caller's key only (A1111 changes them for everyone)."""
+    c, key = ctx(request), caller(request)
+    changes = await read_object(request)
+    asked = changes.get(CHECKPOINT)
+    if asked is not None:
+        if not isinstance(asked, str) or not asked:
+            raise InvalidRequest(f"{CHECKPOINT} must be a model title", param=CHECKPOINT)
+        model = pick_model(request, asked)
+        if model not in c.fleet.models("sd") or not key.allows(model):
+            raise ModelNotFound(f"The image model '{asked}' does not exist", param=CHECKPOINT)
+        changes[CHECKPOINT] = model
+    if c.options is not None:
+        await c.options.update(key.id, changes)
+    return json_response(None)

@@ -1,0 +1,46 @@
+"""OpenAI image generation on the same image workers as the A1111 API."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from edge.body import parse
+from edge.context import ctx
+from edge.imaging import ImageRequest, answer, check_image_bounds, pick_model, submit_image
+from edge.jobs import seeds
+from edge.openai.images import ImageGenerationRequest, generation_response
+from edge.ratelimit.http import admits_itself
+from schemas.errors import InvalidRequest
+from schemas.jobs import ImageParams
+
+routes = web.RouteTableDef()
+
+
+@routes.post("/v1/images/generations")
+@admits_itself
+async def generations(request: web.Request) -> web.StreamResponse:
+    """``n`` images of ``size`` as b64_json (one job, batch_size n)."""
+    req = await parse(request, ImageGenerationRequest)
+    if req.response_format == "url":
+        raise InvalidRequest(
+            "response_format 'url' is not supported: headrace does not host images; use 'b64_json'",
+            param="response_format",
+        )
+    width, height = req.dimensions()
+    steps = req.steps or ctx(request).settings.openai_image_steps
+    check_image_bounds(request, width=width, height=height, steps=steps, count=req.n)
+    params = ImageParams(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        steps=steps,
+        width=width,
+        height=height,
+        seed=seeds(req.seed, 1)[0],
+        batch_size=req.n,
+    )
+    model = pick_model(request, req.model)
+    sub = await submit_image(request, ImageRequest(model, params, []))
+    created = int(time.time())
+    return await answer(request, sub, lambda result: generation_response(created, result))

@@ -1,0 +1,238 @@
+"""``headrace bench sd``: seconds per diffusion step in-process versus through headrace, and
+what the ``images`` object store adds for a large result.
+
+* ``in-process``: the demo pipeline called with diffusers directly, in this process (the
+  ceiling);
+* ``headrace``: nats-server, a ``headrace worker sd`` process and the edge, one
+  ``/sdapi/v1/txt2img`` request at a time over HTTP, timed from send to the decoded body;
+* ``object store``: a 2 MB PNG put into and fetched back from the ``images`` bucket with the
+  same ``ImageStore`` the worker and the edge use (what a result too large to travel inline
+  costs).
+
+Both generation paths use the same pipeline directory, size, sampler, seed, steps and torch
+threads, and are warmed up first. Seconds per step is the median request time divided by
+the steps, so the headrace figure includes everything a client waits for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import platform
+import secrets
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import nats
+import orjson
+
+from headrace.bench.common import child, private_nats, progress, wait_worker
+from headrace.servers import free_port, wait_for_port
+from headrace.tiny_sd import build_tiny_sd
+from schemas.images import ImageStore
+
+SIZE = 64
+PROMPT = "a lighthouse on a cliff at dusk"
+STORE_BYTES = 2 * 1024 * 1024
+
+
+def _in_process(
+    pipeline_dir: Path, steps: list[int], repeats: int, threads: int
+) -> dict[int, float]:
+    """Median seconds per request at each step count, diffusers called directly."""
+    import torch
+    from diffusers import AutoPipelineForText2Image, EulerDiscreteScheduler
+
+    torch.set_num_threads(threads)
+    pipe = AutoPipelineForText2Image.from_pretrained(str(pipeline_dir), torch_dtype=torch.float32)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+
+    def once(n: int) -> float:
+        t0 = time.perf_counter()
+        image = pipe(
+            PROMPT, num_inference_steps=n, guidance_scale=7.0, width=SIZE, height=SIZE,
+            generator=torch.Generator("cpu").manual_seed(1),
+        ).images[0]  # fmt: skip
+        image.save(io.BytesIO(), format="PNG")  # the worker encodes a PNG too
+        return time.perf_counter() - t0
+
+    once(2)  # warm-up
+    out = {}
+    for n in steps:
+        times = []
+        for i in range(repeats):
+            times.append(once(n))
+            progress(f"in-process, {n} steps", i + 1, repeats)
+        out[n] = statistics.median(times)
+    return out
+
+
+async def _through_edge(base: str, key: str, steps: list[int], repeats: int) -> dict[int, float]:
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"prompt": PROMPT, "width": SIZE, "height": SIZE, "seed": 1, "sampler_name": "Euler"}
+    async with aiohttp.ClientSession(base, headers=headers) as http:
+
+        async def once(n: int) -> float:
+            t0 = time.perf_counter()
+            async with http.post("/sdapi/v1/txt2img", json={**body, "steps": n}) as r:
+                payload = await r.json()
+                if r.status != 200:
+                    raise RuntimeError(f"txt2img failed: {payload}")
+            return time.perf_counter() - t0
+
+        await once(2)
+        out = {}
+        for n in steps:
+            times = []
+            for i in range(repeats):
+                times.append(await once(n))
+                progress(f"headrace, {n} steps", i + 1, repeats)
+            out[n] = statistics.median(times)
+    return out
+
+
+async def _object_store(url: str, repeats: int) -> dict[str, float]:
+    """Median milliseconds to put and to get a 2 MB result."""
+    data = os.urandom(STORE_BYTES)  # incompressible, like a large PNG
+    nc = await nats.connect(url)
+    try:
+        store = ImageStore(nc.jetstream())
+        puts, gets = [], []
+        for i in range(repeats):
+            name = f"bench/{i}.png"
+            t0 = time.perf_counter()
+            await store.put(name, data)
+            t1 = time.perf_counter()
+            back = await store.get(name)
+            t2 = time.perf_counter()
+            if back != data:
+                raise RuntimeError("the object store returned different bytes")
+            puts.append((t1 - t0) * 1000)
+            gets.append((t2 - t1) * 1000)
+            progress("object store, 2 MB", i + 1, repeats)
+    finally:
+        await nc.close()
+    return {"put_ms": statistics.median(puts), "get_ms": statistics.median(gets)}
+
+
+def run(*, quick: bool, out: Path, threads: int | None) -> int:
+    """Measure, then write sd.json, sd.md and sd.png under ``out``."""
+    steps = [4, 10] if quick else [4, 20, 50]
+    repeats = 2 if quick else 5
+    threads = threads or os.cpu_count() or 1
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="headrace-bench-sd-") as tmp:
+        pipeline_dir = build_tiny_sd(Path(tmp) / "tiny-sd")
+        print(f"tiny-sd at {SIZE}x{SIZE}, Euler, torch threads {threads}", flush=True)
+        direct = _in_process(pipeline_dir, steps, repeats, threads)
+        with private_nats() as server:
+            key = f"bench-{secrets.token_hex(8)}"
+            port = free_port()
+            env = {"HEADRACE_NATS_URL": server.url, "HEADRACE_LOG_LEVEL": "WARNING"}
+            worker = ["worker", "sd", "--worker-id", "bench-sd", "--model", f"tiny-sd={pipeline_dir}",
+                      "--torch-threads", str(threads)]  # fmt: skip
+            edge_env = {**env, "HEADRACE_API_KEYS": key, "HEADRACE_PORT": str(port)}
+            with child(worker, env), child(["edge"], edge_env) as edge:
+                wait_for_port(port, 60, edge)
+                headrace = asyncio.run(_bench_edge(server.url, port, key, steps, repeats))
+            store = asyncio.run(_object_store(server.url, 5 if quick else 20))
+    result = _result(steps, direct, headrace, store, threads)
+    (out / "sd.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    (out / "sd.md").write_text(table(result))
+    plotted = plot(result, out / "sd.png")
+    print(table(result))
+    print(f"wrote {out / 'sd.json'}, {out / 'sd.md'}" + (f", {out / 'sd.png'}" if plotted else ""))
+    return 0
+
+
+async def _bench_edge(
+    url: str, port: int, key: str, steps: list[int], repeats: int
+) -> dict[int, float]:
+    nc = await nats.connect(url)
+    try:
+        await wait_worker(nc, "bench-sd")
+    finally:
+        await nc.close()
+    return await _through_edge(f"http://127.0.0.1:{port}", key, steps, repeats)
+
+
+def _result(
+    steps: list[int], direct: dict[int, float], headrace: dict[int, float],
+    store: dict[str, float], threads: int,
+) -> dict[str, Any]:  # fmt: skip
+    rows = [
+        {
+            "steps": n,
+            "in_process_s": direct[n],
+            "headrace_s": headrace[n],
+            "in_process_s_per_step": direct[n] / n,
+            "headrace_s_per_step": headrace[n] / n,
+            "ratio": headrace[n] / direct[n],
+        }
+        for n in steps
+    ]
+    return {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch_threads": threads,
+        },
+        "size": SIZE,
+        "rows": rows,
+        "object_store": {"bytes": STORE_BYTES, **store},
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    """The markdown table."""
+    lines = [
+        "| steps | in-process s/step | headrace s/step | headrace / in-process |",
+        "|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['steps']} | {r['in_process_s_per_step']:.4f} | {r['headrace_s_per_step']:.4f} "
+            f"| {r['ratio']:.3f} |"
+        )
+    s = result["object_store"]
+    lines.append("")
+    lines.append(
+        f"Object store, {s['bytes'] / 1e6:.1f} MB result: put {s['put_ms']:.1f} ms, "
+        f"get {s['get_ms']:.1f} ms, {s['put_ms'] + s['get_ms']:.1f} ms in all (median)."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    """Seconds per step by step count, both paths (False without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = result["rows"]
+    xs = [str(r["steps"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    width = 0.38
+    positions = range(len(xs))
+    ax.bar([p - width / 2 for p in positions], [r["in_process_s_per_step"] for r in rows], width,
+           label="diffusers in-process")  # fmt: skip
+    ax.bar([p + width / 2 for p in positions], [r["headrace_s_per_step"] for r in rows], width,
+           label="headrace (HTTP, NATS, worker)")  # fmt: skip
+    ax.set_xticks(list(positions), xs)
+    ax.set_xlabel("steps per request")
+    ax.set_ylabel("seconds per step (median request / steps)")
+    ax.set_title(f"tiny-sd {result['size']}x{result['size']} on {result['machine']['cpus']} CPUs")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

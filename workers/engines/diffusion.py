@@ -1,0 +1,220 @@
+"""The diffusion image engine: Stable Diffusion models through diffusers, progress streamed per step.
+
+Thread model: torch work runs in one thread per engine, for its whole life: the
+models are loaded there and every job runs there, one at a time. A worker with
+more slots than one takes more jobs, but they queue in this thread (one GPU
+serves one denoising loop well; two interleaved ones only share it). The
+thread hands each step's ``Progress`` to the event loop with
+``call_soon_threadsafe``; the loop yields every one to the runtime (a step takes
+far longer than publishing an event, so nothing is coalesced).
+
+Each model is served as text-to-image and image-to-image pipelines that share
+one set of weights (``from_pipe``); each job gets its own scheduler (see
+``denoise``). On CUDA the weights are float16, on the CPU float32.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import importlib.util
+import logging
+import threading
+import time
+from collections.abc import AsyncGenerator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.pipelines.auto_pipeline import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForText2Image,
+)
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
+from transformers.utils import logging as transformers_logging
+
+from schemas.errors import InvalidRequest, ModelNotFound
+from schemas.events import Done, EngineEvent, Progress
+from schemas.jobs import ImageJob
+from schemas.registry import ModelInfo
+from schemas.subjects import JobKind, model_slug
+from workers.engines.denoise import Pipelines, generate
+
+log = logging.getLogger(__name__)
+
+_Item = Progress | Done | Exception
+
+
+@dataclass(frozen=True, slots=True)
+class ImageModelConfig:
+    """One image model: its id, where it loads from (a local directory or a hub id) and where it runs.
+
+    ``device`` is "auto" (CUDA when there is one), "cuda", "cuda:N" or "cpu"; ``threads``
+    sets torch's CPU thread count for its jobs (in the engine's thread: OpenMP keeps the
+    count per calling thread).
+    """
+
+    id: str
+    source: str
+    device: str = "auto"
+    threads: int | None = None
+
+
+class DiffusionEngine:
+    """An ``ImageEngine`` serving diffusers pipelines."""
+
+    kind: JobKind = "sd"
+
+    def __init__(self, configs: Sequence[ImageModelConfig]) -> None:
+        if not configs:
+            raise ValueError("the diffusion engine needs at least one model")
+        self.configs = {c.id: c for c in configs}
+        if len(self.configs) != len(configs):
+            raise ValueError("model ids must be unique")
+        self._pipes: dict[str, Pipelines] = {}
+        self._thread: ThreadPoolExecutor | None = None
+        self._aborts: set[threading.Event] = set()  # one per job not yet finished or abandoned
+        self._cuda = False  # a flag, not a look at _pipes: metrics may read it from any thread
+
+    def models(self) -> list[ModelInfo]:
+        """The configured models."""
+        return [ModelInfo(id=c.id, kind="sd") for c in self.configs.values()]
+
+    async def start(self) -> None:
+        """Load every model in the engine's thread, logging progress; a second call does nothing."""
+        if self._pipes:
+            return
+        # tqdm bars would interleave with the worker's log lines; start() logs progress itself.
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+        thread = self._executor()
+        loop = asyncio.get_running_loop()
+        try:
+            for c in self.configs.values():
+                log.info("loading %s from %s ...", c.id, c.source)
+                started = time.perf_counter()
+                pipes = await loop.run_in_executor(thread, _load, c)
+                self._pipes[c.id] = pipes
+                self._cuda = self._cuda or pipes.text2image.device.type == "cuda"
+                log.info("loaded %s in %.2f s", c.id, time.perf_counter() - started)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def rpc(self, model: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """Image models answer no request/reply operations."""
+        raise InvalidRequest(f"image models have no rpc operations ({op[:64]!r} was asked)")
+
+    async def close(self) -> None:
+        """Stop running jobs (within a step), end the thread and free the models; start() may reload."""
+        for abort in self._aborts:
+            abort.set()
+        if self._thread is not None:
+            # Waits for the running job's current step; queued jobs see their abort and return.
+            await asyncio.to_thread(self._thread.shutdown, wait=True)
+            self._thread = None
+        self._pipes.clear()
+        gc.collect()
+        if self._cuda:
+            torch.cuda.empty_cache()  # hand the freed weights' memory back to the device
+        self._cuda = False
+
+    def gpu_memory_bytes(self) -> int | None:
+        """CUDA memory held by torch's tensors, for the worker's metrics; None off CUDA."""
+        return int(torch.cuda.memory_allocated()) if self._cuda else None
+
+    async def run(
+        self, job: ImageJob, cancel: threading.Event
+    ) -> AsyncGenerator[EngineEvent, None]:
+        """Generate in the engine's thread; yield progress, then done."""
+        pipes = self._model(job.model)
+        queue_ms = max(0.0, time.time() * 1000 - job.created_ms)
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[_Item] = asyncio.Queue()
+        abort = threading.Event()  # the runtime stopped listening, or the engine is closing
+
+        def put(item: _Item) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
+                loop.call_soon_threadsafe(items.put_nowait, item)
+
+        def work() -> None:
+            try:
+                put(generate(pipes, job, put, lambda: cancel.is_set() or abort.is_set()))
+            except Exception as e:  # handed to the event loop, which raises it to the runtime
+                put(e)
+
+        self._aborts.add(abort)
+        # Submitted, not run_in_executor: an asyncio future would tie the job's bookkeeping
+        # to this loop, and the thread may finish after the loop is gone.
+        self._executor().submit(work)
+        try:
+            async with contextlib.aclosing(_events(items)) as events:
+                async for event in events:
+                    if isinstance(event, Done):
+                        timings = event.timings.model_copy(update={"queue_ms": queue_ms})
+                        event = event.model_copy(update={"timings": timings})
+                    yield event
+        finally:
+            abort.set()
+            self._aborts.discard(abort)
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffusion")
+        return self._thread
+
+    def _model(self, model_id: str) -> Pipelines:
+        """The loaded model a job names (by id, or by the id's subject slug, as the llama engine)."""
+        if model_id not in self._pipes:
+            with contextlib.suppress(ValueError):  # no subject-safe character: no slug either
+                slug = model_slug(model_id)
+                model_id = next((m for m in self._pipes if model_slug(m) == slug), model_id)
+        pipes = self._pipes.get(model_id)
+        if pipes is None:
+            raise ModelNotFound(
+                f"model {model_id[:256]!r} is not served here (serving {', '.join(self._pipes)})"
+            )
+        return pipes
+
+
+def _load(c: ImageModelConfig) -> Pipelines:
+    """Load one model (in the engine's thread): text-to-image, and image-to-image sharing it."""
+    if c.threads is not None:
+        torch.set_num_threads(c.threads)
+    device = _device(c.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    # Without accelerate diffusers can only load the plain way, and warns each time it falls back.
+    accelerate = importlib.util.find_spec("accelerate") is not None
+    text2image: DiffusionPipeline = AutoPipelineForText2Image.from_pretrained(
+        c.source, dtype=dtype, low_cpu_mem_usage=accelerate
+    ).to(device)
+    # from_pipe casts the shared modules to its dtype (float32 by default): pass ours.
+    image2image: DiffusionPipeline = AutoPipelineForImage2Image.from_pipe(text2image, dtype=dtype)
+    for pipe in (text2image, image2image):
+        pipe.set_progress_bar_config(disable=True)
+    log.info("%s runs on %s as %s", c.id, device, str(dtype).removeprefix("torch."))
+    return Pipelines(text2image, image2image, c.threads)
+
+
+def _device(wanted: str) -> torch.device:
+    """CUDA when asked for (or "auto") and present, else the CPU."""
+    cuda = wanted in ("auto", "cuda") or wanted.startswith("cuda:")
+    if cuda and torch.cuda.is_available():
+        return torch.device("cuda" if wanted == "auto" else wanted)
+    if wanted not in ("auto", "cpu"):
+        log.warning("device %s is not available here: using the CPU", wanted)
+    return torch.device("cpu")
+
+
+async def _events(items: asyncio.Queue[_Item]) -> AsyncGenerator[EngineEvent, None]:
+    """The thread's events in order, every step's progress included; then done, or the error."""
+    while True:
+        item = await items.get()
+        if isinstance(item, Exception):
+            raise item
+        yield item
+        if isinstance(item, Done):
+            return

@@ -1,0 +1,50 @@
+"""Image bytes in and out of the diffusion engine: init images decoded, results encoded as PNG."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+from PIL import Image, PngImagePlugin
+
+from schemas.errors import InvalidRequest
+from schemas.jobs import ImageInput
+
+_INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+def decode_init_image(item: ImageInput, width: int, height: int) -> Image.Image:
+    """An init image as RGB at the job's size; ``InvalidRequest`` when it is no image we read.
+
+    The runtime resolves object references before the engine sees a job, so an item
+    without inline ``b64`` here is a malformed job.
+    """
+    if not item.b64:
+        raise InvalidRequest("init image has no inline base64 data", param="init_images")
+    try:
+        data = base64.b64decode(item.b64, validate=True)
+        with Image.open(io.BytesIO(data), formats=_INPUT_FORMATS) as image:
+            image.load()  # decode now: a truncated file fails here, not later in the pipeline
+            return image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    # binascii.Error is a ValueError, UnidentifiedImageError and truncated files OSErrors.
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InvalidRequest(
+            f"init image is not a base64 PNG, JPEG or WebP image ({type(e).__name__})",
+            param="init_images",
+        ) from e
+
+
+def png_bytes(image: Image.Image, *, parameters: str | None = None) -> bytes:
+    """The image as PNG, with A1111's ``parameters`` text chunk when given."""
+    info = None
+    if parameters is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def png_base64(image: Image.Image, *, parameters: str | None = None) -> str:
+    """``png_bytes`` as base64 text, as events carry images."""
+    return base64.b64encode(png_bytes(image, parameters=parameters)).decode("ascii")
