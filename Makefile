@@ -78,10 +78,10 @@ test: lint typecheck unit
 schemas: install
 	$(BIN)/python -m schemas.jsonschema
 
-# The echo benchmarks (pipeline, edge), then SmolLM2 side by side (about 5 minutes on 2 cores).
+# Every benchmark in one invocation: the echo pipeline and edge, SmolLM2 side by side, tiny-sd
+# in-process versus headrace and the object store (about 8 minutes on 2 cores).
 bench: install install-bench install-sd
-	$(BIN)/headrace bench
-	$(BIN)/headrace bench llm
+	$(BIN)/headrace bench all
 
 # Against a running `make up`: 16 users for 30 s; fails on >1 % errors or p95 TTFT > 1 s.
 loadtest: install

@@ -34,7 +34,7 @@ from schemas.errors import (
     NoWorker,
     error_from_code,
 )
-from schemas.events import Done, Error, Progress
+from schemas.events import Done, Error, Progress, Started
 from schemas.images import ImageStore
 from schemas.jobs import ImageJob, ImageParams
 from schemas.subjects import cancel_subject, new_job_id
@@ -93,7 +93,7 @@ def decode_image(value: str, param: str) -> bytes:
 
 
 def check_image_bounds(
-    request: web.Request, *, width: int, height: int, steps: int, count: int
+    request: web.Request, *, width: int, height: int, steps: int, count: int, count_param: str
 ) -> None:
     """This deployment's limits on size, steps and image count, checked before anything else."""
     s = ctx(request).settings
@@ -105,7 +105,7 @@ def check_image_bounds(
     if steps > s.image_max_steps:
         raise InvalidRequest(f"steps must be at most {s.image_max_steps}", param="steps")
     if count > s.image_max_count:
-        raise InvalidRequest(f"at most {s.image_max_count} images per request", param="n")
+        raise InvalidRequest(f"at most {s.image_max_count} images per request", param=count_param)
 
 
 def pick_model(request: web.Request, asked: str | None) -> str:
@@ -165,36 +165,43 @@ async def follow(request: web.Request, sub: ImageSubmission, on_event: OnEvent) 
     """
     c = ctx(request)
     done: Done | None = None
+    reason = "client_gone"
     try:
         while done is None:
             received = await sub.stream.next(c.settings.keepalive_s)
             event = None if received is None else received.event
             if isinstance(event, Error):
+                reason = "failed"
                 raise error_from_code(event.code, event.message)
             if isinstance(event, Done):
                 done = event
+            elif isinstance(event, Started):
+                c.metrics.queue_time.labels(sub.job.model).observe(event.queue_ms / 1000)
             elif isinstance(event, Progress):
                 sub.task.advance(event)
                 await on_event(event)
             elif event is None:
                 await on_event(None)
+        reason = "finished"
         store = ImageStore(c.jobs.js)
         images = [await store.fetch(ref) for ref in done.images]
     except DeadlineExceeded:
-        c.metrics.cancels.labels("deadline").inc()
+        reason = "deadline"
         raise
     finally:
-        await _finish(request, sub, finished=done is not None)
+        await _finish(request, sub, reason)
     c.metrics.e2e.labels(sub.job.model).observe(time.perf_counter() - sub.started)
     return ImageResult(done, images)
 
 
-async def _finish(request: web.Request, sub: ImageSubmission, *, finished: bool) -> None:
+async def _finish(request: web.Request, sub: ImageSubmission, reason: str) -> None:
+    """Forget the task; a job left running (client gone, deadline) is cancelled."""
     c = ctx(request)
     c.tasks.close(sub.task)
     with contextlib.suppress(Exception):
         await sub.stream.close()
-    if not finished:
+    if reason in ("client_gone", "deadline"):
+        c.metrics.cancels.labels(reason).inc()
         with contextlib.suppress(Exception):
             await c.jobs.nc.publish(cancel_subject(sub.job.id), b"")
 

@@ -6,6 +6,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Buckets that fit LLM serving: sub-10 ms pipeline overhead up to minutes-long generations.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Time per output token: a fast small model on a GPU (~1 ms) to a large one on a CPU (~1 s).
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 # A local Redis answers in tens to hundreds of microseconds; the limiter's timeout is ~0.2 s.
 _REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
@@ -34,6 +36,15 @@ class EdgeMetrics:
         )  # fmt: skip
         self.e2e = Histogram(
             "headrace_edge_request_seconds", "request start to last byte", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tpot = Histogram(
+            "headrace_edge_time_per_output_token_seconds",
+            "inter-token latency of one choice: (last text - first text) / (tokens - 1)",
+            ["model"], buckets=_TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_time = Histogram(
+            "headrace_edge_queue_seconds", "job created to a worker starting it", ["model"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.tokens = Counter(

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from schemas.client import JobStream, Received
-from schemas.events import Delta, Done, Error, TokenLogprob
+from schemas.events import Delta, Done, Error, Started, TokenLogprob
 
 Tick = float | None
 
@@ -70,6 +70,8 @@ class Choice:
     tokens: int = 0  # completion tokens passed on (what a job that never finishes is charged)
     done: Done | None = None
     first_text_at: float | None = None
+    last_text_at: float | None = None
+    queue_ms: float | None = None  # from the started event of the attempt that ran it
     parts: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
@@ -88,6 +90,8 @@ class Choice:
             self.finished = True
             return Failed(self.index, event_id, event)
         self.started = True
+        if isinstance(event, Started):
+            self.queue_ms = event.queue_ms
         return None  # started and progress mean nothing to a text route
 
     def _text(self, delta: Delta, event_id: str) -> Text | None:
@@ -97,8 +101,9 @@ class Choice:
             return None  # a redelivered attempt replaying text the client already has
         text = delta.text[max(0, self.sent - start) :]
         self.sent = self.seen
+        self.last_text_at = time.perf_counter()
         if self.first_text_at is None:
-            self.first_text_at = time.perf_counter()
+            self.first_text_at = self.last_text_at
         self.tokens += delta.tokens
         self.parts.append(text)
         if delta.logprobs:

@@ -65,6 +65,11 @@ def _observe(request: web.Request, sub: Submission, relay: Relay, dones: list[Do
     if firsts:
         m.ttft.labels(model).observe(min(firsts) - sub.started)
     m.e2e.labels(model).observe(time.perf_counter() - sub.started)
+    for c in relay.choices:
+        if c.queue_ms is not None:
+            m.queue_time.labels(model).observe(c.queue_ms / 1000)
+        if c.first_text_at is not None and c.last_text_at is not None and c.tokens > 1:
+            m.tpot.labels(model).observe((c.last_text_at - c.first_text_at) / (c.tokens - 1))
     m.tokens.labels(model, "prompt").inc(max((d.usage.prompt_tokens for d in dones), default=0))
     m.tokens.labels(model, "completion").inc(sum(d.usage.completion_tokens for d in dones))
 

@@ -163,22 +163,31 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Measure the pipeline and the edge with the echo engine, or LLM serving side by side."""
+    """Run benchmarks: the echo pipeline and edge, LLM serving side by side, image generation.
+
+    ``all`` runs every one of them, one after another, in this one invocation.
+    """
     from headrace.bench import edge, pipeline
 
-    if args.what == "llm":
+    what = {"echo": ("pipeline", "edge"), "all": ("pipeline", "edge", "llm", "sd")}.get(
+        args.what, (args.what,)
+    )
+    if args.quick:  # smaller echo runs too
+        args.jobs, args.samples, args.requests = (min(args.jobs, 500), min(args.samples, 100),
+                                                  min(args.requests, 500))  # fmt: skip
+    status = 0
+    if "pipeline" in what:
+        status |= pipeline.pipeline(jobs=args.jobs, latency_samples=args.samples, out=args.out)
+    if "edge" in what:
+        status |= edge.run(samples=args.samples, requests=args.requests, out=args.out)
+    if "llm" in what:
         from headrace.bench import llm
 
-        return llm.run(quick=args.quick, out=args.out, threads=args.threads)
-    if args.what == "sd":
+        status |= llm.run(quick=args.quick, out=args.out, threads=args.threads)
+    if "sd" in what:
         from headrace.bench import sd
 
-        return sd.run(quick=args.quick, out=args.out, threads=args.threads)
-    status = 0
-    if args.what in ("pipeline", "all"):
-        status |= pipeline.pipeline(jobs=args.jobs, latency_samples=args.samples, out=args.out)
-    if args.what in ("edge", "all"):
-        status |= edge.run(samples=args.samples, requests=args.requests, out=args.out)
+        status |= sd.run(quick=args.quick, out=args.out, threads=args.threads)
     return status
 
 
@@ -327,12 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="measure the pipeline and the edge with the echo engine (all = both), "
-        "llm: SmolLM2 in-process vs llama_cpp.server vs headrace, "
-        "sd: tiny-sd in-process vs headrace, and the object store",
+        help="benchmarks: pipeline and edge (echo engine; echo = both), llm (SmolLM2 "
+        "in-process vs llama_cpp.server vs headrace), sd (tiny-sd in-process vs headrace, and "
+        "the object store); all (the default) runs every one",
     )
     p.add_argument(
-        "what", nargs="?", choices=["pipeline", "edge", "all", "llm", "sd"], default="all"
+        "what",
+        nargs="?",
+        choices=["all", "echo", "pipeline", "edge", "llm", "sd"],
+        default="all",
     )
     p.add_argument("--jobs", type=int, default=2000, help="jobs for the throughput run")
     p.add_argument("--samples", type=int, default=500, help="1-token jobs for the latency runs")
@@ -342,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="llm: 2 prompts, 16 tokens, 1 and 4 clients; sd: 4 and 10 steps, 2 repeats",
+        help="small runs: echo at most 500 jobs; llm 2 prompts, 16 tokens, 1 and 4 clients; "
+        "sd 4 and 10 steps, 2 repeats",
     )
     p.add_argument(
         "--threads",

@@ -41,11 +41,12 @@ def run_locust(args: argparse.Namespace) -> None:
     ]  # fmt: skip
     print(f"loadtest: {args.users} users for {args.run_time} against {args.host} ...", flush=True)
     # locust's own exit status is 1 whenever any request failed; the thresholds decide here.
-    # The timeout bounds a locust that does not stop at its run time.
+    # The timeout bounds a locust that does not stop at its run time (seen once in the test
+    # suite under load): it is killed, and the statistics it wrote every second still count.
     try:
-        subprocess.run(cmd, check=False, timeout=_seconds(args.run_time) + 60)
+        subprocess.run(cmd, check=False, timeout=_seconds(args.run_time) + 20)
     except subprocess.TimeoutExpired:
-        print("locust did not stop in time", flush=True)
+        print("locust did not stop within 20 s of its run time: killed it", flush=True)
 
 
 def _seconds(run_time: str) -> float:

@@ -20,6 +20,7 @@ def test_bench_writes_json_tables_and_plots(tmp_path: Path) -> None:
             "-m",
             "headrace",
             "bench",
+            "echo",
             "--jobs",
             "100",
             "--samples",
@@ -40,6 +41,7 @@ def test_bench_writes_json_tables_and_plots(tmp_path: Path) -> None:
     assert len(result["latency"]["rtts_ms"]) == 20
     assert 0 < result["latency"]["p50_ms"] <= result["latency"]["p99_ms"]
     assert "| 1-token job round trip p50 |" in (out / "pipeline.md").read_text()
+    assert 0 < result["bare"]["p50_ms"] <= result["bare"]["p99_ms"]
     assert (out / "pipeline.png").read_bytes().startswith(b"\x89PNG")
     edge = orjson.loads((out / "edge.json").read_bytes())
     assert len(edge["ttft"]["edge_ms"]) == 20
@@ -51,3 +53,20 @@ def test_bench_writes_json_tables_and_plots(tmp_path: Path) -> None:
     )
     assert "SSE chunks relayed per second" in (out / "edge.md").read_text()
     assert (out / "edge.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_sd_quick_writes_json_table_and_plot(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    argv = [sys.executable, "-m", "headrace", "bench", "sd", "--quick", "--threads", "1",
+            "--out", str(out)]  # fmt: skip
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=110)
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = orjson.loads((out / "sd.json").read_bytes())
+    assert [r["steps"] for r in result["rows"]] == [4, 10]
+    for row in result["rows"]:
+        assert row["in_process_s"] > 0
+        assert row["headrace_s"] > 0
+    assert result["object_store"]["bytes"] == 2 * 1024 * 1024
+    assert result["object_store"]["put_ms"] > 0
+    assert "| steps | in-process s/step |" in (out / "sd.md").read_text()
+    assert (out / "sd.png").read_bytes().startswith(b"\x89PNG")

@@ -401,6 +401,8 @@ async def test_openapi_document(edge: str) -> None:
     schema = doc["components"]["schemas"]["ChatCompletionRequest"]
     assert schema["properties"]["temperature"]["maximum"] == 2.0
     assert "/v1/chat/completions" in doc["paths"]
+    assert {"/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img"} <= set(doc["paths"])
+    assert doc["components"]["schemas"]["Txt2ImgRequest"]["properties"]["steps"]["default"] == 50
 
 
 class FailingEngine(EchoEngine):

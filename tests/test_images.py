@@ -346,3 +346,21 @@ async def test_image_requests_are_charged_megapixel_steps(
             assert int(r.headers["Retry-After"]) >= 1
     finally:
         await runner.cleanup()
+
+
+async def test_worker_and_edge_count_images_steps_and_queue_time(
+    sd_worker: Runtime, http: Any, edge: str
+) -> None:
+    from prometheus_client import generate_latest
+
+    await txt2img(http, steps=3, batch_size=2)
+    await txt2img(http, steps=2)
+    worker = generate_latest(sd_worker.metrics.registry).decode()
+    assert 'headrace_worker_images_total{model="tiny-sd"} 3.0' in worker
+    assert 'headrace_worker_steps_total{model="tiny-sd"} 5.0' in worker
+    assert 'headrace_worker_step_seconds_count{model="tiny-sd"} 2.0' in worker
+    assert 'headrace_worker_jobs_total{model="tiny-sd",outcome="done"} 2.0' in worker
+    async with http("GET", "/metrics") as r:
+        metrics = await r.text()
+    assert 'headrace_edge_queue_seconds_count{model="tiny-sd"} 2.0' in metrics
+    assert 'headrace_edge_request_seconds_count{model="tiny-sd"} 2.0' in metrics

@@ -13,8 +13,8 @@ from tests.conftest import API_KEY, running
 from workers.engines.echo import EchoEngine
 from workers.settings import WorkerSettings
 
-# Opt-in (`make loadtest-smoke`): one run in seven of the whole suite saw locust hang past its
-# run time, and an unexplained flake must not turn CI red.
+# Part of `make test` (and alone: `make loadtest-smoke`). Once, under load, locust did not stop
+# at its run time; loadtests/run.py now kills it 20 s later and judges the statistics it wrote.
 pytestmark = [pytest.mark.slow, pytest.mark.loadtest]
 
 
@@ -26,7 +26,7 @@ async def loadtest(edge: str, out: Path, *thresholds: str) -> tuple[int, str]:
              "HEADRACE_LOADTEST_IMAGES": "0"},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
-    output, _ = await asyncio.wait_for(proc.communicate(), 60)
+    output, _ = await asyncio.wait_for(proc.communicate(), 90)
     return proc.returncode or 0, output.decode()
 
 

@@ -136,5 +136,8 @@ async def test_edge_metrics_after_known_traffic(edge: str, worker_settings: Work
     assert at("headrace_edge_tokens_total", model="echo", direction="completion") == 3 * 2 + 3
     assert at("headrace_edge_time_to_first_token_seconds_count", model="echo") == 4
     assert at("headrace_edge_request_seconds_count", model="echo") == 4
+    assert at("headrace_edge_queue_seconds_count", model="echo") == 4  # every job was started
+    # Four requests of 2, 2, 2 and 3 tokens: each has a time per output token after the first.
+    assert at("headrace_edge_time_per_output_token_seconds_count", model="echo") == 4
     assert at("headrace_edge_in_flight_requests") == 1  # the /metrics request itself
     assert at("headrace_edge_open_streams") == 0

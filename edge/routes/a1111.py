@@ -51,6 +51,7 @@ async def _generate(request: web.Request, model_type: type[Txt2ImgRequest]) -> w
         height=req.height,
         steps=req.steps,
         count=req.batch_size * req.n_iter,
+        count_param="batch_size",
     )
     params = ImageParams(
         prompt=req.prompt,

@@ -30,7 +30,9 @@ async def generations(request: web.Request) -> web.StreamResponse:
         )
     width, height = req.dimensions()
     steps = req.steps or ctx(request).settings.openai_image_steps
-    check_image_bounds(request, width=width, height=height, steps=steps, count=req.n)
+    check_image_bounds(
+        request, width=width, height=height, steps=steps, count=req.n, count_param="n"
+    )
     params = ImageParams(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt,

@@ -7,7 +7,9 @@ from typing import Any
 from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
+from edge.a1111.requests import Img2ImgRequest, Txt2ImgRequest
 from edge.errors import json_response
+from edge.openai.images import ImageGenerationRequest
 from edge.openai.requests import ChatCompletionRequest, CompletionRequest
 
 routes = web.RouteTableDef()
@@ -57,7 +59,16 @@ def _operation(summary: str, body: str | None, streams: bool) -> dict[str, Any]:
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the edge."""
     _, defs = models_json_schema(
-        [(ChatCompletionRequest, "validation"), (CompletionRequest, "validation")],
+        [
+            (m, "validation")
+            for m in (
+                ChatCompletionRequest,
+                CompletionRequest,
+                ImageGenerationRequest,
+                Txt2ImgRequest,
+                Img2ImgRequest,
+            )
+        ],
         ref_template="#/components/schemas/{model}",
     )
     schemas = {**defs.get("$defs", {}), "Error": _ERROR}
@@ -74,6 +85,13 @@ def document() -> dict[str, Any]:
             },
             "/v1/completions": {"post": _operation("Text completion", "CompletionRequest", True)},
             "/v1/models": {"get": _operation("Models with a live worker", None, False)},
+            "/v1/images/generations": {
+                "post": _operation("Images (b64_json)", "ImageGenerationRequest", True)
+            },
+            "/sdapi/v1/txt2img": {"post": _operation("A1111 txt2img", "Txt2ImgRequest", True)},
+            "/sdapi/v1/img2img": {"post": _operation("A1111 img2img", "Img2ImgRequest", True)},
+            "/sdapi/v1/progress": {"get": _operation("The caller's image task", None, False)},
+            "/sdapi/v1/interrupt": {"post": _operation("Stop the caller's tasks", None, False)},
             "/v1/jobs/{job_id}/events": {
                 "get": {
                     **_operation("A job's events; Last-Event-ID resumes", None, True),

@@ -101,6 +101,31 @@ async def _latency(client: JobClient, samples: int, show: bool = True) -> dict[s
     }
 
 
+async def _bare(url: str, samples: int, size: int) -> dict[str, Any]:
+    """The floor under the floor: nats-py request/reply to a responder in this process, with a
+    payload of a job's size; no JetStream, no worker. What headrace adds is the difference."""
+    responder, requester = await nats.connect(url), await nats.connect(url)
+    try:
+
+        async def echo(msg: Msg) -> None:
+            await msg.respond(msg.data)
+
+        await responder.subscribe("bench.bare", cb=echo)
+        await responder.flush()
+        payload = b"x" * size
+        rtts = []
+        for i in range(samples + 20):
+            t0 = time.perf_counter()
+            await requester.request("bench.bare", payload, timeout=5)
+            if i >= 20:  # the first 20 warm up
+                rtts.append((time.perf_counter() - t0) * 1000)
+        progress("bare nats-py request/reply", samples, samples)
+    finally:
+        await requester.close()
+        await responder.close()
+    return {"samples": samples, "p50_ms": percentile(rtts, 50), "p99_ms": percentile(rtts, 99)}
+
+
 def _plot(result: dict[str, Any], path: Path) -> bool:
     try:
         import matplotlib
@@ -135,7 +160,8 @@ async def _measure(url: str, jobs: int, samples: int) -> dict[str, Any]:
         latency = await _latency(JobClient(nc), samples)
     finally:
         await nc.close()
-    return {"throughput": throughput, "latency": latency}
+    bare = await _bare(url, samples, len(encode(_job(1))))
+    return {"throughput": throughput, "latency": latency, "bare": bare}
 
 
 def pipeline(jobs: int, latency_samples: int, out: Path, slots: int = 32) -> int:
@@ -154,13 +180,15 @@ def pipeline(jobs: int, latency_samples: int, out: Path, slots: int = 32) -> int
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
-    tp, lat = result["throughput"], result["latency"]
+    tp, lat, bare = result["throughput"], result["latency"], result["bare"]
     table = (
         "| measure | value |\n|---|---|\n"
         f"| jobs/s through one echo worker (16 zero-delay tokens/job, {slots} slots) | {tp['jobs_per_s']:.0f} |\n"
         f"| result events/s (tokens) | {tp['tokens_per_s']:.0f} |\n"
         f"| 1-token job round trip p50 | {lat['p50_ms']:.2f} ms |\n"
         f"| 1-token job round trip p99 | {lat['p99_ms']:.2f} ms |\n"
+        f"| bare nats-py request/reply p50 (no JetStream, no worker) | {bare['p50_ms']:.2f} ms |\n"
+        f"| bare nats-py request/reply p99 | {bare['p99_ms']:.2f} ms |\n"
     )
     print(table)
     (out / "pipeline.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
