@@ -15,6 +15,7 @@ from edge.auth import bearer
 from edge.context import JOB_IDS, KEY, REQUEST_ID, ctx
 from edge.errors import error_response, from_exception, json_response
 from schemas.errors import HeadraceError
+from schemas.subjects import trace_id
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     extra: dict[str, object] = {"request_id": request[REQUEST_ID]}
     if JOB_IDS in request:
         extra["job_ids"] = request[JOB_IDS]
+    if (trace := trace_id(request.headers.get("traceparent"))) is not None:
+        extra["trace_id"] = trace
     log.info(
         "%s %s %d %.1f ms",
         request.method,

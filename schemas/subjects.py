@@ -98,3 +98,12 @@ def dlq_subject(job_subject_: str) -> str:
 def worker_key(worker_id: str) -> str:
     """The key of a worker's heartbeat in the ``workers`` bucket."""
     return model_slug(worker_id)
+
+
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def trace_id(traceparent: str | None) -> str | None:
+    """The trace id of a W3C ``traceparent`` header, for log lines; None when absent or malformed."""
+    match = _TRACEPARENT.match(traceparent or "")
+    return match.group(1) if match else None

@@ -20,7 +20,12 @@ async def test_edge_and_worker_lines_share_ids_and_carry_no_text(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     body = {"model": "echo", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 3}
-    headers = {"Authorization": f"Bearer {API_KEY}", "X-Request-ID": "trace-logs-1"}
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers = {
+        "Authorization": f"Bearer {API_KEY}",
+        "X-Request-ID": "trace-logs-1",
+        "traceparent": f"00-{trace}-00f067aa0ba902b7-01",  # W3C trace context, passed through
+    }
     url = f"{edge}/v1/chat/completions"
     async with (
         aiohttp.ClientSession() as http,
@@ -36,12 +41,14 @@ async def test_edge_and_worker_lines_share_ids_and_carry_no_text(
     ]
     assert [rec.__dict__["request_id"] for rec in edge_lines] == ["trace-logs-1"]
     assert edge_lines[0].__dict__["job_ids"] == [job_id]
+    assert edge_lines[0].__dict__["trace_id"] == trace
     worker_lines = [rec for rec in records if "outcome" in vars(rec)]
     assert len(worker_lines) == 1
     fields = vars(worker_lines[0])
     assert worker_lines[0].levelno == logging.INFO
     assert fields["request_id"] == "trace-logs-1"
     assert fields["job_id"] == job_id
+    assert fields["trace_id"] == trace
     assert (fields["model"], fields["attempt"], fields["outcome"]) == ("echo", 1, "done")
     assert fields["tokens"] == 3
     assert fields["duration_ms"] >= 0

@@ -34,6 +34,7 @@ from schemas.subjects import (
     model_slug,
     results_subject,
     rpc_subject,
+    trace_id,
 )
 from schemas.topology import Limits, consumer_definition, ensure_consumer
 from workers.cancels import CancelBook
@@ -384,6 +385,7 @@ class Runtime:
                 "tokens": tokens,
                 "duration_ms": round((ran_s or 0.0) * 1000, 1),
                 "request_id": (msg.headers or {}).get(Header.REQUEST_ID),
+                "trace_id": trace_id((msg.headers or {}).get(Header.TRACEPARENT)),
             },
         )
 
