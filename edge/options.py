@@ -3,8 +3,9 @@
 In A1111 options are global: setting ``sd_model_checkpoint`` switches the model for
 everyone. Here each key has its own, shared by every edge, and only
 ``sd_model_checkpoint`` changes what headrace does (the model of the key's later image
-requests). Other options are stored and returned as given, so clients that read back
-what they wrote keep working.
+requests) and ``show_progress_every_n_steps`` (live previews in ``/sdapi/v1/progress``).
+Other options are stored and returned as given, so clients that read back what they wrote
+keep working.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from schemas.errors import InvalidRequest, Unavailable
 from schemas.subjects import OPTIONS_BUCKET
 
 CHECKPOINT = "sd_model_checkpoint"
+PREVIEW_EVERY = "show_progress_every_n_steps"
 MAX_OPTIONS_BYTES = 64 * 1024  # the bucket's max_value_size (nats/buckets/options.json)
 
 

@@ -132,8 +132,10 @@ async def test_img2img_takes_base64_and_data_uris(sd_worker: Runtime, http: Any)
 
 async def test_progress_streams_monotonically_to_the_total(sd_worker: Runtime, http: Any) -> None:
     headers = {**ALICE, "Accept": "text/event-stream"}
-    async with http("POST", "/sdapi/v1/txt2img", json={**SMALL, "steps": 6, "n_iter": 2},
-                    headers=headers) as r:  # fmt: skip
+    # A1111's live previews: show_progress_every_n_steps, here per request.
+    body = {**SMALL, "steps": 6, "n_iter": 2,
+            "override_settings": {"show_progress_every_n_steps": 3}}  # fmt: skip
+    async with http("POST", "/sdapi/v1/txt2img", json=body, headers=headers) as r:
         assert r.status == 200
         assert r.headers["Content-Type"].startswith("text/event-stream")
         events = await sse_events(r)
@@ -144,6 +146,10 @@ async def test_progress_streams_monotonically_to_the_total(sd_worker: Runtime, h
     assert steps == sorted(steps)
     assert steps[-1] == 12
     assert {d["total"] for e, d in events if e == "progress"} == {12}
+    previews = [d["current_image"] for e, d in events if e == "progress"]
+    assert previews[:2] == [None, None]  # the first preview comes with step 3
+    assert all(p is not None for p in previews[2:])
+    assert png(previews[2]).size == (8, 8)  # decoded from the 8x8 latents
     assert len(events[-1][1]["images"]) == 2
 
 

@@ -21,7 +21,7 @@ from edge.imaging import (
     submit_image,
 )
 from edge.jobs import seeds
-from edge.options import CHECKPOINT
+from edge.options import CHECKPOINT, PREVIEW_EVERY
 from edge.ratelimit.http import admits_itself, uncharged
 from schemas.client import Received
 from schemas.errors import InvalidRequest, ModelNotFound
@@ -53,6 +53,7 @@ async def _generate(request: web.Request, model_type: type[Txt2ImgRequest]) -> w
         count=req.batch_size * req.n_iter,
         count_param="batch_size",
     )
+    settings = await _settings(request, req)
     params = ImageParams(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt,
@@ -65,22 +66,28 @@ async def _generate(request: web.Request, model_type: type[Txt2ImgRequest]) -> w
         batch_size=req.batch_size,
         n_iter=req.n_iter,
         denoising_strength=req.denoising_strength if isinstance(req, Img2ImgRequest) else 0.75,
+        preview_every=_preview_every(settings),
     )
-    model = pick_model(request, await _checkpoint(request, req))
+    checkpoint = settings.get(CHECKPOINT)
+    model = pick_model(request, checkpoint if isinstance(checkpoint, str) and checkpoint else None)
     sub = await submit_image(request, ImageRequest(model, params, init, req.force_task_id))
     return await answer(
         request, sub, lambda result: responses.generation(body, req, params, model, result)
     )
 
 
-async def _checkpoint(request: web.Request, req: Txt2ImgRequest) -> str | None:
-    """The model the request names (override_settings), else the one the key's options name."""
-    asked = req.override_settings.get(CHECKPOINT)
-    if isinstance(asked, str) and asked:
-        return asked
+async def _settings(request: web.Request, req: Txt2ImgRequest) -> dict[str, Any]:
+    """The key's stored options with the request's ``override_settings`` on top."""
     options = ctx(request).options
-    stored = (await options.get(caller(request).id)).get(CHECKPOINT) if options else None
-    return stored if isinstance(stored, str) and stored else None
+    stored = await options.get(caller(request).id) if options else {}
+    return {**stored, **req.override_settings}
+
+
+def _preview_every(settings: dict[str, Any]) -> int:
+    """A1111's live previews: ``show_progress_every_n_steps`` > 0 puts a preview in every n-th
+    progress (``current_image``); unset or -1, none (they cost a little on the worker)."""
+    every = settings.get(PREVIEW_EVERY)
+    return every if isinstance(every, int) and not isinstance(every, bool) and every > 0 else 0
 
 
 @routes.post("/sdapi/v1/txt2img")
