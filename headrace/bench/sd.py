@@ -10,8 +10,9 @@ what the ``images`` object store adds for a large result.
   costs).
 
 Both generation paths use the same pipeline directory, size, sampler, seed, steps and torch
-threads, and are warmed up first. Seconds per step is the median request time divided by
-the steps, so the headrace figure includes everything a client waits for.
+threads, are warmed up first, and take turns request by request. Seconds per step is the
+median request time divided by the steps, so the headrace figure includes everything a
+client waits for.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import secrets
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +43,27 @@ PROMPT = "a lighthouse on a cliff at dusk"
 STORE_BYTES = 2 * 1024 * 1024
 
 
-def _in_process(
-    pipeline_dir: Path, steps: list[int], repeats: int, threads: int
-) -> dict[int, float]:
-    """Median seconds per request at each step count, diffusers called directly."""
+Timer = Callable[[int], Awaitable[float]]
+
+
+def _in_process(pipeline_dir: Path, threads: int) -> Timer:
+    """A timer of one request to diffusers called directly, in this process."""
     import torch
     from diffusers import AutoPipelineForText2Image, EulerDiscreteScheduler
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    diffusers_logging.disable_progress_bar()  # this module prints its own progress
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()  # accelerate's absence is no news here
     torch.set_num_threads(threads)
-    pipe = AutoPipelineForText2Image.from_pretrained(str(pipeline_dir), torch_dtype=torch.float32)
+    pipe = AutoPipelineForText2Image.from_pretrained(
+        str(pipeline_dir), dtype=torch.float32, low_cpu_mem_usage=False
+    )
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
 
-    def once(n: int) -> float:
+    async def once(n: int) -> float:
         t0 = time.perf_counter()
         image = pipe(
             PROMPT, num_inference_steps=n, guidance_scale=7.0, width=SIZE, height=SIZE,
@@ -62,39 +72,41 @@ def _in_process(
         image.save(io.BytesIO(), format="PNG")  # the worker encodes a PNG too
         return time.perf_counter() - t0
 
-    once(2)  # warm-up
-    out = {}
-    for n in steps:
-        times = []
-        for i in range(repeats):
-            times.append(once(n))
-            progress(f"in-process, {n} steps", i + 1, repeats)
-        out[n] = statistics.median(times)
-    return out
+    return once
 
 
-async def _through_edge(base: str, key: str, steps: list[int], repeats: int) -> dict[int, float]:
-    headers = {"Authorization": f"Bearer {key}"}
+def _through_edge(http: aiohttp.ClientSession) -> Timer:
+    """A timer of one ``/sdapi/v1/txt2img`` request, send to decoded body."""
     body = {"prompt": PROMPT, "width": SIZE, "height": SIZE, "seed": 1, "sampler_name": "Euler"}
-    async with aiohttp.ClientSession(base, headers=headers) as http:
 
-        async def once(n: int) -> float:
-            t0 = time.perf_counter()
-            async with http.post("/sdapi/v1/txt2img", json={**body, "steps": n}) as r:
-                payload = await r.json()
-                if r.status != 200:
-                    raise RuntimeError(f"txt2img failed: {payload}")
-            return time.perf_counter() - t0
+    async def once(n: int) -> float:
+        t0 = time.perf_counter()
+        async with http.post("/sdapi/v1/txt2img", json={**body, "steps": n}) as r:
+            payload = await r.json()
+            if r.status != 200:
+                raise RuntimeError(f"txt2img failed: {payload}")
+        return time.perf_counter() - t0
 
-        await once(2)
-        out = {}
-        for n in steps:
-            times = []
-            for i in range(repeats):
-                times.append(await once(n))
-                progress(f"headrace, {n} steps", i + 1, repeats)
-            out[n] = statistics.median(times)
-    return out
+    return once
+
+
+async def _side_by_side(
+    direct: Timer, headrace: Timer, steps: list[int], repeats: int
+) -> dict[str, dict[int, float]]:
+    """Median seconds per request of each path. The paths alternate request by request, so
+    both see the same machine (on a shared VM, speed drifts by 20 % from minute to minute)."""
+    for timer in (direct, headrace):
+        await timer(2)  # warm-up
+    times: dict[str, dict[int, list[float]]] = {"direct": {}, "headrace": {}}
+    for n in steps:
+        for i in range(repeats):
+            times["direct"].setdefault(n, []).append(await direct(n))
+            times["headrace"].setdefault(n, []).append(await headrace(n))
+            progress(f"{n} steps, both paths in turn", i + 1, repeats)
+    return {
+        path: {n: statistics.median(ts) for n, ts in by_steps.items()}
+        for path, by_steps in times.items()
+    }
 
 
 async def _object_store(url: str, repeats: int) -> dict[str, float]:
@@ -124,13 +136,13 @@ async def _object_store(url: str, repeats: int) -> dict[str, float]:
 def run(*, quick: bool, out: Path, threads: int | None) -> int:
     """Measure, then write sd.json, sd.md and sd.png under ``out``."""
     steps = [4, 10] if quick else [4, 20, 50]
-    repeats = 2 if quick else 5
+    repeats = 2 if quick else 9
     threads = threads or os.cpu_count() or 1
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="headrace-bench-sd-") as tmp:
         pipeline_dir = build_tiny_sd(Path(tmp) / "tiny-sd")
         print(f"tiny-sd at {SIZE}x{SIZE}, Euler, torch threads {threads}", flush=True)
-        direct = _in_process(pipeline_dir, steps, repeats, threads)
+        direct = _in_process(pipeline_dir, threads)
         with private_nats() as server:
             key = f"bench-{secrets.token_hex(8)}"
             port = free_port()
@@ -140,9 +152,9 @@ def run(*, quick: bool, out: Path, threads: int | None) -> int:
             edge_env = {**env, "HEADRACE_API_KEYS": key, "HEADRACE_PORT": str(port)}
             with child(worker, env), child(["edge"], edge_env) as edge:
                 wait_for_port(port, 60, edge)
-                headrace = asyncio.run(_bench_edge(server.url, port, key, steps, repeats))
+                medians = asyncio.run(_measure(server.url, port, key, direct, steps, repeats))
             store = asyncio.run(_object_store(server.url, 5 if quick else 20))
-    result = _result(steps, direct, headrace, store, threads)
+    result = _result(steps, medians["direct"], medians["headrace"], store, threads)
     (out / "sd.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     (out / "sd.md").write_text(table(result))
     plotted = plot(result, out / "sd.png")
@@ -151,15 +163,17 @@ def run(*, quick: bool, out: Path, threads: int | None) -> int:
     return 0
 
 
-async def _bench_edge(
-    url: str, port: int, key: str, steps: list[int], repeats: int
-) -> dict[int, float]:
+async def _measure(
+    url: str, port: int, key: str, direct: Timer, steps: list[int], repeats: int
+) -> dict[str, dict[int, float]]:
     nc = await nats.connect(url)
     try:
         await wait_worker(nc, "bench-sd")
     finally:
         await nc.close()
-    return await _through_edge(f"http://127.0.0.1:{port}", key, steps, repeats)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", headers=headers) as http:
+        return await _side_by_side(direct, _through_edge(http), steps, repeats)
 
 
 def _result(
@@ -174,6 +188,7 @@ def _result(
             "in_process_s_per_step": direct[n] / n,
             "headrace_s_per_step": headrace[n] / n,
             "ratio": headrace[n] / direct[n],
+            "overhead_ms": (headrace[n] - direct[n]) * 1000,
         }
         for n in steps
     ]
@@ -192,13 +207,14 @@ def _result(
 def table(result: dict[str, Any]) -> str:
     """The markdown table."""
     lines = [
-        "| steps | in-process s/step | headrace s/step | headrace / in-process |",
-        "|---|---|---|---|",
+        "| steps | in-process s/step | headrace s/step | headrace / in-process "
+        "| headrace - in-process per request |",
+        "|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['steps']} | {r['in_process_s_per_step']:.4f} | {r['headrace_s_per_step']:.4f} "
-            f"| {r['ratio']:.3f} |"
+            f"| {r['ratio']:.3f} | {r['overhead_ms']:+.1f} ms |"
         )
     s = result["object_store"]
     lines.append("")
