@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.js.errors
@@ -18,6 +19,18 @@ from nats.aio.client import Client as NATS
 from headrace.servers import NatsServer
 from schemas.subjects import WORKERS_BUCKET, worker_key
 from schemas.topology import Limits, provision
+
+
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def progress(label: str, done: int, total: int) -> None:

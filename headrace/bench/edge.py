@@ -20,7 +20,7 @@ import aiohttp
 import nats
 import orjson
 
-from headrace.bench.common import child, percentile, private_nats, progress, wait_worker
+from headrace.bench.common import child, percentile, private_nats, progress, pyplot, wait_worker
 from headrace.servers import free_port, wait_for_port
 from schemas.client import JobClient
 from schemas.events import Delta
@@ -152,12 +152,8 @@ async def _measure(
 
 
 def _plot(result: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     ttft = result["ttft"]
     fig, ax = plt.subplots(figsize=(7, 4))

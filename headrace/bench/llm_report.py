@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from headrace.bench.common import percentile
+from headrace.bench.common import percentile, pyplot
 from headrace.bench.llm_workload import Level, Sample
 
 BASELINE = "in-process"  # the ceiling every other path is compared with
@@ -176,12 +176,8 @@ def _signed(value: float | None) -> str:
 
 def plot(result: dict[str, Any], path: Path) -> bool:
     """TTFT p50 and tokens/s by concurrency, one line per path (False without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for p in result["paths"]:

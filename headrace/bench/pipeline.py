@@ -22,7 +22,7 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from headrace.bench.common import child, percentile, private_nats, progress, wait_worker
+from headrace.bench.common import child, percentile, private_nats, progress, pyplot, wait_worker
 from schemas.client import JobClient
 from schemas.codec import encode
 from schemas.jobs import TextJob, TextParams
@@ -127,12 +127,8 @@ async def _bare(url: str, samples: int, size: int) -> dict[str, Any]:
 
 
 def _plot(result: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     rtts = result["latency"]["rtts_ms"]
     fig, ax = plt.subplots(figsize=(7, 4))

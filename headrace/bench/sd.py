@@ -33,7 +33,7 @@ import aiohttp
 import nats
 import orjson
 
-from headrace.bench.common import child, private_nats, progress, wait_worker
+from headrace.bench.common import child, private_nats, progress, pyplot, wait_worker
 from headrace.servers import free_port, wait_for_port
 from headrace.tiny_sd import build_tiny_sd
 from schemas.images import ImageStore
@@ -227,12 +227,8 @@ def table(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path) -> bool:
     """Seconds per step by step count, both paths (False without matplotlib)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     rows = result["rows"]
     xs = [str(r["steps"]) for r in rows]
