@@ -39,8 +39,9 @@ from schemas.images import ImageStore
 from schemas.jobs import ImageJob, ImageParams
 from schemas.subjects import cancel_subject, new_job_id
 
-# What an input image may be: the formats Pillow decodes that clients send.
-_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
+# What an input image may be (the formats the diffusion engine decodes): PNG and JPEG here,
+# WebP below (RIFF....WEBP).
+_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 
 
 @dataclass
@@ -88,7 +89,7 @@ def decode_image(value: str, param: str) -> bytes:
         raise InvalidRequest("an image is not valid base64", param=param) from None
     webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
     if not (webp or data.startswith(_MAGIC)):
-        raise InvalidRequest("an image must be a PNG, JPEG, WebP or GIF", param=param)
+        raise InvalidRequest("an image must be a PNG, JPEG or WebP", param=param)
     return data
 
 
