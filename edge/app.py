@@ -25,6 +25,7 @@ from edge.routes import a1111, health, images, llamacpp, ollama, openai, openapi
 from edge.settings import EdgeSettings
 from edge.tasks import TaskBook
 from schemas.client import JobClient
+from schemas.images import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ async def _connect(app: web.Application) -> None:
     )
     c.queues.start()
     c.options = Options(c.nc.jetstream())
+    c.store = ImageStore(c.nc.jetstream())
     await c.tasks.start(c.nc)
     log.info("edge connected to NATS; %d live worker(s)", len(c.registry.live()))
     if c.limiter is not None:

@@ -17,6 +17,7 @@ from edge.registry import Registry
 from edge.settings import EdgeSettings
 from edge.tasks import TaskBook
 from schemas.client import JobClient
+from schemas.images import ImageStore
 
 
 @dataclass
@@ -34,12 +35,19 @@ class EdgeContext:
     queues: QueueDepth | None = None
     limiter: Limiter | None = None  # None: no key has a rate limit
     options: Options | None = None  # A1111 options per key (once connected)
+    store: ImageStore | None = None  # the images object store (once connected)
 
     @property
     def jobs(self) -> JobClient:
         """The job client (only once connected)."""
         assert self.client is not None, "the edge is not connected to NATS"
         return self.client
+
+    @property
+    def images(self) -> ImageStore:
+        """The images object store (only once connected)."""
+        assert self.store is not None, "the edge is not connected to NATS"
+        return self.store
 
     @property
     def fleet(self) -> Registry:

@@ -35,7 +35,6 @@ from schemas.errors import (
     error_from_code,
 )
 from schemas.events import Done, Error, Progress, Started
-from schemas.images import ImageStore
 from schemas.jobs import ImageJob, ImageParams
 from schemas.subjects import cancel_subject, new_job_id
 
@@ -141,7 +140,7 @@ async def submit_image(request: web.Request, req: ImageRequest) -> ImageSubmissi
             f"The image model '{req.model}' does not exist", param="model"
         ) from None
     job_id = new_job_id()
-    inputs = await ImageStore(c.jobs.js).inputs_for(job_id, req.init_images)
+    inputs = await c.images.inputs_for(job_id, req.init_images)
     job = ImageJob(
         id=job_id,
         model=req.model,
@@ -184,8 +183,7 @@ async def follow(request: web.Request, sub: ImageSubmission, on_event: OnEvent) 
             elif event is None:
                 await on_event(None)
         reason = "finished"
-        store = ImageStore(c.jobs.js)
-        images = [await store.fetch(ref) for ref in done.images]
+        images = [await c.images.fetch(ref) for ref in done.images]
     except DeadlineExceeded:
         reason = "deadline"
         raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -370,3 +371,36 @@ async def test_worker_and_edge_count_images_steps_and_queue_time(
         metrics = await r.text()
     assert 'headrace_edge_queue_seconds_count{model="tiny-sd"} 2.0' in metrics
     assert 'headrace_edge_request_seconds_count{model="tiny-sd"} 2.0' in metrics
+
+
+async def test_a_large_init_image_goes_through_the_object_store(
+    sd_worker: Runtime, http: Any, js: JetStreamContext
+) -> None:
+    noise = Image.frombytes("RGB", (512, 512), os.urandom(512 * 512 * 3))
+    source = io.BytesIO()
+    noise.save(source, format="PNG")  # about 790 KB: too large to travel inline
+    body = {**SMALL, "init_images": [base64.b64encode(source.getvalue()).decode()]}
+    # A stream, not bytes: aiohttp warns that a body this large sent at once blocks its loop.
+    data = io.BytesIO(orjson.dumps(body))
+    headers = {**ALICE, "Content-Type": "application/json"}
+    async with http("POST", "/sdapi/v1/img2img", data=data, headers=headers) as r:
+        payload = await r.json()
+        assert r.status == 200, payload
+        job_id = r.headers["x-headrace-job-ids"]
+    assert png(payload["images"][0]).size == (64, 64)
+    names = [o.name async for o in _objects(js)]
+    assert names == [f"{job_id}/input-0"]
+
+
+async def test_a_job_naming_a_missing_object_fails_without_retries(
+    sd_worker: Runtime, client: JobClient
+) -> None:
+    from schemas.events import Error
+    from schemas.jobs import ImageInput
+
+    job = image_job(init_images=[ImageInput(object="gone/input-0")])
+    events = [r.event for r in await collect(await client.submit(job))]
+    assert isinstance(events[-1], Error)
+    assert events[-1].code == "invalid_request_error"
+    assert "does not exist" in events[-1].message
+    assert sum(isinstance(e, Error) for e in events) == 1  # terminated, not redelivered

@@ -6,7 +6,6 @@ import base64
 
 import orjson
 from aiohttp import web
-from nats.js import JetStreamContext
 
 from edge.body import parse
 from edge.context import caller, ctx
@@ -146,9 +145,8 @@ async def models(request: web.Request) -> web.Response:
     return json_response({"object": "list", "data": sorted(data, key=lambda d: str(d["id"]))})
 
 
-async def _inline(js: JetStreamContext, done: Done) -> Done:
+async def _inline(store: ImageStore, done: Done) -> Done:
     """``done`` with every stored image fetched and inlined as base64."""
-    store = ImageStore(js)
     refs = [
         r.model_copy(update={"b64_png": base64.b64encode(await store.fetch(r)).decode(), "object": None})
         for r in done.images
@@ -186,7 +184,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                 continue
             event = received.event
             if isinstance(event, Done) and any(r.object for r in event.images):
-                event = await _inline(c.jobs.js, event)  # a browser cannot read the object store
+                event = await _inline(c.images, event)  # a browser cannot read the object store
             await sse.send(encode(event), id=received.pos.event_id(), event=event.type)
         await sse.raw(b"data: " + orjson.dumps({"type": "end"}) + b"\n\n")
     finally:
