@@ -404,3 +404,23 @@ async def test_a_job_naming_a_missing_object_fails_without_retries(
     assert events[-1].code == "invalid_request_error"
     assert "does not exist" in events[-1].message
     assert sum(isinstance(e, Error) for e in events) == 1  # terminated, not redelivered
+
+
+async def test_a_client_that_goes_away_cancels_its_image_job(
+    sd_worker: Runtime, edge: str, client: JobClient
+) -> None:
+    from tests.conftest import finished_history
+
+    headers = {**ALICE, "Accept": "text/event-stream"}
+    body = {**SMALL, "steps": 150}
+    async with aiohttp.ClientSession() as session:
+        r = await session.post(f"{edge}/sdapi/v1/txt2img", json=body, headers=headers)
+        job_id = r.headers["x-headrace-job-ids"]
+        await r.content.readuntil(b"event: progress")  # running
+        r.close()  # the client goes away mid-generation
+    history = await finished_history(client, job_id, timeout_s=20)
+    done = history[-1].event
+    assert isinstance(done, Done)
+    assert done.finish_reason == "cancelled"
+    steps = [r.event.step for r in history if isinstance(r.event, Progress)]
+    assert steps[-1] < 150  # stopped between two steps, long before the end
