@@ -85,6 +85,8 @@ def diffusion_engine(settings: WorkerSettings) -> DiffusionEngine:
     A model is ``ID=DIR`` (a saved pipeline) or ``ID=owner/name`` (a hub id; fetching from
     the hub is the deployment's business: set HF_HUB_OFFLINE=1 where it must not happen).
     """
+    log.info("importing torch, transformers and diffusers ...")  # about 10 s on 2 cores
+    _library_logs_as_json()
     # Imported here: torch and diffusers are the optional ``sd`` extra.
     from headrace.tiny_sd import build_tiny_sd
     from workers.engines.diffusion import DiffusionEngine, ImageModelConfig
@@ -102,6 +104,20 @@ def diffusion_engine(settings: WorkerSettings) -> DiffusionEngine:
             for model_id, source in sources.items()
         ]
     )
+
+
+def _library_logs_as_json() -> None:
+    """transformers and diffusers print to stderr through handlers of their own: hand their
+    records to ours instead, so a worker's stderr stays JSON lines."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (transformers_logging, diffusers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+    # Its notices that torchvision is absent (image processors fall back to Pillow) say
+    # nothing about this worker: the SD pipelines it serves use no image processor.
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 
 
 async def serve(settings: WorkerSettings, engine: Engine[Any]) -> None:

@@ -7,8 +7,10 @@ import threading
 from collections.abc import AsyncGenerator
 
 import pytest
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from headrace.servers import NatsServer
 from schemas.client import JobClient, Received
 from schemas.codec import encode
 from schemas.errors import ErrorCode, InvalidRequest, QueueFull, Retry
@@ -16,8 +18,9 @@ from schemas.events import Delta, Done, EngineEvent, Error, Started
 from schemas.jobs import TextJob
 from schemas.subjects import DLQ_STREAM, JOBS_STREAM, WORKERS_BUCKET, Header, worker_key
 from schemas.topology import Limits, provision
-from tests.conftest import TEST_LIMITS, collect, running, text_job
+from tests.conftest import TEST_LIMITS, collect, running, text_job, wait_registered
 from workers.engines.echo import EchoEngine
+from workers.runtime import Runtime
 from workers.settings import WorkerSettings
 
 
@@ -250,3 +253,28 @@ async def test_published_event_bytes_decode_as_the_contract(
         events = await collect(await client.submit(job))
     for r in events:
         assert encode(r.event)  # round-trips through the contract models
+
+
+async def test_a_worker_waits_for_provisioning_and_can_stop_meanwhile(
+    nats_server: NatsServer, worker_settings: WorkerSettings, nc: NATS
+) -> None:
+    # Stopped while the JOBS stream does not exist: it returns, it does not hang.
+    waiting = Runtime(worker_settings, EchoEngine())
+    task = asyncio.create_task(waiting.run())
+    await asyncio.sleep(1.5)
+    assert not task.done()
+    waiting.stop()
+    await asyncio.wait_for(task, 5)
+
+    # Provisioned while it waits: it binds, registers and serves.
+    runtime = Runtime(worker_settings, EchoEngine())
+    task = asyncio.create_task(runtime.run())
+    await asyncio.sleep(1.5)
+    js = nc.jetstream()
+    await provision(js, TEST_LIMITS)
+    await wait_registered(js, worker_settings.worker_id)
+    stream = await JobClient(nc).submit(text_job(max_tokens=2))
+    events = await collect(stream)
+    assert events[-1].event.type == "done"
+    runtime.stop()
+    await asyncio.wait_for(task, 20)

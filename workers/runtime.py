@@ -136,7 +136,13 @@ class Runtime:
         self._nc = await connect(self.settings, self.settings.worker_id)
         js = self.nc.jetstream()
         self._images = ImageStore(js, self.settings.image_inline_chars)
-        bindings = [await self._bind(js, m.id) for m in self.engine.models()]
+        bindings = []
+        for m in self.engine.models():
+            binding = await self._bind(js, m.id)
+            if binding is None:  # stopped while waiting for provisioning
+                await self._disconnect()
+                return
+            bindings.append(binding)
         await self.nc.subscribe(CANCEL_ALL, cb=self._on_cancel)
         await self._serve_rpc()
         heartbeat = Heartbeat(js, self.describe, self.settings.heartbeat_s)
@@ -154,17 +160,41 @@ class Runtime:
             await self._shutdown(loops)
             beating.cancel()
             await heartbeat.remove(self.settings.worker_id)
-            with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await self.nc.flush(timeout=2)  # results and acks already published must leave
-            # nats-py's close() raises RuntimeError when the server went away before us.
-            with contextlib.suppress(nats.errors.Error, TimeoutError, RuntimeError):
-                await self.nc.close()
-            await self.engine.close()
+            await self._disconnect()
 
-    async def _bind(self, js: JetStreamContext, model: str) -> Binding:
-        """Ensure the model's consumer exists (created explicitly, never by pull_subscribe)."""
+    async def _disconnect(self) -> None:
+        """Flush what was published, close the connection, release the engine."""
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            await self.nc.flush(timeout=2)  # results and acks already published must leave
+        # nats-py's close() raises RuntimeError when the server went away before us.
+        with contextlib.suppress(nats.errors.Error, TimeoutError, RuntimeError):
+            await self.nc.close()
+        await self.engine.close()
+
+    async def _bind(self, js: JetStreamContext, model: str) -> Binding | None:
+        """Ensure the model's consumer exists (created explicitly, never by pull_subscribe).
+
+        Waits while the JOBS stream does not exist (provisioning may come after the worker);
+        None when the worker is stopped meanwhile.
+        """
         definition = consumer_definition(self.engine.kind, model, Limits())
-        await ensure_consumer(js, definition, update=False)
+        waiting = False
+        while True:
+            try:
+                await ensure_consumer(js, definition, update=False)
+                break
+            except nats.js.errors.NotFoundError:  # 10059: the stream itself is missing
+                if not waiting:
+                    log.warning(
+                        "stream %s does not exist yet: waiting for `headrace provision`",
+                        JOBS_STREAM,
+                    )
+                    waiting = True
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):  # not wait_for: 3.11's can eat a cancel
+                        await self._stopping.wait()
+                if self._stopping.is_set():
+                    return None
         durable = consumer_name(self.engine.kind, model)
         info = await js.consumer_info(JOBS_STREAM, durable)
         psub = await js.pull_subscribe_bind(durable=durable, stream=JOBS_STREAM)
