@@ -7,7 +7,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -340,9 +340,12 @@ class Runtime:
                 )
             )
             self.metrics.started(b.model, attempt, queue_ms)
-            async for event in self._events(job, cancel, attempt):
-                await emitter.emit(event)
-                done = event if isinstance(event, Done) else done
+            # aclosing: if this task is cancelled, the engine's generator is closed now (its
+            # finally stops any generation thread), not whenever it is garbage collected.
+            async with contextlib.aclosing(self._events(job, cancel, attempt)) as events:
+                async for event in events:
+                    await emitter.emit(event)
+                    done = event if isinstance(event, Done) else done
             await self._settle(msg)
             self.jobs_done += 1
             cancelled = done is not None and done.finish_reason == "cancelled"
@@ -370,15 +373,13 @@ class Runtime:
 
     async def _events(
         self, job: TextJob | ImageJob, cancel: threading.Event, attempt: int
-    ) -> AsyncIterator[EngineEvent]:
+    ) -> AsyncGenerator[EngineEvent, None]:
         """The engine's events, with image bytes moved through the object store where too large."""
         images = self._images
         assert images is not None
         try:
             if isinstance(job, ImageJob):
                 job = await images.resolve(job)
-            # aclosing: if this task is cancelled, the engine's generator is closed now (its
-            # finally stops any generation thread), not whenever it is garbage collected.
             async with contextlib.aclosing(self.engine.run(job, cancel)) as events:
                 async for event in events:
                     if isinstance(event, Done) and event.images:
