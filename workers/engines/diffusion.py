@@ -36,11 +36,12 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from schemas.errors import InvalidRequest, ModelNotFound
+from schemas.errors import InvalidRequest
 from schemas.events import Done, EngineEvent, Progress
 from schemas.jobs import ImageJob
 from schemas.registry import ModelInfo
-from schemas.subjects import JobKind, model_slug
+from schemas.subjects import JobKind
+from workers.engines.base import by_id, loaded_model
 from workers.engines.denoise import Pipelines, generate
 
 log = logging.getLogger(__name__)
@@ -69,11 +70,7 @@ class DiffusionEngine:
     kind: JobKind = "sd"
 
     def __init__(self, configs: Sequence[ImageModelConfig]) -> None:
-        if not configs:
-            raise ValueError("the diffusion engine needs at least one model")
-        self.configs = {c.id: c for c in configs}
-        if len(self.configs) != len(configs):
-            raise ValueError("model ids must be unique")
+        self.configs = by_id(configs, "diffusion")
         self._pipes: dict[str, Pipelines] = {}
         self._thread: ThreadPoolExecutor | None = None
         self._aborts: set[threading.Event] = set()  # one per job not yet finished or abandoned
@@ -167,17 +164,8 @@ class DiffusionEngine:
         return self._thread
 
     def _model(self, model_id: str) -> Pipelines:
-        """The loaded model a job names (by id, or by the id's subject slug, as the llama engine)."""
-        if model_id not in self._pipes:
-            with contextlib.suppress(ValueError):  # no subject-safe character: no slug either
-                slug = model_slug(model_id)
-                model_id = next((m for m in self._pipes if model_slug(m) == slug), model_id)
-        pipes = self._pipes.get(model_id)
-        if pipes is None:
-            raise ModelNotFound(
-                f"model {model_id[:256]!r} is not served here (serving {', '.join(self._pipes)})"
-            )
-        return pipes
+        """The loaded model a job names (by id, or by the id's subject slug)."""
+        return loaded_model(self._pipes, model_id)[1]
 
 
 def _load(c: ImageModelConfig) -> Pipelines:

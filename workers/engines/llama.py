@@ -29,12 +29,12 @@ from typing import Any
 
 import llama_cpp
 
-from schemas.errors import ModelNotFound
 from schemas.events import Done, EngineEvent
 from schemas.jobs import TextJob
 from schemas.registry import ModelInfo
-from schemas.subjects import JobKind, model_slug
+from schemas.subjects import JobKind
 from workers.engines import llama_rpc
+from workers.engines.base import by_id, loaded_model
 from workers.engines.decode import Piece, Signals, generate, merge
 from workers.engines.gguf import GgufModel, ModelConfig, load_context, route_native_logs
 
@@ -57,11 +57,7 @@ class LlamaEngine:
     kind: JobKind = "llm"
 
     def __init__(self, configs: Sequence[ModelConfig]) -> None:
-        if not configs:
-            raise ValueError("the llama engine needs at least one model")
-        self.configs = {c.id: c for c in configs}
-        if len(self.configs) != len(configs):
-            raise ValueError("model ids must be unique")
+        self.configs = by_id(configs, "llama")
         self._models: dict[str, GgufModel] = {}
         self._slots: list[_Slot] = []
         self._free: dict[str, asyncio.Queue[_Slot]] = {}
@@ -137,16 +133,7 @@ class LlamaEngine:
 
     def _model(self, model_id: str) -> tuple[str, GgufModel]:
         """The loaded model a job or request names (by id, or by the id's subject slug)."""
-        if model_id not in self._models:
-            with contextlib.suppress(ValueError):  # no subject-safe character: no slug either
-                slug = model_slug(model_id)
-                model_id = next((m for m in self._models if model_slug(m) == slug), model_id)
-        model = self._models.get(model_id)
-        if model is None:
-            raise ModelNotFound(
-                f"model {model_id[:256]!r} is not served here (serving {', '.join(self._models)})"
-            )
-        return model_id, model
+        return loaded_model(self._models, model_id)
 
     async def rpc(self, model: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
         """tokenize, detokenize, apply-template or props (off the loop: tokenizing can be long)."""
