@@ -8,12 +8,13 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import nats
 import nats.js.errors
+import orjson
 from nats.aio.client import Client as NATS
 
 from headrace.servers import NatsServer
@@ -31,6 +32,20 @@ def pyplot() -> Any:
     except ImportError:
         return None
     return plt
+
+
+def write_outputs(
+    out: Path, name: str, result: dict[str, Any], table: str,
+    plot: Callable[[dict[str, Any], Path], bool],
+) -> None:  # fmt: skip
+    """Print the table; write ``<name>.json``, ``<name>.md`` and the plot ``<name>.png``."""
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    (out / f"{name}.md").write_text(table)
+    plotted = plot(result, out / f"{name}.png")
+    written = f"wrote {out}/{name}.json, {name}.md" + (f" and {name}.png" if plotted else "")
+    print(written + ("" if plotted else " (install matplotlib for the plot)"), file=sys.stderr)
 
 
 def progress(label: str, done: int, total: int) -> None:

@@ -18,9 +18,16 @@ from typing import Any
 
 import aiohttp
 import nats
-import orjson
 
-from headrace.bench.common import child, percentile, private_nats, progress, pyplot, wait_worker
+from headrace.bench.common import (
+    child,
+    percentile,
+    private_nats,
+    progress,
+    pyplot,
+    wait_worker,
+    write_outputs,
+)
 from headrace.servers import free_port, wait_for_port
 from schemas.client import JobClient
 from schemas.events import Delta
@@ -207,9 +214,5 @@ def run(samples: int, requests: int, out: Path) -> int:
         f"| 1-token non-streamed requests/s at {q['concurrency']} clients | {q['rps']:.0f} "
         f"(p50 {q['p50_ms']:.1f} ms, p99 {q['p99_ms']:.1f} ms, {q['errors']} errors) |\n"
     )
-    print(table)
-    (out / "edge.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (out / "edge.md").write_text(table)
-    plotted = _plot(result, out / "edge.png")
-    print(f"wrote {out}/edge.json, edge.md" + (" and edge.png" if plotted else ""), file=sys.stderr)
+    write_outputs(out, "edge", result, table, _plot)
     return 0

@@ -41,7 +41,7 @@ from typing import Any
 import orjson
 
 from headrace.bench import llm_report
-from headrace.bench.common import child, private_nats
+from headrace.bench.common import child, private_nats, write_outputs
 from headrace.bench.llm_http import measure, wait_model
 from headrace.bench.llm_workload import PROMPTS, Level, Workload
 from headrace.servers import free_port, wait_for_port
@@ -265,12 +265,7 @@ def run(quick: bool, out: Path, threads: int | None = None) -> int:
     result = _summarize(workload, _run_paths(workload, paths))
     result["machine"] = _machine()
     table = llm_report.table(result)
-    print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "llm.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (out / "llm.md").write_text(table)
-    plotted = llm_report.plot(result, out / "llm.png")
-    print(f"wrote {out}/llm.json, llm.md" + (" and llm.png" if plotted else ""), file=sys.stderr)
+    write_outputs(out, "llm", result, table, llm_report.plot)
     return 0
 
 

@@ -19,11 +19,18 @@ from typing import Any
 
 import nats
 import nats.errors
-import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from headrace.bench.common import child, percentile, private_nats, progress, pyplot, wait_worker
+from headrace.bench.common import (
+    child,
+    percentile,
+    private_nats,
+    progress,
+    pyplot,
+    wait_worker,
+    write_outputs,
+)
 from schemas.client import JobClient
 from schemas.codec import encode
 from schemas.jobs import TextJob, TextParams
@@ -199,17 +206,5 @@ def pipeline(jobs: int, latency_samples: int, out: Path, slots: int = 32) -> int
         f"| bare nats-py request/reply p50 (no JetStream, no worker) | {bare['p50_ms']:.2f} ms |\n"
         f"| bare nats-py request/reply p99 | {bare['p99_ms']:.2f} ms |\n"
     )
-    print(table)
-    (out / "pipeline.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (out / "pipeline.md").write_text(table)
-    if _plot(result, out / "pipeline.png"):
-        print(
-            f"wrote {out / 'pipeline.json'}, {out / 'pipeline.md'} and {out / 'pipeline.png'}",
-            file=sys.stderr,
-        )
-    else:
-        print(
-            f"wrote {out / 'pipeline.json'} and {out / 'pipeline.md'} (install matplotlib for the plot)",
-            file=sys.stderr,
-        )
+    write_outputs(out, "pipeline", result, table, _plot)
     return 0

@@ -31,9 +31,8 @@ from typing import Any
 
 import aiohttp
 import nats
-import orjson
 
-from headrace.bench.common import child, private_nats, progress, pyplot, wait_worker
+from headrace.bench.common import child, private_nats, progress, pyplot, wait_worker, write_outputs
 from headrace.servers import free_port, wait_for_port
 from headrace.tiny_sd import build_tiny_sd
 from schemas.images import ImageStore
@@ -155,11 +154,7 @@ def run(*, quick: bool, out: Path, threads: int | None) -> int:
                 medians = asyncio.run(_measure(server.url, port, key, direct, steps, repeats))
             store = asyncio.run(_object_store(server.url, 5 if quick else 20))
     result = _result(steps, medians["direct"], medians["headrace"], store, threads)
-    (out / "sd.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    (out / "sd.md").write_text(table(result))
-    plotted = plot(result, out / "sd.png")
-    print(table(result))
-    print(f"wrote {out / 'sd.json'}, {out / 'sd.md'}" + (f", {out / 'sd.png'}" if plotted else ""))
+    write_outputs(out, "sd", result, table(result), plot)
     return 0
 
 
