@@ -9,7 +9,7 @@ import orjson
 from aiohttp import web
 
 from edge.context import caller, ctx
-from schemas.errors import HeadraceError, InvalidRequest, NoWorker, Unavailable, error_from_code
+from schemas.errors import InvalidRequest, NoWorker, Unavailable, error_from_code
 from schemas.subjects import rpc_subject
 
 
@@ -52,9 +52,9 @@ async def call(
         raise Unavailable(f"the workers of '{model}' did not answer {op} in time") from e
     body = orjson.loads(reply.data)
     if "error" in body:
-        error: HeadraceError = error_from_code(
-            body["error"].get("code", ""), body["error"].get("message", "")
+        error = body["error"]
+        raise error_from_code(
+            error.get("code", ""), error.get("message", ""), param=error.get("param")
         )
-        raise error
     result: dict[str, Any] = body["result"]
     return result

@@ -27,15 +27,24 @@ class ErrorCode(StrEnum):
 
 
 class HeadraceError(Exception):
-    """Root of every error headrace raises on purpose."""
+    """Root of every error headrace raises on purpose.
+
+    ``param`` names the request field at fault (OpenAI's ``error.param``); ``retryable``
+    says whether the same request may succeed later: the worker runtime naks retryable
+    failures instead of terminating them, and the edge sends ``Retry-After`` with them.
+    """
 
     code: ErrorCode = ErrorCode.INTERNAL
     retryable: bool = False
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, retryable: bool | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        if retryable is not None:  # a rebuilt error keeps what its sender said
+            self.retryable = retryable
 
 
 class InvalidRequest(HeadraceError):
@@ -96,10 +105,15 @@ class DeadlineExceeded(HeadraceError):
     retryable = True
 
 
-class Retry(HeadraceError):
-    """Raised by an engine: this attempt failed but another may succeed (nak with delay)."""
+class EngineError(HeadraceError):
+    """The engine failed to run the job."""
 
     code = ErrorCode.ENGINE_ERROR
+
+
+class Retry(EngineError):
+    """Raised by an engine: this attempt failed but another may succeed (nak with delay)."""
+
     retryable = True
 
     def __init__(self, message: str, *, delay_s: float = 1.0) -> None:
@@ -130,16 +144,24 @@ _BY_CODE: dict[ErrorCode, type[HeadraceError]] = {
         NoWorker,
         Unavailable,
         DeadlineExceeded,
+        EngineError,
         Poison,
         DeadLettered,
     )
 }
 
 
-def error_from_code(code: str, message: str) -> HeadraceError:
-    """Rebuild the exception an ``error`` event describes (unknown codes become internal)."""
+def error_from_code(
+    code: str, message: str, *, param: str | None = None, retryable: bool | None = None
+) -> HeadraceError:
+    """Rebuild the exception an ``error`` event or RPC reply describes, with its detail
+    (unknown codes become internal errors)."""
     try:
         cls = _BY_CODE.get(ErrorCode(code), HeadraceError)
     except ValueError:
         cls = HeadraceError
-    return cls(message)
+    error = cls(message)
+    error.param = param
+    if retryable is not None:
+        error.retryable = retryable
+    return error

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from schemas.errors import HeadraceError, error_from_code
 from schemas.jobs import Contract
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -95,12 +96,23 @@ class Done(Contract):
 
 
 class Error(Contract):
-    """The job failed; ``code`` is an ``ErrorCode`` value."""
+    """The job failed; ``code`` is an ``ErrorCode`` value, ``param`` the field at fault."""
 
     type: Literal["error"] = "error"
     code: str
     message: str
+    param: str | None = None
     retryable: bool = False
+
+    @classmethod
+    def of(cls, e: HeadraceError, *, retryable: bool | None = None) -> Error:
+        """The event that reports ``e`` (``retryable`` overrides the error's own hint)."""
+        hint = e.retryable if retryable is None else retryable
+        return cls(code=e.code, message=e.message, param=e.param, retryable=hint)
+
+    def exception(self) -> HeadraceError:
+        """The error this event reports, as the class its code names, detail kept."""
+        return error_from_code(self.code, self.message, param=self.param, retryable=self.retryable)
 
 
 Event = Annotated[Started | Delta | Progress | Done | Error, Field(discriminator="type")]

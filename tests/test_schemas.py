@@ -92,3 +92,5 @@ def test_error_codes_rebuild_their_exception() -> None:
     assert isinstance(e, QueueFull)
     assert e.retryable
     assert error_from_code("no-such-code", "x").code == ErrorCode.INTERNAL
+    detailed = error_from_code(ErrorCode.INVALID_REQUEST, "bad n", param="n", retryable=True)
+    assert (detailed.param, detailed.retryable) == ("n", True)

@@ -220,7 +220,7 @@ class Runtime:
             payload = orjson.loads(msg.data or b"{}")
             result: dict[str, Any] = {"result": await self.engine.rpc(model, op, payload)}
         except HeadraceError as e:
-            result = {"error": {"code": e.code, "message": e.message}}
+            result = {"error": {"code": e.code, "message": e.message, "param": e.param}}
         except (orjson.JSONDecodeError, TypeError, ValueError):
             result = {
                 "error": {
@@ -353,9 +353,13 @@ class Runtime:
         except Retry as e:
             outcome = await self._retry(b, msg, emitter, attempt, e)
         except HeadraceError as e:
-            await emitter.emit(Error(code=e.code, message=e.message, retryable=False))
-            await msg.term()
-            outcome = "failed"
+            if e.retryable:  # e.g. a store or service the engine needs is away for now
+                retry = Retry(e.message, delay_s=self.settings.retry_delay_s)
+                outcome = await self._retry(b, msg, emitter, attempt, retry)
+            else:
+                await emitter.emit(Error.of(e))
+                await msg.term()
+                outcome = "failed"
         except Exception as e:  # an engine bug: another attempt (maybe elsewhere) may fare better
             log.error("job %s: engine failed with %s", job.id, type(e).__name__)
             log.debug("engine failure", exc_info=True)
@@ -463,7 +467,7 @@ class Runtime:
         await self.nc.jetstream().publish(dlq_subject(msg.subject), msg.data, headers=headers)
         if reply:
             emitter = Emitter(self.nc, "", reply, attempt)
-            await emitter.emit(Error(code=e.code, message=e.message, retryable=False))
+            await emitter.emit(Error.of(e, retryable=False))
         await msg.term()
 
 
