@@ -53,30 +53,28 @@ def build_app(settings: EdgeSettings, registry: CollectorRegistry | None = None)
     app.on_response_prepare.append(middlewares.stamp_request_id)
     app.on_response_prepare.append(ratelimit.stamp)
     for module in (openai, images, a1111, llamacpp, ollama, health, openapi):
-        app.add_routes(module.routes)
+        module.routes.add_to(app)
     return app
 
 
 async def _connect(app: web.Application) -> None:
     c = app[CTX]
-    c.nc = await nats.connect(
+    nc = await nats.connect(
         servers=c.settings.nats_servers(),
         name=f"edge-{c.settings.region}",
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         connect_timeout=5,
     )
-    c.client = JobClient(c.nc)
-    c.registry = Registry(c.nc.jetstream(), c.settings.worker_stale_s)
-    await c.registry.start()
-    c.queues = QueueDepth(
-        c.nc.jetstream(), c.metrics.queued, c.metrics.running, c.settings.queue_poll_s
-    )
-    c.queues.start()
-    c.options = Options(c.nc.jetstream())
-    c.store = ImageStore(c.nc.jetstream())
-    await c.tasks.start(c.nc)
-    log.info("edge connected to NATS; %d live worker(s)", len(c.registry.live()))
+    js = nc.jetstream()
+    fleet = Registry(js, c.settings.worker_stale_s)
+    await fleet.start()
+    queues = QueueDepth(js, c.metrics.queued, c.metrics.running, c.settings.queue_poll_s)
+    queues.start()
+    jobs = JobClient(nc)
+    c.attach(nc, jobs=jobs, fleet=fleet, images=ImageStore(js), queues=queues, options=Options(js))
+    await c.tasks.start(jobs)
+    log.info("edge connected to NATS; %d live worker(s)", len(fleet.live()))
     if c.limiter is not None:
         await c.limiter.start()
         log.info("rate limits on, kept in Redis (failing %s)", c.settings.ratelimit_fail)
@@ -87,11 +85,10 @@ async def _disconnect(app: web.Application) -> None:
     if c.limiter is not None:
         await c.limiter.close()
     await c.tasks.stop()
-    if c.queues is not None:
-        await c.queues.stop()
-    if c.registry is not None:
-        await c.registry.stop()
     if c.nc is not None:
+        if c.queues is not None:
+            await c.queues.stop()
+        await c.fleet.stop()
         await c.nc.close()
 
 

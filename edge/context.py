@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from nats.aio.client import Client as NATS
@@ -22,38 +22,52 @@ from schemas.images import ImageStore
 
 @dataclass
 class EdgeContext:
-    """The edge's shared state."""
+    """The edge's shared state; what comes from NATS is attached once connected."""
 
     settings: EdgeSettings
     keys: KeyStore
     metrics: EdgeMetrics
     dedup: Dedup
     tasks: TaskBook
-    nc: NATS | None = None
-    client: JobClient | None = None
-    registry: Registry | None = None
-    queues: QueueDepth | None = None
     limiter: Limiter | None = None  # None: no key has a rate limit
-    options: Options | None = None  # A1111 options per key (once connected)
-    store: ImageStore | None = None  # the images object store (once connected)
+    nc: NATS | None = None
+    queues: QueueDepth | None = None
+    options: Options | None = None  # A1111 options per key
+    _jobs: JobClient | None = field(default=None, repr=False)
+    _fleet: Registry | None = field(default=None, repr=False)
+    _images: ImageStore | None = field(default=None, repr=False)
+
+    def attach(
+        self,
+        nc: NATS,
+        *,
+        jobs: JobClient,
+        fleet: Registry,
+        images: ImageStore,
+        queues: QueueDepth,
+        options: Options,
+    ) -> None:
+        """Everything that needs a NATS connection, once it is there."""
+        self.nc, self.queues, self.options = nc, queues, options
+        self._jobs, self._fleet, self._images = jobs, fleet, images
 
     @property
     def jobs(self) -> JobClient:
         """The job client (only once connected)."""
-        assert self.client is not None, "the edge is not connected to NATS"
-        return self.client
+        assert self._jobs is not None, "the edge is not connected to NATS"
+        return self._jobs
 
     @property
     def images(self) -> ImageStore:
         """The images object store (only once connected)."""
-        assert self.store is not None, "the edge is not connected to NATS"
-        return self.store
+        assert self._images is not None, "the edge is not connected to NATS"
+        return self._images
 
     @property
     def fleet(self) -> Registry:
         """The worker registry (only once connected)."""
-        assert self.registry is not None, "the edge is not connected to NATS"
-        return self.registry
+        assert self._fleet is not None, "the edge is not connected to NATS"
+        return self._fleet
 
 
 CTX = web.AppKey("headrace_edge", EdgeContext)

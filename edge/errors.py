@@ -1,8 +1,15 @@
-"""The one place where headrace errors become HTTP statuses and OpenAI-style bodies."""
+"""The one place where headrace errors become HTTP statuses and error bodies.
+
+Statuses are the same for every API; the body's shape is the API family's (``Api``):
+OpenAI's error object for most routes, Ollama's ``{"error": "<message>"}``, and
+llama.cpp's in-stream ``{"error": {"code", "message"}}``.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -68,13 +75,51 @@ def error_response(
     return json_response(error_body(message, type_, code, param), status, headers)
 
 
-def from_exception(e: HeadraceError, retry_after_s: int) -> web.Response:
-    """Translate a headrace error; 429 and 503 carry Retry-After (a rate limit says how long)."""
-    status, _ = status_of(e.code)
-    if isinstance(e, RateLimited):
-        retry_after_s = max(1, math.ceil(e.retry_after_s))  # whole seconds (RFC 9110)
-    headers = {"Retry-After": str(retry_after_s)} if status in (429, 503) else None
-    body = body_of(e.code, e.message, e.param)
-    if isinstance(e, RateLimited) and e.limit:
-        body["error"]["type"] = e.limit  # as OpenAI: "requests" or "tokens"
-    return json_response(body, status, headers)
+def stream_error_of(e: HeadraceError) -> dict[str, Any]:
+    """OpenAI's error object as an event inside a stream."""
+    return body_of(e.code, e.message, e.param)
+
+
+@dataclass(frozen=True)
+class Api:
+    """How one API family shapes an error: as a response body, and as an event in a stream."""
+
+    name: str
+    body: Callable[[str, str, str | None, str | None], dict[str, Any]] = error_body
+    stream_error: Callable[[HeadraceError], dict[str, Any]] = stream_error_of
+
+    def response(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        """An error response in this API's shape."""
+        return json_response(self.body(message, type_, code, param), status, headers)
+
+    def from_exception(self, e: HeadraceError, retry_after_s: int) -> web.Response:
+        """Translate a headrace error; a retryable one carries Retry-After (a rate limit says
+        how long)."""
+        status, type_ = status_of(e.code)
+        if isinstance(e, RateLimited):
+            retry_after_s = max(1, math.ceil(e.retry_after_s))  # whole seconds (RFC 9110)
+            type_ = e.limit or type_  # as OpenAI: "requests" or "tokens"
+        headers = {"Retry-After": str(retry_after_s)} if e.retryable else None
+        code = None if e.code == ErrorCode.INVALID_REQUEST else str(e.code)
+        return self.response(status, e.message, type_, code, e.param, headers)
+
+
+def _ollama_body(message: str, *_: str | None) -> dict[str, Any]:
+    return {"error": message}
+
+
+def _llamacpp_stream_error(e: HeadraceError) -> dict[str, Any]:
+    return {"error": {"code": e.code, "message": e.message}}
+
+
+OPENAI = Api("openai")
+OLLAMA = Api("ollama", body=_ollama_body, stream_error=lambda e: _ollama_body(e.message))
+LLAMACPP = Api("llamacpp", stream_error=_llamacpp_stream_error)

@@ -8,12 +8,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
-import orjson
 from aiohttp import web
 
 from edge.auth import bearer
 from edge.context import JOB_IDS, KEY, REQUEST_ID, ctx
-from edge.errors import error_response, from_exception, json_response
+from edge.routing import route_info
 from schemas.errors import HeadraceError
 from schemas.subjects import trace_id
 
@@ -32,7 +31,7 @@ def route_name(request: web.Request) -> str:
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost: request id, metrics, one line of log, and OpenAI-shaped errors."""
+    """Outermost: request id, metrics, one line of log, and errors in the route's API shape."""
     incoming = request.headers.get("X-Request-ID", "")
     request[REQUEST_ID] = (
         incoming if _CLIENT_REQUEST_ID.match(incoming) else f"req_{uuid.uuid4().hex}"
@@ -44,12 +43,6 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await _translated(request, handler)
     finally:
         c.metrics.in_flight.dec()
-    if (
-        response.status >= 400
-        and request.path.startswith("/api/")
-        and isinstance(response, web.Response)
-    ):
-        response = ollama_error(response)
     c.metrics.requests.labels(route_name(request), str(response.status)).inc()
     extra: dict[str, object] = {"request_id": request[REQUEST_ID]}
     if JOB_IDS in request:
@@ -68,33 +61,22 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _translated(request: web.Request, handler: Handler) -> web.StreamResponse:
+    api = route_info(request).api
     try:
         return await handler(request)
     except HeadraceError as e:
-        return from_exception(e, ctx(request).settings.retry_after_s)
+        return api.from_exception(e, ctx(request).settings.retry_after_s)
     except web.HTTPException as e:
         if e.status < 400:
             raise
         message = e.reason if e.status != 413 else "the request body is too large"
-        return error_response(
+        return api.response(
             e.status, message, code=e.reason.lower().replace(" ", "_"), headers=_keep(e)
         )
     except Exception as e:
         log.error("unhandled %s", type(e).__name__, extra={"request_id": request[REQUEST_ID]})
         log.debug("unhandled error", exc_info=True)
-        return error_response(500, "internal error", "server_error", "internal_error")
-
-
-def ollama_error(response: web.Response) -> web.Response:
-    """Ollama's clients read ``{"error": "<message>"}``: the same error, in their shape."""
-    try:
-        message = orjson.loads(response.body)["error"]["message"]  # type: ignore[arg-type]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
-        return response
-    headers = {
-        k: v for k, v in response.headers.items() if k in ("Retry-After", "WWW-Authenticate")
-    }
-    return json_response({"error": message}, response.status, headers)
+        return api.response(500, "internal error", "server_error", "internal_error")
 
 
 def _keep(e: web.HTTPException) -> dict[str, str]:
@@ -114,7 +96,7 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
             if token
             else "Missing bearer token in the Authorization header"
         )
-        return error_response(
+        return route_info(request).api.response(
             401,
             message,
             code="invalid_api_key",

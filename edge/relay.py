@@ -1,4 +1,5 @@
-"""From job events to what a route writes: text per choice, finish, failure, or an idle tick.
+"""From job events to what a route writes: text per choice, a diffusion step, finish,
+failure, or an idle tick.
 
 The relay hides attempts: when a job is redelivered (its worker died), the new
 attempt starts over with the same seed, and the relay skips the text it already
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from schemas.client import JobStream, Received
-from schemas.events import Delta, Done, Error, Started, TokenLogprob
+from schemas.events import Delta, Done, Error, Progress, Started, TokenLogprob
 
 Tick = float | None
 
@@ -49,11 +50,19 @@ class Failed:
 
 
 @dataclass(slots=True)
+class Stepped:
+    """Choice ``index`` (an image job) finished a diffusion step."""
+
+    index: int
+    progress: Progress
+
+
+@dataclass(slots=True)
 class Idle:
     """Nothing arrived for a while: time for a keep-alive."""
 
 
-Out = Text | Finished | Failed | Idle
+Out = Text | Stepped | Finished | Failed | Idle
 
 
 @dataclass
@@ -90,9 +99,11 @@ class Choice:
             self.finished = True
             return Failed(self.index, event_id, event)
         self.started = True
+        if isinstance(event, Progress):
+            return Stepped(self.index, event)
         if isinstance(event, Started):
             self.queue_ms = event.queue_ms
-        return None  # started and progress mean nothing to a text route
+        return None
 
     def _text(self, delta: Delta, event_id: str) -> Text | None:
         start = self.seen
@@ -164,6 +175,25 @@ class Relay:
                 self._queue.put_nowait((choice.index, received))
         except Exception as e:  # DeadlineExceeded and friends surface in the iterating task
             self._queue.put_nowait(e)
+
+    def tokens_used(self, prompt_estimate: int, late: dict[int, Done] | None = None) -> int:
+        """Tokens used as ``usage`` reports them: the prompt once, every choice's completion.
+
+        ``late`` holds the ``done`` of choices that finished after the relay stopped. A job
+        that never reported usage is charged the completion tokens it sent, plus
+        ``prompt_estimate`` once a worker took it.
+        """
+        prompt = completion = 0
+        for ch in self.choices:
+            done = ch.done or (late or {}).get(ch.index)
+            if done is not None:
+                prompt = max(prompt, done.usage.prompt_tokens)
+                completion += done.usage.completion_tokens
+                continue
+            if ch.started or ch.tokens:
+                prompt = max(prompt, prompt_estimate)
+            completion += ch.tokens
+        return prompt + completion
 
     async def close(self) -> list[str]:
         """Stop reading; returns the ids of the jobs that have not finished (the caller cancels)."""

@@ -14,16 +14,14 @@ import time
 from dataclasses import dataclass, field
 
 import nats.errors
-from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from schemas.client import JobClient
 from schemas.events import Progress
-from schemas.subjects import cancel_subject
+from schemas.subjects import INTERRUPT_ALL, interrupt_subject
 
 log = logging.getLogger(__name__)
-
-INTERRUPT_PREFIX = "interrupt"
 
 
 @dataclass
@@ -59,13 +57,13 @@ class TaskBook:
 
     def __init__(self) -> None:
         self._tasks: dict[str, list[Task]] = {}  # key id -> tasks, oldest first
-        self._nc: NATS | None = None
+        self._jobs: JobClient | None = None
         self._sub: Subscription | None = None
 
-    async def start(self, nc: NATS) -> None:
+    async def start(self, jobs: JobClient) -> None:
         """Listen for interrupts sent to other edges."""
-        self._nc = nc
-        self._sub = await nc.subscribe(f"{INTERRUPT_PREFIX}.*", cb=self._on_interrupt)
+        self._jobs = jobs
+        self._sub = await jobs.nc.subscribe(INTERRUPT_ALL, cb=self._on_interrupt)
 
     async def stop(self) -> None:
         """Stop listening."""
@@ -97,9 +95,9 @@ class TaskBook:
     async def interrupt(self, key_id: str) -> int:
         """Stop the key's tasks here and ask the other edges to stop theirs; returns how many here."""
         stopped = await self._cancel_local(key_id)
-        if self._nc is not None:
+        if self._jobs is not None:
             with contextlib.suppress(nats.errors.Error):
-                await self._nc.publish(f"{INTERRUPT_PREFIX}.{key_id}", b"")
+                await self._jobs.nc.publish(interrupt_subject(key_id), b"")
         return stopped
 
     async def _on_interrupt(self, msg: Msg) -> None:
@@ -109,9 +107,9 @@ class TaskBook:
         tasks = [t for t in self._tasks.get(key_id, []) if not t.interrupted]
         for task in tasks:
             task.interrupted = True
-            if self._nc is not None:
+            if self._jobs is not None:
                 with contextlib.suppress(nats.errors.Error):
-                    await self._nc.publish(cancel_subject(task.job_id), b"")
+                    await self._jobs.cancel(task.job_id)
         if tasks:
             log.info("interrupted %d task(s) of %s", len(tasks), key_id)
         return len(tasks)

@@ -21,6 +21,7 @@ RESULTS_PREFIX = "results"
 CANCEL_PREFIX = "cancel"
 RPC_PREFIX = "rpc"
 DLQ_PREFIX = "dlq"
+INTERRUPT_PREFIX = "interrupt"
 
 
 class Header(StrEnum):
@@ -83,6 +84,14 @@ def cancel_subject(job_id: str) -> str:
 
 
 CANCEL_ALL = f"{CANCEL_PREFIX}.*"
+
+
+def interrupt_subject(key_id: str) -> str:
+    """Edges tell each other to stop an API key's image tasks (A1111's interrupt) here."""
+    return f"{INTERRUPT_PREFIX}.{key_id}"
+
+
+INTERRUPT_ALL = f"{INTERRUPT_PREFIX}.*"
 
 
 def rpc_subject(model: str, op: str) -> str:

@@ -362,6 +362,11 @@ async def test_worker_and_edge_count_images_steps_and_queue_time(
 
     await txt2img(http, steps=3, batch_size=2)
     await txt2img(http, steps=2)
+    done = 'headrace_worker_jobs_total{model="tiny-sd",outcome="done"} 2.0'
+    for _ in range(500):  # counted once the worker's ack is confirmed, after `done` is out
+        if done in generate_latest(sd_worker.metrics.registry).decode():
+            break
+        await asyncio.sleep(0.01)
     worker = generate_latest(sd_worker.metrics.registry).decode()
     assert 'headrace_worker_images_total{model="tiny-sd"} 3.0' in worker
     assert 'headrace_worker_steps_total{model="tiny-sd"} 5.0' in worker

@@ -53,7 +53,7 @@ def token_estimate(params: list[TextParams], completion_default: int) -> int:
 
 @dataclass
 class Ticket:
-    """What one request was charged, until it is settled."""
+    """What one request was charged, until it is settled (once)."""
 
     key: ApiKey
     charge_id: str
@@ -61,16 +61,14 @@ class Ticket:
     prompt_tokens: int = 0  # the estimate's prompt part, for jobs that end without usage
     leased: bool = False
     recorded: bool = False  # the charges are in Redis (not when the limiter failed open)
-    shared: bool = False  # joined another request's job (edge.dedup): that request pays its tokens
     headers: dict[str, str] = field(default_factory=dict)
     refusal: RateLimited | None = None
-    tokens_settled: bool = False
-    lease_released: bool = False
+    settled: bool = False
 
     @property
-    def wants_usage(self) -> bool:
-        """True while the real token usage of this request is still to be charged."""
-        return self.recorded and self.key.limits.tpm is not None and not self.tokens_settled
+    def counts_tokens(self) -> bool:
+        """True when the real token usage of this request is to be charged."""
+        return self.recorded and self.key.limits.tpm is not None
 
 
 class Limiter:
@@ -160,18 +158,27 @@ class Limiter:
         return ticket  # served, uncharged: nothing to settle
 
     async def settle(
-        self, ticket: Ticket, used: int | None = None, *, release: bool = True
+        self, ticket: Ticket, used: int | Coroutine[Any, Any, int] | None = None
     ) -> None:
-        """Charge the real token usage ``used`` (None: not now) and release the lease, once each."""
-        tokens = used if used is not None and self.claim_tokens(ticket) else None
-        await self._settle(ticket, tokens, release and self._claim_lease(ticket))
+        """Release the lease and charge the real token usage, once per ticket.
 
-    def settle_later(self, ticket: Ticket, usage: Coroutine[Any, Any, int]) -> None:
-        """Charge the usage ``usage`` finds (a job still finishing) in the background."""
-        if not self.claim_tokens(ticket):
-            usage.close()
+        ``used`` is the usage, None to let the estimate stand, or a coroutine that finds the
+        usage (jobs still finishing): then the lease is released now and the tokens later.
+        """
+        if ticket.settled or not (ticket.recorded or ticket.leased):
+            _discard(used)
             return
-        task = asyncio.create_task(self._settle_when(ticket, usage))
+        ticket.settled = True
+        release = self._release(ticket)
+        if not isinstance(used, Coroutine):
+            await self._settle(ticket, used if ticket.counts_tokens else None, release)
+            return
+        if not ticket.counts_tokens:
+            used.close()
+            await self._settle(ticket, None, release)
+            return
+        await self._settle(ticket, None, release)
+        task = asyncio.create_task(self._settle_when(ticket, used))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -183,17 +190,10 @@ class Limiter:
             return  # the estimate stands
         await self._settle(ticket, used, release=False)
 
-    def claim_tokens(self, ticket: Ticket) -> bool:
-        """Take the right to settle the ticket's tokens (False when there is nothing to settle)."""
-        if not ticket.wants_usage:
+    def _release(self, ticket: Ticket) -> bool:
+        """Forget the ticket's lease here (no more renewals); True when it holds one."""
+        if not ticket.leased:
             return False
-        ticket.tokens_settled = True
-        return True
-
-    def _claim_lease(self, ticket: Ticket) -> bool:
-        if not ticket.leased or ticket.lease_released:
-            return False
-        ticket.lease_released = True
         held = self.leases.get(ticket.key.id)
         if held is not None:
             held.discard(ticket.charge_id)
@@ -232,6 +232,11 @@ class Limiter:
                             [keys_of(key_id)["par"]],
                             ["", 0, self.lease_ttl_ms, *ids[i : i + _RENEW_BATCH]],
                         )
+
+
+def _discard(used: object) -> None:
+    if isinstance(used, Coroutine):
+        used.close()
 
 
 def _refusal(key: ApiKey, limit: str, retry_ms: int, tokens: int, images: int) -> RateLimited:

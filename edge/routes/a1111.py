@@ -11,18 +11,12 @@ from edge.a1111 import responses
 from edge.a1111.requests import Img2ImgRequest, Txt2ImgRequest
 from edge.body import invalid, read_object
 from edge.context import caller, ctx
-from edge.errors import json_response
-from edge.imaging import (
-    ImageRequest,
-    answer,
-    check_image_bounds,
-    decode_image,
-    pick_model,
-    submit_image,
-)
+from edge.errors import OPENAI, json_response
+from edge.imaging import answer, check_image_bounds, decode_image, pick_model
 from edge.jobs import seeds
 from edge.options import CHECKPOINT, PREVIEW_EVERY
-from edge.ratelimit.http import admits_itself, uncharged
+from edge.routing import Charging, Routes
+from edge.session import Session
 from schemas.client import Received
 from schemas.errors import InvalidRequest, ModelNotFound
 from schemas.events import Done, Progress
@@ -30,10 +24,12 @@ from schemas.jobs import ImageParams
 from schemas.samplers import SCHEDULES
 from schemas.subjects import is_job_id
 
-routes = web.RouteTableDef()
+routes = Routes(OPENAI)
 
 
-async def _generate(request: web.Request, model_type: type[Txt2ImgRequest]) -> web.StreamResponse:
+async def _generate(
+    request: web.Request, session: Session, model_type: type[Txt2ImgRequest]
+) -> web.StreamResponse:
     body = await read_object(request)
     try:
         req = model_type.model_validate(body)
@@ -70,9 +66,9 @@ async def _generate(request: web.Request, model_type: type[Txt2ImgRequest]) -> w
     )
     checkpoint = settings.get(CHECKPOINT)
     model = pick_model(request, checkpoint if isinstance(checkpoint, str) and checkpoint else None)
-    sub = await submit_image(request, ImageRequest(model, params, init, req.force_task_id))
+    job = await session.submit_image(model, params, init, req.force_task_id)
     return await answer(
-        request, sub, lambda result: responses.generation(body, req, params, model, result)
+        session, job, lambda result: responses.generation(body, req, params, model, result)
     )
 
 
@@ -90,22 +86,19 @@ def _preview_every(settings: dict[str, Any]) -> int:
     return every if isinstance(every, int) and not isinstance(every, bool) and every > 0 else 0
 
 
-@routes.post("/sdapi/v1/txt2img")
-@admits_itself
-async def txt2img(request: web.Request) -> web.StreamResponse:
+@routes.generation("/sdapi/v1/txt2img")
+async def txt2img(request: web.Request, session: Session) -> web.StreamResponse:
     """Text to image; ``Accept: text/event-stream`` streams progress, then the result."""
-    return await _generate(request, Txt2ImgRequest)
+    return await _generate(request, session, Txt2ImgRequest)
 
 
-@routes.post("/sdapi/v1/img2img")
-@admits_itself
-async def img2img(request: web.Request) -> web.StreamResponse:
+@routes.generation("/sdapi/v1/img2img")
+async def img2img(request: web.Request, session: Session) -> web.StreamResponse:
     """Image to image (the first init image, at denoising_strength)."""
-    return await _generate(request, Img2ImgRequest)
+    return await _generate(request, session, Img2ImgRequest)
 
 
-@routes.get("/sdapi/v1/progress")
-@uncharged
+@routes.get("/sdapi/v1/progress", charging=Charging.NONE)
 async def progress(request: web.Request) -> web.Response:
     """Progress of the caller's current task, or of ``id_task``; never another key's."""
     c, key = ctx(request), caller(request)

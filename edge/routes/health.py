@@ -9,9 +9,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from edge.context import ctx
 from edge.errors import json_response
+from edge.routing import Routes
 from schemas.subjects import JOBS_STREAM, RESULTS_STREAM
 
-routes = web.RouteTableDef()
+routes = Routes()
 
 
 @routes.get("/health/live")
@@ -36,7 +37,7 @@ async def ready(request: web.Request) -> web.Response:
                 await c.nc.jetstream().stream_info(stream)
             except (nats.js.errors.NotFoundError, nats.errors.Error, TimeoutError):
                 reasons.append(f"stream {stream} is missing or unreachable")
-    workers = c.registry.live() if c.registry is not None else []
+    workers = c.fleet.live() if c.nc is not None else []
     if not workers:
         reasons.append("no live worker")
     # Without Redis the edge still serves when it fails open: degraded, not down.

@@ -8,19 +8,20 @@ from aiohttp import web
 
 from edge.body import parse
 from edge.context import ctx
-from edge.imaging import ImageRequest, answer, check_image_bounds, pick_model, submit_image
+from edge.errors import OPENAI
+from edge.imaging import answer, check_image_bounds, pick_model
 from edge.jobs import seeds
 from edge.openai.images import ImageGenerationRequest, generation_response
-from edge.ratelimit.http import admits_itself
+from edge.routing import Routes
+from edge.session import Session
 from schemas.errors import InvalidRequest
 from schemas.jobs import ImageParams
 
-routes = web.RouteTableDef()
+routes = Routes(OPENAI)
 
 
-@routes.post("/v1/images/generations")
-@admits_itself
-async def generations(request: web.Request) -> web.StreamResponse:
+@routes.generation("/v1/images/generations")
+async def generations(request: web.Request, session: Session) -> web.StreamResponse:
     """``n`` images of ``size`` as b64_json (one job, batch_size n)."""
     req = await parse(request, ImageGenerationRequest)
     if req.response_format == "url":
@@ -43,6 +44,6 @@ async def generations(request: web.Request) -> web.StreamResponse:
         batch_size=req.n,
     )
     model = pick_model(request, req.model)
-    sub = await submit_image(request, ImageRequest(model, params, []))
+    job = await session.submit_image(model, params, [], None)
     created = int(time.time())
-    return await answer(request, sub, lambda result: generation_response(created, result))
+    return await answer(session, job, lambda result: generation_response(created, result))

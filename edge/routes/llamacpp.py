@@ -9,16 +9,17 @@ from aiohttp import web
 from edge import rpc
 from edge.body import parse, read_object
 from edge.context import ctx
-from edge.errors import json_response
-from edge.jobs import check_bounds, fingerprint_of, job_ids_header, seeds, submit_text
+from edge.errors import LLAMACPP, json_response
+from edge.jobs import check_bounds, fingerprint_of, seeds
 from edge.llamacpp.requests import RANDOM_SEEDS, CompletionRequest
 from edge.llamacpp.responses import chunk, final
-from edge.ratelimit.http import admits_itself
 from edge.respond import StreamFormat, collect, stream
+from edge.routing import Routes
+from edge.session import Session
 from schemas.errors import InvalidRequest
 from schemas.jobs import TextParams
 
-routes = web.RouteTableDef()
+routes = Routes(LLAMACPP)
 
 
 def _params(req: CompletionRequest) -> TextParams:
@@ -54,9 +55,8 @@ def _params(req: CompletionRequest) -> TextParams:
     )
 
 
-@routes.post("/completion")
-@admits_itself
-async def completion(request: web.Request) -> web.StreamResponse:
+@routes.generation("/completion")
+async def completion(request: web.Request, session: Session) -> web.StreamResponse:
     """llama.cpp's completion: ``{content, stop}`` chunks, the last with timings; no ``[DONE]``."""
     req = await parse(request, CompletionRequest)
     chars = len(req.prompt) if isinstance(req.prompt, str) else 4 * len(req.prompt)
@@ -65,20 +65,17 @@ async def completion(request: web.Request) -> web.StreamResponse:
     model = await rpc.default_model(request, req.model)
     dedup_body = await request.read() if ctx(request).settings.dedup_completion else None
     fp = fingerprint_of(request, dedup_body)
-    sub = await submit_text(request, model, [_params(req)], stream=req.stream, fingerprint=fp)
+    await session.submit_text(model, [_params(req)], stream=req.stream, fingerprint=fp)
     if req.stream:
         fmt = StreamFormat(
             text=lambda out: chunk(out.text),
             finished=lambda out: final(model, "", out.done),
-            error=lambda e: {"error": {"code": e.code, "message": e.message}},
             end=b"",
-            headers=job_ids_header(sub),
+            headers=session.headers,
         )
-        return await stream(request, sub, fmt)
-    result = await collect(request, sub)
-    return json_response(
-        final(model, result.texts[0], result.dones[0]), headers=job_ids_header(sub)
-    )
+        return await stream(session, fmt)
+    result = await collect(session)
+    return json_response(final(model, result.texts[0], result.dones[0]), headers=session.headers)
 
 
 async def _forward(request: web.Request, op: str) -> dict[str, Any]:

@@ -8,16 +8,17 @@ from aiohttp import web
 
 from edge.body import parse
 from edge.context import caller, ctx
-from edge.errors import json_response
-from edge.jobs import Submission, check_bounds, fingerprint_of, job_ids_header, seeds, submit_text
+from edge.errors import OLLAMA, json_response
+from edge.jobs import check_bounds, fingerprint_of, seeds
 from edge.ollama.requests import ChatRequest, Common, GenerateRequest
 from edge.ollama.responses import last, piece
-from edge.ratelimit.http import admits_itself
 from edge.respond import StreamFormat, collect, stream
+from edge.routing import Routes
+from edge.session import Session
 from edge.sse import NdjsonStream
 from schemas.jobs import ChatMessage, TextParams
 
-routes = web.RouteTableDef()
+routes = Routes(OLLAMA)
 
 
 def _params(req: Common, messages: list[ChatMessage] | None, prompt: str | None) -> TextParams:
@@ -49,28 +50,24 @@ def _params(req: Common, messages: list[ChatMessage] | None, prompt: str | None)
     )
 
 
-async def _answer(
-    request: web.Request, req: Common, sub: Submission, *, chat: bool
-) -> web.StreamResponse:
+async def _answer(session: Session, req: Common, *, chat: bool) -> web.StreamResponse:
     model = req.model
     if req.stream:
         fmt = StreamFormat(
             text=lambda out: piece(model, out.text, chat=chat),
-            finished=lambda out: last(model, "", out.done, sub.started, chat=chat),
-            error=lambda e: {"error": e.message},
+            finished=lambda out: last(model, "", out.done, session.started, chat=chat),
             framing=NdjsonStream,
             end=b"",
-            headers=job_ids_header(sub),
+            headers=session.headers,
         )
-        return await stream(request, sub, fmt)
-    result = await collect(request, sub)
-    body = last(model, result.texts[0], result.dones[0], sub.started, chat=chat)
-    return json_response(body, headers=job_ids_header(sub))
+        return await stream(session, fmt)
+    result = await collect(session)
+    body = last(model, result.texts[0], result.dones[0], session.started, chat=chat)
+    return json_response(body, headers=session.headers)
 
 
-@routes.post("/api/chat")
-@admits_itself
-async def chat(request: web.Request) -> web.StreamResponse:
+@routes.generation("/api/chat")
+async def chat(request: web.Request, session: Session) -> web.StreamResponse:
     """Ollama chat."""
     req = await parse(request, ChatRequest)
     check_bounds(
@@ -79,15 +76,13 @@ async def chat(request: web.Request) -> web.StreamResponse:
     messages = [ChatMessage(role=m.role, content=m.content) for m in req.messages]
     params = _params(req, messages, None)
     check_bounds(request, n=1, max_tokens=params.max_tokens, prompt_chars=0)
-    sub = await submit_text(
-        request, req.model, [params], stream=req.stream, fingerprint=fingerprint_of(request, None)
-    )
-    return await _answer(request, req, sub, chat=True)
+    fp = fingerprint_of(request, None)
+    await session.submit_text(req.model, [params], stream=req.stream, fingerprint=fp)
+    return await _answer(session, req, chat=True)
 
 
-@routes.post("/api/generate")
-@admits_itself
-async def generate(request: web.Request) -> web.StreamResponse:
+@routes.generation("/api/generate")
+async def generate(request: web.Request, session: Session) -> web.StreamResponse:
     """Ollama generate: the prompt through the chat template, or as is with ``raw``."""
     req = await parse(request, GenerateRequest)
     check_bounds(
@@ -100,10 +95,9 @@ async def generate(request: web.Request) -> web.StreamResponse:
         params = _params(req, [*messages, ChatMessage(role="user", content=req.prompt)], None)
     chars = len(req.prompt) + len(req.system or "")
     check_bounds(request, n=1, max_tokens=params.max_tokens, prompt_chars=chars)
-    sub = await submit_text(
-        request, req.model, [params], stream=req.stream, fingerprint=fingerprint_of(request, None)
-    )
-    return await _answer(request, req, sub, chat=False)
+    fp = fingerprint_of(request, None)
+    await session.submit_text(req.model, [params], stream=req.stream, fingerprint=fp)
+    return await _answer(session, req, chat=False)
 
 
 @routes.get("/api/tags")

@@ -9,12 +9,13 @@ from aiohttp import web
 
 from edge.body import parse
 from edge.context import caller, ctx
-from edge.errors import json_response
-from edge.jobs import Submission, check_bounds, fingerprint_of, job_ids_header, seeds, submit_text
+from edge.errors import OPENAI, json_response
+from edge.jobs import check_bounds, fingerprint_of, seeds
 from edge.openai.requests import ChatCompletionRequest, CompletionRequest, Sampling
 from edge.openai.responses import ChunkMaker, chat_response, completion_response
-from edge.ratelimit.http import admits_itself
 from edge.respond import StreamFormat, collect, stream
+from edge.routing import Routes
+from edge.session import Session
 from edge.sse import EventStream
 from schemas.client import START, Position
 from schemas.codec import encode
@@ -24,7 +25,7 @@ from schemas.images import ImageStore
 from schemas.jobs import ChatMessage, TextParams
 from schemas.subjects import is_job_id
 
-routes = web.RouteTableDef()
+routes = Routes(OPENAI)
 
 
 def _params(req: Sampling, seed: int, **extra: object) -> TextParams:
@@ -62,16 +63,14 @@ def _chat_params(req: ChatCompletionRequest) -> list[TextParams]:
     return [_params(req, seed, **extra) for seed in seeds(req.seed, req.n)]
 
 
-async def _answer(
-    request: web.Request, req: Sampling, sub: Submission, *, chat: bool
-) -> web.StreamResponse:
+async def _answer(session: Session, req: Sampling, *, chat: bool) -> web.StreamResponse:
     """Stream OpenAI chunks, or collect one chat.completion / text_completion body."""
-    id_ = f"{'chatcmpl' if chat else 'cmpl'}-{sub.job_ids[0]}"
+    id_ = f"{'chatcmpl' if chat else 'cmpl'}-{session.job_ids[0]}"
     if req.stream:
         maker = ChunkMaker(
             chat=chat,
             id_=id_,
-            created=sub.created_s,
+            created=session.created_s,
             model=req.model,
             include_usage=req.include_usage,
         )
@@ -82,32 +81,28 @@ async def _answer(
             closing=(lambda dones: [maker.usage(dones)])
             if req.include_usage
             else (lambda dones: []),
-            headers=job_ids_header(sub),
+            headers=session.headers,
         )
-        return await stream(request, sub, fmt)
-    result = await collect(request, sub)
+        return await stream(session, fmt)
+    result = await collect(session)
     whole = chat_response if chat else completion_response
-    body = whole(id_, sub.created_s, req.model, result.texts, result.dones, result.logprobs)
-    return json_response(body, headers=job_ids_header(sub))
+    body = whole(id_, session.created_s, req.model, result.texts, result.dones, result.logprobs)
+    return json_response(body, headers=session.headers)
 
 
-@routes.post("/v1/chat/completions")
-@admits_itself
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+@routes.generation("/v1/chat/completions")
+async def chat_completions(request: web.Request, session: Session) -> web.StreamResponse:
     """OpenAI chat completions, streamed (SSE) or not."""
     req = await parse(request, ChatCompletionRequest)
     prompt_chars = sum(len(m.text()) for m in req.messages)
     check_bounds(request, n=req.n, max_tokens=req.token_limit(), prompt_chars=prompt_chars)
     fp = fingerprint_of(request, None)
-    sub = await submit_text(
-        request, req.model, _chat_params(req), stream=req.stream, fingerprint=fp
-    )
-    return await _answer(request, req, sub, chat=True)
+    await session.submit_text(req.model, _chat_params(req), stream=req.stream, fingerprint=fp)
+    return await _answer(session, req, chat=True)
 
 
-@routes.post("/v1/completions")
-@admits_itself
-async def completions(request: web.Request) -> web.StreamResponse:
+@routes.generation("/v1/completions")
+async def completions(request: web.Request, session: Session) -> web.StreamResponse:
     """OpenAI legacy completions, streamed (SSE) or not."""
     req = await parse(request, CompletionRequest)
     prompt = req.prompt
@@ -121,8 +116,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         for seed in seeds(req.seed, req.n)
     ]  # fmt: skip
     fp = fingerprint_of(request, None)
-    sub = await submit_text(request, req.model, params, stream=req.stream, fingerprint=fp)
-    return await _answer(request, req, sub, chat=False)
+    await session.submit_text(req.model, params, stream=req.stream, fingerprint=fp)
+    return await _answer(session, req, chat=False)
 
 
 @routes.get("/v1/models")

@@ -11,8 +11,9 @@ from edge.a1111.requests import Img2ImgRequest, Txt2ImgRequest
 from edge.errors import json_response
 from edge.openai.images import ImageGenerationRequest
 from edge.openai.requests import ChatCompletionRequest, CompletionRequest
+from edge.routing import Routes
 
-routes = web.RouteTableDef()
+routes = Routes()
 
 _ERROR = {
     "type": "object",
