@@ -19,12 +19,32 @@ MAX_INLINE_IMAGE_CHARS = 8 * 1024 * 1024  # an inline image must also fit one NA
 
 
 class Contract(BaseModel):
-    """Base of every wire model: extra fields are kept so newer producers do not break older workers."""
+    """Base of the envelope, event and registry models: extra fields are kept, so a newer
+    producer does not break an older reader."""
 
+    # Forward-compatible on purpose: what these models carry (ids, deadlines, usage, timings)
+    # is metadata a reader that does not know a new field can safely ignore; it never changes
+    # what a job generates. Job parameters are the opposite: see ``Params``.
     model_config = ConfigDict(extra="allow", frozen=True)
 
 
-class ChatMessage(Contract):
+class Params(BaseModel):
+    """Base of job parameters and the values inside them: an unknown field is a validation
+    error, so a worker treats the job as poison."""
+
+    # A parameter decides what is generated: a misspelt key (``max_token``) or one newer than
+    # the worker must fail the job, not run it quietly with a default (STYLE.md 12). So a new
+    # parameter reaches workers before any producer sends it.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# The stop sequences a text job (and the llama.cpp and Ollama APIs) accept.
+Stops = Annotated[
+    list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)
+]
+
+
+class ChatMessage(Params):
     """One chat turn; content parts are flattened to text by the producer."""
 
     role: str = Field(min_length=1, max_length=64)
@@ -32,7 +52,7 @@ class ChatMessage(Contract):
     name: str | None = None
 
 
-class TextParams(Contract):
+class TextParams(Params):
     """Generation parameters of a text job, with every sampling value concrete."""
 
     prompt: str | list[int] | None = None
@@ -51,9 +71,7 @@ class TextParams(Contract):
     mirostat_tau: float = 5.0
     mirostat_eta: float = 0.1
     seed: int = Field(ge=0, le=SEED_MAX)
-    stop: Annotated[
-        list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)
-    ] = []
+    stop: Stops = []
     logit_bias: dict[str, float] = {}
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -63,7 +81,7 @@ class TextParams(Contract):
     ignore_eos: bool = False
 
 
-class ImageInput(Contract):
+class ImageInput(Params):
     """An input image (img2img): inline base64 PNG/JPEG/WebP when small, else an object in the
     ``images`` store. The worker fetches objects before the engine sees the job."""
 
@@ -71,7 +89,7 @@ class ImageInput(Contract):
     object: str | None = Field(default=None, max_length=256)
 
 
-class ImageParams(Contract):
+class ImageParams(Params):
     """Parameters of an image job, A1111-shaped, with a concrete seed.
 
     ``sampler`` is a name from ``schemas.samplers.SAMPLERS`` (a Karras schedule folded in);

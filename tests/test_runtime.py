@@ -72,7 +72,12 @@ async def test_full_queue_refuses_the_next_job(client: JobClient, js: JetStreamC
 
 @pytest.mark.parametrize(
     ("payload", "reason"),
-    [(b"{not json", "not JSON"), (b'{"id": "short", "kind": "llm"}', "schema")],
+    [
+        (b"{not json", "not JSON"),
+        (b'{"id": "short", "kind": "llm"}', "schema"),
+        # a misspelt parameter: job parameters forbid unknown fields, so not a silent default
+        (encode(text_job()).replace(b'"params":{', b'"params":{"max_token":3,'), "max_token"),
+    ],
 )
 async def test_poison_is_dead_lettered_and_worker_goes_on(
     client: JobClient,

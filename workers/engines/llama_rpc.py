@@ -5,13 +5,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from schemas.errors import InvalidRequest
 from schemas.jobs import MAX_MESSAGES, MAX_PROMPT_CHARS, ChatMessage
 from workers.engines.gguf import GgufModel
 
-_MESSAGES = TypeAdapter(list[ChatMessage])
+
+class _TemplateMessage(ChatMessage):
+    """A message as ``apply-template`` takes it from a client: fields other than ours ignored.
+
+    In a job a ChatMessage forbids unknown fields, but this operation is a client surface
+    (llama.cpp's /apply-template) and has always ignored them (``tool_call_id`` ...).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+
+_MESSAGES = TypeAdapter(list[_TemplateMessage])
 
 
 def _field(payload: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
