@@ -8,7 +8,7 @@ from pydantic import Field, field_validator
 
 from edge.openai.requests import Lenient
 from schemas.errors import InvalidRequest
-from schemas.jobs import MAX_INIT_IMAGES, MAX_PROMPT_CHARS, SEED_MAX
+from schemas.jobs import MAX_INIT_IMAGES, MAX_PROMPT_CHARS, SEED_MAX, ImageParams
 from schemas.samplers import SAMPLERS, canonical_sampler, with_schedule
 
 
@@ -59,6 +59,31 @@ class Txt2ImgRequest(Lenient):
         if self.enable_hr:
             raise InvalidRequest("hires fix (enable_hr) is not supported", param="enable_hr")
 
+    def asked_seed(self) -> int | None:
+        """The seed asked for, or None for a random one (A1111's -1)."""
+        return None if self.seed == -1 else self.seed
+
+    def job_params(self, seed: int, preview_every: int) -> ImageParams:
+        """The job parameters, generated from ``seed``, with a preview every ``preview_every``
+        steps (0: none); the init images travel beside them (``edge.imaging``)."""
+        return ImageParams(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            steps=self.steps,
+            cfg_scale=self.cfg_scale,
+            width=self.width,
+            height=self.height,
+            seed=seed,
+            sampler=self.sampler(),
+            batch_size=self.batch_size,
+            n_iter=self.n_iter,
+            denoising_strength=self._denoising_strength(),
+            preview_every=preview_every,
+        )
+
+    def _denoising_strength(self) -> float:
+        return 0.75  # A1111's default; txt2img has no init image for it to act on
+
 
 class Img2ImgRequest(Txt2ImgRequest):
     """``POST /sdapi/v1/img2img``: init images as base64 or data URIs (the first one is used)."""
@@ -66,6 +91,9 @@ class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str] = Field(min_length=1, max_length=MAX_INIT_IMAGES)
     denoising_strength: float = Field(default=0.75, ge=0.0, le=1.0)
     mask: str | None = None
+
+    def _denoising_strength(self) -> float:
+        return self.denoising_strength
 
     def refuse_unsupported(self) -> None:
         """Inpainting (``mask``) is not supported either."""

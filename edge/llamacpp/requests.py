@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from schemas.jobs import MAX_STOP, MAX_STOP_CHARS, SEED_MAX
+from edge.sampling import (
+    Grammar,
+    MinP,
+    MirostatRate,
+    Penalty,
+    RepeatLastN,
+    RepeatPenalty,
+    Temperature,
+    TopK,
+    TopP,
+    TypicalP,
+)
+from schemas.errors import InvalidRequest
+from schemas.jobs import SEED_MAX, Stops, TextParams
 
 # llama.cpp treats these seeds as "pick one at random".
 RANDOM_SEEDS = {-1, 0xFFFFFFFF}
@@ -20,24 +33,22 @@ class CompletionRequest(BaseModel):
     model: str | None = Field(default=None, max_length=256)
     prompt: str | list[int]
     n_predict: int = Field(default=-1, ge=-1)
-    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
-    top_k: int = Field(default=40, ge=0, le=1000)
-    top_p: float = Field(default=0.95, ge=0.0, le=1.0)
-    min_p: float = Field(default=0.05, ge=0.0, le=1.0)
-    typical_p: float = Field(default=1.0, ge=0.0, le=1.0)
-    repeat_penalty: float = Field(default=1.0, ge=0.0, le=10.0)
-    repeat_last_n: int = Field(default=64, ge=-1)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    temperature: Temperature = 0.8
+    top_k: TopK = 40
+    top_p: TopP = 0.95
+    min_p: MinP = 0.05
+    typical_p: TypicalP = 1.0
+    repeat_penalty: RepeatPenalty = 1.0
+    repeat_last_n: RepeatLastN = 64
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     mirostat: int = Field(default=0, ge=0, le=2)
-    mirostat_tau: float = Field(default=5.0, ge=0.0)
-    mirostat_eta: float = Field(default=0.1, ge=0.0)
-    grammar: str | None = Field(default=None, max_length=100_000)
+    mirostat_tau: MirostatRate = 5.0
+    mirostat_eta: MirostatRate = 0.1
+    grammar: Grammar | None = None
     json_schema: dict[str, Any] | None = None
     seed: int = Field(default=-1, ge=-1, le=SEED_MAX)
-    stop: Annotated[
-        list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)
-    ] = []
+    stop: Stops = []
     ignore_eos: bool = False
     logit_bias: list[list[Any]] | dict[str, float | bool] | None = None
     n_probs: int = Field(default=0, ge=0, le=20)
@@ -71,3 +82,43 @@ class CompletionRequest(BaseModel):
                 raise ValueError("logit_bias entries are [token, bias] pairs")
             out[str(token)] = -100.0 if bias is False else float(bias)
         return out
+
+    def asked_seed(self) -> int | None:
+        """The seed asked for, or None for a random one (llama.cpp's -1 and 2**32-1)."""
+        return None if self.seed in RANDOM_SEEDS else self.seed
+
+    def token_limit(self) -> int | None:
+        """``n_predict`` as a token limit: None until a stop (-1)."""
+        return None if self.n_predict == -1 else self.n_predict
+
+    def job_params(self, seed: int) -> TextParams:
+        """The job parameters, generated with ``seed``; a malformed ``logit_bias`` is a 400."""
+        try:
+            biases = self.biases()
+        except ValueError as e:
+            raise InvalidRequest(str(e), param="logit_bias") from None
+        return TextParams(
+            prompt=self.prompt,
+            max_tokens=self.token_limit(),
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            typical_p=self.typical_p,
+            repeat_penalty=self.repeat_penalty,
+            repeat_last_n=self.repeat_last_n,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            mirostat=self.mirostat,
+            mirostat_tau=self.mirostat_tau,
+            mirostat_eta=self.mirostat_eta,
+            grammar=self.grammar,
+            json_schema=self.json_schema,
+            response_format="json_schema" if self.json_schema is not None else "text",
+            seed=seed,
+            stop=self.stop,
+            ignore_eos=self.ignore_eos,
+            logit_bias=biases,
+            logprobs=self.n_probs > 0,
+            top_logprobs=self.n_probs or None,
+        )

@@ -6,7 +6,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.jobs import MAX_MESSAGES, MAX_STOP, MAX_STOP_CHARS, SEED_MAX
+from edge.sampling import (
+    MinP,
+    MirostatRate,
+    Penalty,
+    RepeatLastN,
+    RepeatPenalty,
+    Temperature,
+    TopK,
+    TopP,
+    TypicalP,
+)
+from schemas.jobs import MAX_MESSAGES, SEED_MAX, ChatMessage, Stops, TextParams
 
 
 class Lenient(BaseModel):
@@ -18,23 +29,29 @@ class Lenient(BaseModel):
 class Options(Lenient):
     """The sampling ``options`` Ollama clients send (llama.cpp's names)."""
 
-    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
-    top_p: float = Field(default=0.9, ge=0.0, le=1.0)
-    top_k: int = Field(default=40, ge=0, le=1000)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    typical_p: float = Field(default=1.0, ge=0.0, le=1.0)
-    repeat_penalty: float = Field(default=1.1, ge=0.0, le=10.0)
-    repeat_last_n: int = Field(default=64, ge=-1)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    temperature: Temperature = 0.8
+    top_p: TopP = 0.9
+    top_k: TopK = 40
+    min_p: MinP = 0.0
+    typical_p: TypicalP = 1.0
+    repeat_penalty: RepeatPenalty = 1.1
+    repeat_last_n: RepeatLastN = 64
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     mirostat: Literal[0, 1, 2] = 0
-    mirostat_tau: float = Field(default=5.0, ge=0.0)
-    mirostat_eta: float = Field(default=0.1, ge=0.0)
+    mirostat_tau: MirostatRate = 5.0
+    mirostat_eta: MirostatRate = 0.1
     seed: int | None = Field(default=None, ge=-1, le=SEED_MAX)
-    stop: Annotated[
-        list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)
-    ] = []
+    stop: Stops = []
     num_predict: int = Field(default=-1, ge=-2)
+
+    def asked_seed(self) -> int | None:
+        """The seed asked for, or None for a random one (unset or -1)."""
+        return None if self.seed in (None, -1) else self.seed
+
+    def token_limit(self) -> int | None:
+        """``num_predict`` as a token limit: None for no limit (negative, or 0)."""
+        return None if self.num_predict < 0 else (self.num_predict or None)
 
 
 class Message(Lenient):
@@ -52,11 +69,45 @@ class Common(Lenient):
     format: Literal["json"] | dict[str, Any] | None = None
     options: Options = Options()
 
+    def _params(
+        self, seed: int, *, messages: list[ChatMessage] | None = None, prompt: str | None = None
+    ) -> TextParams:
+        """The job parameters for ``messages`` or a raw ``prompt``, generated with ``seed``."""
+        o, fmt = self.options, self.format
+        return TextParams(
+            messages=messages,
+            prompt=prompt,
+            max_tokens=o.token_limit(),
+            temperature=o.temperature,
+            top_p=o.top_p,
+            top_k=o.top_k,
+            min_p=o.min_p,
+            typical_p=o.typical_p,
+            repeat_penalty=o.repeat_penalty,
+            repeat_last_n=o.repeat_last_n,
+            presence_penalty=o.presence_penalty,
+            frequency_penalty=o.frequency_penalty,
+            mirostat=o.mirostat,
+            mirostat_tau=o.mirostat_tau,
+            mirostat_eta=o.mirostat_eta,
+            seed=seed,
+            stop=o.stop,
+            response_format="json_object"
+            if fmt == "json"
+            else ("json_schema" if isinstance(fmt, dict) else "text"),
+            json_schema=fmt if isinstance(fmt, dict) else None,
+        )
+
 
 class ChatRequest(Common):
     """``POST /api/chat``."""
 
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
+
+    def job_params(self, seed: int) -> TextParams:
+        """The job parameters, generated with ``seed``."""
+        messages = [ChatMessage(role=m.role, content=m.content) for m in self.messages]
+        return self._params(seed, messages=messages)
 
 
 class GenerateRequest(Common):
@@ -65,3 +116,12 @@ class GenerateRequest(Common):
     prompt: str
     system: str | None = None
     raw: bool = False
+
+    def job_params(self, seed: int) -> TextParams:
+        """The job parameters, generated with ``seed``: a ``raw`` prompt as is, else the prompt
+        (after ``system``, if any) as chat turns for the model's template."""
+        if self.raw:
+            return self._params(seed, prompt=self.prompt)
+        system = [ChatMessage(role="system", content=self.system)] if self.system else []
+        user = ChatMessage(role="user", content=self.prompt)
+        return self._params(seed, messages=[*system, user])

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator
 
 from edge.imaging import ImageResult
 from edge.openai.requests import Lenient
-from schemas.jobs import MAX_PROMPT_CHARS
+from schemas.jobs import MAX_PROMPT_CHARS, ImageParams
 
 
 class ImageGenerationRequest(Lenient):
@@ -41,6 +41,20 @@ class ImageGenerationRequest(Lenient):
         """(width, height)."""
         w, _, h = self.size.partition("x")
         return int(w), int(h)
+
+    def job_params(self, seed: int, steps: int) -> ImageParams:
+        """One job for all ``n`` images (a batch), generated from ``seed`` in ``steps`` steps
+        (the request's own, or the deployment's default)."""
+        width, height = self.dimensions()
+        return ImageParams(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            steps=steps,
+            width=width,
+            height=height,
+            seed=seed,
+            batch_size=self.n,
+        )
 
 
 def generation_response(created: int, result: ImageResult) -> dict[str, Any]:

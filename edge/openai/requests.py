@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.jobs import MAX_MESSAGES, MAX_STOP, MAX_STOP_CHARS, SEED_MAX
+from edge.sampling import Grammar, MinP, Penalty, RepeatPenalty, Temperature, TopK, TopP, TypicalP
+from schemas.jobs import MAX_MESSAGES, SEED_MAX, ChatMessage, Stops, TextParams
 
 
 class Lenient(BaseModel):
@@ -63,10 +64,7 @@ class ResponseFormat(Lenient):
         return self
 
 
-Stop = (
-    str
-    | Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOP)]
-)
+Stop = str | Stops
 
 
 class Sampling(Lenient):
@@ -74,13 +72,13 @@ class Sampling(Lenient):
 
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
     n: int = Field(default=1, ge=1)
     stop: Stop | None = None
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     logit_bias: (
         Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=1024)]
         | None
@@ -89,11 +87,11 @@ class Sampling(Lenient):
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)
     # llama.cpp extensions
-    top_k: int = Field(default=40, ge=0, le=1000)
-    min_p: float = Field(default=0.05, ge=0.0, le=1.0)
-    typical_p: float = Field(default=1.0, ge=0.0, le=1.0)
-    repeat_penalty: float = Field(default=1.0, ge=0.0, le=10.0)
-    grammar: str | None = Field(default=None, max_length=100_000)
+    top_k: TopK = 40
+    min_p: MinP = 0.05
+    typical_p: TypicalP = 1.0
+    repeat_penalty: RepeatPenalty = 1.0
+    grammar: Grammar | None = None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> Sampling:
@@ -133,6 +131,33 @@ class ChatCompletionRequest(Sampling):
         """``max_completion_tokens`` wins over the older ``max_tokens``."""
         return self.max_completion_tokens or self.max_tokens
 
+    def job_params(self, seed: int) -> TextParams:
+        """The job parameters of one choice, generated with ``seed``."""
+        fmt = self.response_format or ResponseFormat()
+        schema = fmt.json_schema if fmt.type != "text" else None  # ignored with type text
+        return TextParams(
+            messages=[
+                ChatMessage(role=m.role, content=m.text(), name=m.name) for m in self.messages
+            ],
+            max_tokens=self.token_limit(),
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            typical_p=self.typical_p,
+            repeat_penalty=self.repeat_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=seed,
+            stop=self.stops(),
+            logit_bias=self.logit_bias or {},
+            logprobs=self.logprobs,
+            top_logprobs=self.top_logprobs,
+            grammar=self.grammar,
+            json_schema=schema.schema_ if schema is not None else None,
+            response_format=fmt.type,
+        )
+
 
 class CompletionRequest(Sampling):
     """``POST /v1/completions``: one prompt, as text or token ids."""
@@ -152,3 +177,32 @@ class CompletionRequest(Sampling):
         if self.echo:
             raise ValueError("echo is not supported")
         return self
+
+    def text_or_tokens(self) -> str | list[int]:
+        """The prompt as validated: text, or token ids."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        # _one_prompt turned a one-string list into the string, and a list of several strings
+        # is refused, so a list left here is token ids (``[]`` validates as list[int] first).
+        return cast("list[int]", self.prompt)
+
+    def job_params(self, seed: int) -> TextParams:
+        """The job parameters of one choice, generated with ``seed``."""
+        return TextParams(
+            prompt=self.text_or_tokens(),
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            typical_p=self.typical_p,
+            repeat_penalty=self.repeat_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            seed=seed,
+            stop=self.stops(),
+            logit_bias=self.logit_bias or {},
+            logprobs=self.logprobs is not None,
+            top_logprobs=self.logprobs,
+            grammar=self.grammar,
+        )

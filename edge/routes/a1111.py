@@ -20,7 +20,6 @@ from edge.session import Session
 from schemas.client import Received
 from schemas.errors import InvalidRequest, ModelNotFound
 from schemas.events import Done, Progress
-from schemas.jobs import ImageParams
 from schemas.samplers import SCHEDULES
 from schemas.subjects import is_job_id
 
@@ -50,20 +49,7 @@ async def _generate(
         count_param="batch_size",
     )
     settings = await _settings(request, req)
-    params = ImageParams(
-        prompt=req.prompt,
-        negative_prompt=req.negative_prompt,
-        steps=req.steps,
-        cfg_scale=req.cfg_scale,
-        width=req.width,
-        height=req.height,
-        seed=seeds(None if req.seed == -1 else req.seed, 1)[0],
-        sampler=req.sampler(),
-        batch_size=req.batch_size,
-        n_iter=req.n_iter,
-        denoising_strength=req.denoising_strength if isinstance(req, Img2ImgRequest) else 0.75,
-        preview_every=_preview_every(settings),
-    )
+    params = req.job_params(seeds(req.asked_seed(), 1)[0], _preview_every(settings))
     checkpoint = settings.get(CHECKPOINT)
     model = pick_model(request, checkpoint if isinstance(checkpoint, str) and checkpoint else None)
     job = await session.submit_image(model, params, init, req.force_task_id)

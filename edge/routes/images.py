@@ -15,7 +15,6 @@ from edge.openai.images import ImageGenerationRequest, generation_response
 from edge.routing import Routes
 from edge.session import Session
 from schemas.errors import InvalidRequest
-from schemas.jobs import ImageParams
 
 routes = Routes(OPENAI)
 
@@ -34,15 +33,7 @@ async def generations(request: web.Request, session: Session) -> web.StreamRespo
     check_image_bounds(
         request, width=width, height=height, steps=steps, count=req.n, count_param="n"
     )
-    params = ImageParams(
-        prompt=req.prompt,
-        negative_prompt=req.negative_prompt,
-        steps=steps,
-        width=width,
-        height=height,
-        seed=seeds(req.seed, 1)[0],
-        batch_size=req.n,
-    )
+    params = req.job_params(seeds(req.seed, 1)[0], steps)
     model = pick_model(request, req.model)
     job = await session.submit_image(model, params, [], None)
     created = int(time.time())

@@ -11,7 +11,7 @@ from edge.body import parse, read_object
 from edge.context import ctx
 from edge.errors import LLAMACPP, json_response
 from edge.jobs import check_bounds, fingerprint_of, seeds
-from edge.llamacpp.requests import RANDOM_SEEDS, CompletionRequest
+from edge.llamacpp.requests import CompletionRequest
 from edge.llamacpp.responses import chunk, final
 from edge.respond import StreamFormat, collect, stream
 from edge.routing import Routes
@@ -23,36 +23,8 @@ routes = Routes(LLAMACPP)
 
 
 def _params(req: CompletionRequest) -> TextParams:
-    try:
-        biases = req.biases()
-    except ValueError as e:
-        raise InvalidRequest(str(e), param="logit_bias") from None
-    (seed,) = seeds(None if req.seed in RANDOM_SEEDS else req.seed, 1)
-    return TextParams(
-        prompt=req.prompt,
-        max_tokens=None if req.n_predict == -1 else req.n_predict,
-        temperature=req.temperature,
-        top_k=req.top_k,
-        top_p=req.top_p,
-        min_p=req.min_p,
-        typical_p=req.typical_p,
-        repeat_penalty=req.repeat_penalty,
-        repeat_last_n=req.repeat_last_n,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        mirostat=req.mirostat,
-        mirostat_tau=req.mirostat_tau,
-        mirostat_eta=req.mirostat_eta,
-        grammar=req.grammar,
-        json_schema=req.json_schema,
-        response_format="json_schema" if req.json_schema is not None else "text",
-        seed=seed,
-        stop=req.stop,
-        ignore_eos=req.ignore_eos,
-        logit_bias=biases,
-        logprobs=req.n_probs > 0,
-        top_logprobs=req.n_probs or None,
-    )
+    (seed,) = seeds(req.asked_seed(), 1)
+    return req.job_params(seed)
 
 
 @routes.generation("/completion")

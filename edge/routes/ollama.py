@@ -16,38 +16,14 @@ from edge.respond import StreamFormat, collect, stream
 from edge.routing import Routes
 from edge.session import Session
 from edge.sse import NdjsonStream
-from schemas.jobs import ChatMessage, TextParams
+from schemas.jobs import TextParams
 
 routes = Routes(OLLAMA)
 
 
-def _params(req: Common, messages: list[ChatMessage] | None, prompt: str | None) -> TextParams:
-    o = req.options
-    (seed,) = seeds(None if o.seed in (None, -1) else o.seed, 1)
-    fmt = req.format
-    return TextParams(
-        messages=messages,
-        prompt=prompt,
-        max_tokens=None if o.num_predict < 0 else (o.num_predict or None),
-        temperature=o.temperature,
-        top_p=o.top_p,
-        top_k=o.top_k,
-        min_p=o.min_p,
-        typical_p=o.typical_p,
-        repeat_penalty=o.repeat_penalty,
-        repeat_last_n=o.repeat_last_n,
-        presence_penalty=o.presence_penalty,
-        frequency_penalty=o.frequency_penalty,
-        mirostat=o.mirostat,
-        mirostat_tau=o.mirostat_tau,
-        mirostat_eta=o.mirostat_eta,
-        seed=seed,
-        stop=o.stop,
-        response_format="json_object"
-        if fmt == "json"
-        else ("json_schema" if isinstance(fmt, dict) else "text"),
-        json_schema=fmt if isinstance(fmt, dict) else None,
-    )
+def _params(req: ChatRequest | GenerateRequest) -> TextParams:
+    (seed,) = seeds(req.options.asked_seed(), 1)
+    return req.job_params(seed)
 
 
 async def _answer(session: Session, req: Common, *, chat: bool) -> web.StreamResponse:
@@ -73,8 +49,7 @@ async def chat(request: web.Request, session: Session) -> web.StreamResponse:
     check_bounds(
         request, n=1, max_tokens=None, prompt_chars=sum(len(m.content) for m in req.messages)
     )
-    messages = [ChatMessage(role=m.role, content=m.content) for m in req.messages]
-    params = _params(req, messages, None)
+    params = _params(req)
     check_bounds(request, n=1, max_tokens=params.max_tokens, prompt_chars=0)
     fp = fingerprint_of(request, None)
     await session.submit_text(req.model, [params], stream=req.stream, fingerprint=fp)
@@ -88,11 +63,7 @@ async def generate(request: web.Request, session: Session) -> web.StreamResponse
     check_bounds(
         request, n=1, max_tokens=None, prompt_chars=len(req.prompt) + len(req.system or "")
     )
-    if req.raw:
-        params = _params(req, None, req.prompt)
-    else:
-        messages = [ChatMessage(role="system", content=req.system)] if req.system else []
-        params = _params(req, [*messages, ChatMessage(role="user", content=req.prompt)], None)
+    params = _params(req)
     chars = len(req.prompt) + len(req.system or "")
     check_bounds(request, n=1, max_tokens=params.max_tokens, prompt_chars=chars)
     fp = fingerprint_of(request, None)

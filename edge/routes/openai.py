@@ -22,45 +22,14 @@ from schemas.codec import encode
 from schemas.errors import InvalidRequest
 from schemas.events import Done
 from schemas.images import ImageStore
-from schemas.jobs import ChatMessage, TextParams
+from schemas.jobs import TextParams
 from schemas.subjects import is_job_id
 
 routes = Routes(OPENAI)
 
 
-def _params(req: Sampling, seed: int, **extra: object) -> TextParams:
-    """The job parameters of one choice (every sampling value concrete)."""
-    return TextParams(
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=req.min_p,
-        typical_p=req.typical_p,
-        repeat_penalty=req.repeat_penalty,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        seed=seed,
-        stop=req.stops(),
-        logit_bias=req.logit_bias or {},
-        grammar=req.grammar,
-        **extra,
-    )
-
-
 def _chat_params(req: ChatCompletionRequest) -> list[TextParams]:
-    messages = [ChatMessage(role=m.role, content=m.text(), name=m.name) for m in req.messages]
-    fmt = req.response_format
-    extra: dict[str, object] = {
-        "messages": messages,
-        "max_tokens": req.token_limit(),
-        "logprobs": req.logprobs,
-        "top_logprobs": req.top_logprobs,
-    }
-    if fmt is not None and fmt.type != "text":
-        extra["response_format"] = fmt.type
-        if fmt.json_schema is not None:
-            extra["json_schema"] = fmt.json_schema.schema_
-    return [_params(req, seed, **extra) for seed in seeds(req.seed, req.n)]
+    return [req.job_params(seed) for seed in seeds(req.seed, req.n)]
 
 
 async def _answer(session: Session, req: Sampling, *, chat: bool) -> web.StreamResponse:
@@ -110,11 +79,7 @@ async def completions(request: web.Request, session: Session) -> web.StreamRespo
     check_bounds(request, n=req.n, max_tokens=req.max_tokens, prompt_chars=chars)
     if isinstance(prompt, list) and any(not isinstance(t, int) or t < 0 for t in prompt):
         raise InvalidRequest("a prompt given as a list must be token ids", param="prompt")
-    params = [
-        _params(req, seed, prompt=prompt, max_tokens=req.max_tokens, logprobs=req.logprobs is not None,
-                top_logprobs=req.logprobs)
-        for seed in seeds(req.seed, req.n)
-    ]  # fmt: skip
+    params = [req.job_params(seed) for seed in seeds(req.seed, req.n)]
     fp = fingerprint_of(request, None)
     await session.submit_text(req.model, params, stream=req.stream, fingerprint=fp)
     return await _answer(session, req, chat=False)
