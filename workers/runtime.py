@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -39,6 +40,7 @@ from schemas.subjects import (
 from schemas.topology import Limits, consumer_definition, ensure_consumer
 from workers.cancels import CancelBook
 from workers.emitter import Emitter
+from workers.engines.abilities import AnswersRpc, ReportsGpuMemory
 from workers.engines.base import Engine
 from workers.metrics import Outcome, WorkerMetrics
 from workers.registry import Heartbeat
@@ -99,8 +101,11 @@ class Runtime:
         self.metrics = metrics or WorkerMetrics()
         self.metrics.slots.set(settings.slots)
         self.metrics.busy_slots.set_function(lambda: len(self._held))
-        gpu_memory = getattr(engine, "gpu_memory_bytes", None)  # engines on torch have it
-        if callable(gpu_memory):
+        # Optional abilities are looked for once, here; the rest of the runtime reads these.
+        # The rpc subjects belong to text models (rpc.llm.<model>.<op>): only text engines serve them.
+        self._rpc = engine if engine.kind == "llm" and isinstance(engine, AnswersRpc) else None
+        if isinstance(engine, ReportsGpuMemory):
+            gpu_memory = engine.gpu_memory_bytes
             self.metrics.gpu_memory_bytes.set_function(lambda: gpu_memory() or 0)
 
     @property
@@ -206,19 +211,22 @@ class Runtime:
             log.info("job %s: cancel requested", job_id)
 
     async def _serve_rpc(self) -> None:
-        if self.engine.kind != "llm":
+        rpc = self._rpc
+        if rpc is None:
             return
         for m in self.engine.models():
             await self.nc.subscribe(
-                rpc_subject(m.id, "*"), queue=f"rpc-{model_slug(m.id)}", cb=self._on_rpc
+                rpc_subject(m.id, "*"),
+                queue=f"rpc-{model_slug(m.id)}",
+                cb=functools.partial(self._on_rpc, rpc),
             )
 
-    async def _on_rpc(self, msg: Msg) -> None:
+    async def _on_rpc(self, rpc: AnswersRpc, msg: Msg) -> None:
         _, _, slug, op = msg.subject.split(".", 3)
         model = next((m.id for m in self.engine.models() if model_slug(m.id) == slug), slug)
         try:
             payload = orjson.loads(msg.data or b"{}")
-            result: dict[str, Any] = {"result": await self.engine.rpc(model, op, payload)}
+            result: dict[str, Any] = {"result": await rpc.rpc(model, op, payload)}
         except HeadraceError as e:
             result = {"error": {"code": e.code, "message": e.message}}
         except (orjson.JSONDecodeError, TypeError, ValueError):

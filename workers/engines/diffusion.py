@@ -25,7 +25,6 @@ import time
 from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from diffusers.pipelines.auto_pipeline import (
@@ -36,7 +35,6 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from schemas.errors import InvalidRequest
 from schemas.events import Done, EngineEvent, Progress
 from schemas.jobs import ImageJob
 from schemas.registry import ModelInfo
@@ -65,7 +63,7 @@ class ImageModelConfig:
 
 
 class DiffusionEngine:
-    """An ``ImageEngine`` serving diffusers pipelines."""
+    """An ``ImageEngine`` serving diffusers pipelines; it ``ReportsGpuMemory``."""
 
     kind: JobKind = "sd"
 
@@ -100,10 +98,6 @@ class DiffusionEngine:
         except BaseException:
             await self.close()
             raise
-
-    async def rpc(self, model: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Image models answer no request/reply operations."""
-        raise InvalidRequest(f"image models have no rpc operations ({op[:64]!r} was asked)")
 
     async def close(self) -> None:
         """Stop running jobs (within a step), end the thread and free the models; start() may reload."""

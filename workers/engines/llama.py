@@ -52,7 +52,7 @@ class _Slot:
 
 
 class LlamaEngine:
-    """A ``TextEngine`` serving GGUF models with llama.cpp."""
+    """A ``TextEngine`` serving GGUF models with llama.cpp; it ``AnswersRpc``."""
 
     kind: JobKind = "llm"
 
