@@ -43,6 +43,7 @@ from workers.emitter import Emitter
 from workers.engines.abilities import AnswersRpc, ReportsGpuMemory
 from workers.engines.base import Engine
 from workers.metrics import Outcome, WorkerMetrics
+from workers.queue_time import queue_ms
 from workers.registry import Heartbeat
 from workers.settings import WorkerSettings
 from workers.slots import SlotPool
@@ -338,16 +339,16 @@ class Runtime:
         done: Done | None = None
         outcome: Outcome
         try:
-            queue_ms = max(0.0, time.time() * 1000 - job.created_ms)
+            waited_ms = queue_ms(job)
             await emitter.emit(
                 Started(
                     worker=self.settings.worker_id,
                     region=self.settings.region,
                     attempt=attempt,
-                    queue_ms=queue_ms,
+                    queue_ms=waited_ms,
                 )
             )
-            self.metrics.started(b.model, attempt, queue_ms)
+            self.metrics.started(b.model, attempt, waited_ms)
             # aclosing: if this task is cancelled, the engine's generator is closed now (its
             # finally stops any generation thread), not whenever it is garbage collected.
             async with contextlib.aclosing(self._events(job, cancel, attempt)) as events:

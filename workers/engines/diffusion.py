@@ -42,6 +42,7 @@ from schemas.subjects import JobKind
 from workers.engines.base import by_id, loaded_model
 from workers.engines.denoise import Pipelines, generate
 from workers.engines.thread_stream import ThreadStream
+from workers.queue_time import queue_ms, with_queue_ms
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class DiffusionEngine:
     ) -> AsyncGenerator[EngineEvent, None]:
         """Generate in the engine's thread; yield progress, then done."""
         pipes = self._model(job.model)
-        queue_ms = max(0.0, time.time() * 1000 - job.created_ms)
+        waited_ms = queue_ms(job)
         stream: ThreadStream[Progress, Done] = ThreadStream()
         abort = threading.Event()  # the runtime stopped listening, or the engine is closing
 
@@ -138,9 +139,7 @@ class DiffusionEngine:
                 async for steps in batches:
                     for progress in steps:
                         yield progress
-            done = stream.result
-            timings = done.timings.model_copy(update={"queue_ms": queue_ms})
-            yield done.model_copy(update={"timings": timings})
+            yield with_queue_ms(stream.result, waited_ms)
         finally:
             abort.set()
             self._aborts.discard(abort)

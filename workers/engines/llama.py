@@ -38,6 +38,7 @@ from workers.engines.base import by_id, loaded_model
 from workers.engines.decode import Piece, Signals, generate, merge
 from workers.engines.gguf import GgufModel, ModelConfig, load_context, route_native_logs
 from workers.engines.thread_stream import ThreadStream
+from workers.queue_time import queue_ms, with_queue_ms
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class LlamaEngine:
         model_id, model = self._model(job.model)
         free = self._free[model_id]
         slot = await free.get()
-        queue_ms = max(0.0, time.time() * 1000 - job.created_ms)
+        waited_ms = queue_ms(job)  # once the context is ours: waiting for one is queueing too
         loop = asyncio.get_running_loop()
         stream: ThreadStream[Piece, Done] = ThreadStream()
         signals = Signals(cancel)
@@ -163,8 +164,6 @@ class LlamaEngine:
             async with contextlib.aclosing(stream.batches()) as batches:
                 async for pieces in batches:
                     yield merge(pieces)
-            done = stream.result
-            timings = done.timings.model_copy(update={"queue_ms": queue_ms})
-            yield done.model_copy(update={"timings": timings})
+            yield with_queue_ms(stream.result, waited_ms)
         finally:
             signals.abort.set()  # the runtime stopped listening (or we are done): stop the thread
