@@ -42,9 +42,9 @@ from workers.cancels import CancelBook
 from workers.emitter import Emitter
 from workers.engines.abilities import AnswersRpc, ReportsGpuMemory
 from workers.engines.base import Engine
+from workers.heartbeat import Heartbeat
 from workers.metrics import Outcome, WorkerMetrics
 from workers.queue_time import queue_ms
-from workers.registry import Heartbeat
 from workers.settings import WorkerSettings
 from workers.slots import SlotPool
 
