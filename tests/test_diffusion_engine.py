@@ -24,6 +24,7 @@ from schemas.jobs import ImageJob, ImageParams
 from schemas.registry import ModelInfo
 from schemas.samplers import SAMPLERS
 from schemas.subjects import new_job_id
+from workers.engines.abilities import AnswersRpc, ReportsGpuMemory
 from workers.engines.diffusion import DiffusionEngine, ImageModelConfig
 
 MODEL = "tiny"
@@ -94,8 +95,9 @@ async def test_models_rpc_and_memory(engine: DiffusionEngine) -> None:
     assert engine.models() == [ModelInfo(id=MODEL, kind="sd")]
     assert engine.kind == "sd"
     assert engine.gpu_memory_bytes() is None  # CPU only here
-    with pytest.raises(InvalidRequest):
-        await engine.rpc(MODEL, "tokenize", {})
+    # Image models answer no request/reply operations: the engine has not that ability at all.
+    assert isinstance(engine, ReportsGpuMemory)
+    assert not isinstance(engine, AnswersRpc)
 
 
 def test_tiny_sd_is_reused(tiny_sd: Path) -> None:

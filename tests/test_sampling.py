@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import math
 
+import llama_cpp
 import orjson
 import pytest
+from llama_cpp._internals import LlamaSampler
 
 from schemas.errors import ContextLengthExceeded, InvalidRequest
 from schemas.events import TokenLogprob
 from schemas.jobs import TextParams
-from workers.engines.decode import Piece, merge
+from workers.engines.decode import Piece, add_step, merge
 from workers.engines.sampling import (
     LLAMA_DEFAULT_SEED,
+    Dist,
     Grammar,
+    Greedy,
+    MinP,
+    Mirostat,
+    MirostatV2,
     Penalties,
+    Temp,
+    TopK,
+    TopP,
+    Typical,
     plan,
     token_budget,
 )
@@ -31,14 +42,7 @@ def params(**kw: object) -> TextParams:
 
 def test_default_chain_is_llama_cpp_order() -> None:
     sp = plan(params(), n_vocab=N_VOCAB, n_ctx=N_CTX)
-    assert sp.steps == (
-        ("top_k", (40,)),
-        ("typical", (1.0,)),
-        ("top_p", (1.0,)),
-        ("min_p", (0.05,)),
-        ("temp", (1.0,)),
-        ("dist", (7,)),
-    )
+    assert sp.steps == (TopK(40), Typical(1.0), TopP(1.0), MinP(0.05), Temp(1.0), Dist(7))
     assert sp.logit_bias == {}
     assert sp.penalties is None
     assert sp.grammar is None
@@ -48,32 +52,56 @@ def test_default_chain_is_llama_cpp_order() -> None:
 def test_every_sampling_value_reaches_the_chain() -> None:
     p = params(temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, typical_p=0.8, seed=123)
     assert plan(p, n_vocab=N_VOCAB, n_ctx=N_CTX).steps == (
-        ("top_k", (5,)),
-        ("typical", (0.8,)),
-        ("top_p", (0.9,)),
-        ("min_p", (0.1,)),
-        ("temp", (0.7,)),
-        ("dist", (123,)),
+        TopK(5),
+        Typical(0.8),
+        TopP(0.9),
+        MinP(0.1),
+        Temp(0.7),
+        Dist(123),
     )
+
+
+def test_integer_arguments_stay_integers() -> None:
+    # llama.cpp takes k and seeds as ints: nothing on the way may turn them into floats.
+    default = plan(params(top_k=5, seed=2**32 - 2), n_vocab=N_VOCAB, n_ctx=N_CTX).steps
+    mirostat = plan(params(mirostat=2, seed=9), n_vocab=N_VOCAB, n_ctx=N_CTX).steps
+    assert isinstance(default[0], TopK)
+    assert type(default[0].k) is int
+    assert isinstance(default[-1], Dist)
+    assert type(default[-1].seed) is int
+    assert default[-1].seed == 2**32 - 2
+    assert isinstance(mirostat[-1], MirostatV2)
+    assert type(mirostat[-1].seed) is int
 
 
 def test_temperature_zero_is_greedy() -> None:
-    assert plan(params(temperature=0), n_vocab=N_VOCAB, n_ctx=N_CTX).steps == (("greedy", ()),)
+    assert plan(params(temperature=0), n_vocab=N_VOCAB, n_ctx=N_CTX).steps == (Greedy(),)
 
 
-@pytest.mark.parametrize(("mode", "name"), [(1, "mirostat"), (2, "mirostat_v2")])
-def test_mirostat_replaces_the_truncation_samplers(mode: int, name: str) -> None:
+@pytest.mark.parametrize(("mode", "step"), [(1, Mirostat), (2, MirostatV2)])
+def test_mirostat_replaces_the_truncation_samplers(
+    mode: int, step: type[Mirostat | MirostatV2]
+) -> None:
     p = params(mirostat=mode, mirostat_tau=4.0, mirostat_eta=0.2, temperature=0.5)
-    assert plan(p, n_vocab=N_VOCAB, n_ctx=N_CTX).steps == (
-        ("temp", (0.5,)),
-        (name, (7, 4.0, 0.2)),
-    )
+    assert plan(p, n_vocab=N_VOCAB, n_ctx=N_CTX).steps == (Temp(0.5), step(7, 4.0, 0.2))
+
+
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0}, {"mirostat": 1}, {"mirostat": 2}])
+def test_every_kind_of_plan_builds_a_llama_cpp_chain(kw: dict[str, object]) -> None:
+    steps = plan(params(**kw), n_vocab=N_VOCAB, n_ctx=N_CTX).steps
+    sampler = LlamaSampler()  # no model needed: the chain's samplers take plain arguments
+    try:
+        for step in steps:
+            add_step(sampler, step, N_VOCAB)
+        assert llama_cpp.llama_sampler_chain_n(sampler.sampler) == len(steps)
+    finally:
+        sampler.close()
 
 
 def test_the_seed_llama_cpp_reads_as_random_is_never_passed() -> None:
     sp = plan(params(seed=LLAMA_DEFAULT_SEED), n_vocab=N_VOCAB, n_ctx=N_CTX)
     assert sp.seed != LLAMA_DEFAULT_SEED
-    assert sp.steps[-1] == ("dist", (sp.seed,))
+    assert sp.steps[-1] == Dist(sp.seed)
 
 
 def test_logit_bias_keys_are_token_ids() -> None:

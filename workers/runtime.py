@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -39,9 +40,11 @@ from schemas.subjects import (
 from schemas.topology import Limits, consumer_definition, ensure_consumer
 from workers.cancels import CancelBook
 from workers.emitter import Emitter
+from workers.engines.abilities import AnswersRpc, ReportsGpuMemory
 from workers.engines.base import Engine
+from workers.heartbeat import Heartbeat
 from workers.metrics import Outcome, WorkerMetrics
-from workers.registry import Heartbeat
+from workers.queue_time import queue_ms
 from workers.settings import WorkerSettings
 from workers.slots import SlotPool
 
@@ -99,8 +102,11 @@ class Runtime:
         self.metrics = metrics or WorkerMetrics()
         self.metrics.slots.set(settings.slots)
         self.metrics.busy_slots.set_function(lambda: len(self._held))
-        gpu_memory = getattr(engine, "gpu_memory_bytes", None)  # engines on torch have it
-        if callable(gpu_memory):
+        # Optional abilities are looked for once, here; the rest of the runtime reads these.
+        # The rpc subjects belong to text models (rpc.llm.<model>.<op>): only text engines serve them.
+        self._rpc = engine if engine.kind == "llm" and isinstance(engine, AnswersRpc) else None
+        if isinstance(engine, ReportsGpuMemory):
+            gpu_memory = engine.gpu_memory_bytes
             self.metrics.gpu_memory_bytes.set_function(lambda: gpu_memory() or 0)
 
     @property
@@ -206,19 +212,22 @@ class Runtime:
             log.info("job %s: cancel requested", job_id)
 
     async def _serve_rpc(self) -> None:
-        if self.engine.kind != "llm":
+        rpc = self._rpc
+        if rpc is None:
             return
         for m in self.engine.models():
             await self.nc.subscribe(
-                rpc_subject(m.id, "*"), queue=f"rpc-{model_slug(m.id)}", cb=self._on_rpc
+                rpc_subject(m.id, "*"),
+                queue=f"rpc-{model_slug(m.id)}",
+                cb=functools.partial(self._on_rpc, rpc),
             )
 
-    async def _on_rpc(self, msg: Msg) -> None:
+    async def _on_rpc(self, rpc: AnswersRpc, msg: Msg) -> None:
         _, _, slug, op = msg.subject.split(".", 3)
         model = next((m.id for m in self.engine.models() if model_slug(m.id) == slug), slug)
         try:
             payload = orjson.loads(msg.data or b"{}")
-            result: dict[str, Any] = {"result": await self.engine.rpc(model, op, payload)}
+            result: dict[str, Any] = {"result": await rpc.rpc(model, op, payload)}
         except HeadraceError as e:
             result = {"error": {"code": e.code, "message": e.message, "param": e.param}}
         except (orjson.JSONDecodeError, TypeError, ValueError):
@@ -330,16 +339,16 @@ class Runtime:
         done: Done | None = None
         outcome: Outcome
         try:
-            queue_ms = max(0.0, time.time() * 1000 - job.created_ms)
+            waited_ms = queue_ms(job)
             await emitter.emit(
                 Started(
                     worker=self.settings.worker_id,
                     region=self.settings.region,
                     attempt=attempt,
-                    queue_ms=queue_ms,
+                    queue_ms=waited_ms,
                 )
             )
-            self.metrics.started(b.model, attempt, queue_ms)
+            self.metrics.started(b.model, attempt, waited_ms)
             # aclosing: if this task is cancelled, the engine's generator is closed now (its
             # finally stops any generation thread), not whenever it is garbage collected.
             async with contextlib.aclosing(self._events(job, cancel, attempt)) as events:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from schemas.errors import ModelNotFound
 from schemas.events import EngineEvent
@@ -33,6 +33,9 @@ class Engine(Protocol[JobT]):
     ``Done(finish_reason="cancelled")``. It raises ``Retry`` for failures another
     attempt may get past and another ``HeadraceError`` for permanent ones; the
     runtime alone decides ack, nak, term and dead-lettering.
+
+    Anything more (request/reply operations, GPU memory) is an optional ability
+    in ``abilities``, which the runtime checks for once.
     """
 
     kind: JobKind
@@ -47,10 +50,6 @@ class Engine(Protocol[JobT]):
 
     def run(self, job: JobT, cancel: threading.Event) -> AsyncGenerator[EngineEvent, None]:
         """Run one job."""
-        ...
-
-    async def rpc(self, model: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Answer a request/reply operation (tokenize, props ...) for a model."""
         ...
 
     async def close(self) -> None:

@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import assert_never
 
 import llama_cpp
 import numpy as np
@@ -24,7 +25,22 @@ from schemas.errors import InvalidRequest
 from schemas.events import Delta, Done, FinishReason, Timings, TokenLogprob, TopLogprob, Usage
 from schemas.jobs import TextJob
 from workers.engines.gguf import GgufModel
-from workers.engines.sampling import Grammar, SamplerPlan, Step, plan, token_budget
+from workers.engines.sampling import (
+    Dist,
+    Grammar,
+    Greedy,
+    MinP,
+    Mirostat,
+    MirostatV2,
+    SamplerPlan,
+    Step,
+    Temp,
+    TopK,
+    TopP,
+    Typical,
+    plan,
+    token_budget,
+)
 from workers.engines.stops import StopHoldback
 
 
@@ -74,17 +90,33 @@ def grammar_text(g: Grammar) -> str:
         ) from None
 
 
-_STEPS: dict[str, Callable[[LlamaSampler, tuple[float, ...], int], None]] = {
-    "greedy": lambda s, a, n: s.add_greedy(),
-    "top_k": lambda s, a, n: s.add_top_k(int(a[0])),
-    "typical": lambda s, a, n: s.add_typical(a[0], 1),
-    "top_p": lambda s, a, n: s.add_top_p(a[0], 1),
-    "min_p": lambda s, a, n: s.add_min_p(a[0], 1),
-    "temp": lambda s, a, n: s.add_temp(a[0]),
-    "dist": lambda s, a, n: s.add_dist(int(a[0])),
-    "mirostat": lambda s, a, n: s.add_mirostat(n, int(a[0]), a[1], a[2], 100),
-    "mirostat_v2": lambda s, a, n: s.add_mirostat_v2(int(a[0]), a[1], a[2]),
-}
+def add_step(sampler: LlamaSampler, step: Step, n_vocab: int) -> None:
+    """Append one step of the plan to the chain, its arguments as llama.cpp's samplers take them.
+
+    The truncation samplers get min_keep 1 (they never leave no token to draw); mirostat
+    1.0 estimates over m = 100 tokens, as llama.cpp's common/sampling.cpp passes.
+    """
+    match step:
+        case Greedy():
+            sampler.add_greedy()
+        case TopK(k):
+            sampler.add_top_k(k)
+        case Typical(p):
+            sampler.add_typical(p, 1)
+        case TopP(p):
+            sampler.add_top_p(p, 1)
+        case MinP(p):
+            sampler.add_min_p(p, 1)
+        case Temp(temperature):
+            sampler.add_temp(temperature)
+        case Dist(seed):
+            sampler.add_dist(seed)
+        case Mirostat(seed, tau, eta):
+            sampler.add_mirostat(n_vocab, seed, tau, eta, 100)
+        case MirostatV2(seed, tau, eta):
+            sampler.add_mirostat_v2(seed, tau, eta)
+        case _:
+            assert_never(step)
 
 
 def build_sampler(model: GgufModel, sp: SamplerPlan) -> LlamaSampler:
@@ -104,10 +136,8 @@ def build_sampler(model: GgufModel, sp: SamplerPlan) -> LlamaSampler:
             sampler.close()
             raise InvalidRequest("the grammar does not parse as GBNF", param="grammar")
         llama_cpp.llama_sampler_chain_add(sampler.sampler, native)
-    step: Step
     for step in sp.steps:
-        name, args = step
-        _STEPS[name](sampler, args, model.n_vocab)
+        add_step(sampler, step, model.n_vocab)
     return sampler
 
 

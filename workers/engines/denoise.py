@@ -26,7 +26,7 @@ from schemas.errors import Retry
 from schemas.events import Done, ImageRef, Progress, Timings
 from schemas.infotext import infotext
 from schemas.jobs import ImageJob
-from workers.engines.images import decode_init_image, png_base64
+from workers.engines.image_codec import decode_init_image, png_base64
 from workers.engines.previews import latent_preview
 from workers.engines.schedulers import make_scheduler
 

@@ -4,9 +4,9 @@ Thread model: torch work runs in one thread per engine, for its whole life: the
 models are loaded there and every job runs there, one at a time. A worker with
 more slots than one takes more jobs, but they queue in this thread (one GPU
 serves one denoising loop well; two interleaved ones only share it). The
-thread hands each step's ``Progress`` to the event loop with
-``call_soon_threadsafe``; the loop yields every one to the runtime (a step takes
-far longer than publishing an event, so nothing is coalesced).
+thread hands each step's ``Progress`` to the event loop through a
+``ThreadStream``; the loop yields every one to the runtime (a step takes far
+longer than publishing an event, so nothing is coalesced).
 
 Each model is served as text-to-image and image-to-image pipelines that share
 one set of weights (``from_pipe``); each job gets its own scheduler (see
@@ -25,7 +25,6 @@ import time
 from collections.abc import AsyncGenerator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from diffusers.pipelines.auto_pipeline import (
@@ -36,17 +35,16 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
-from schemas.errors import InvalidRequest
 from schemas.events import Done, EngineEvent, Progress
 from schemas.jobs import ImageJob
 from schemas.registry import ModelInfo
 from schemas.subjects import JobKind
 from workers.engines.base import by_id, loaded_model
 from workers.engines.denoise import Pipelines, generate
+from workers.engines.thread_stream import ThreadStream
+from workers.queue_time import queue_ms, with_queue_ms
 
 log = logging.getLogger(__name__)
-
-_Item = Progress | Done | Exception
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +63,7 @@ class ImageModelConfig:
 
 
 class DiffusionEngine:
-    """An ``ImageEngine`` serving diffusers pipelines."""
+    """An ``ImageEngine`` serving diffusers pipelines; it ``ReportsGpuMemory``."""
 
     kind: JobKind = "sd"
 
@@ -101,10 +99,6 @@ class DiffusionEngine:
             await self.close()
             raise
 
-    async def rpc(self, model: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """Image models answer no request/reply operations."""
-        raise InvalidRequest(f"image models have no rpc operations ({op[:64]!r} was asked)")
-
     async def close(self) -> None:
         """Stop running jobs (within a step), end the thread and free the models; start() may reload."""
         for abort in self._aborts:
@@ -128,32 +122,24 @@ class DiffusionEngine:
     ) -> AsyncGenerator[EngineEvent, None]:
         """Generate in the engine's thread; yield progress, then done."""
         pipes = self._model(job.model)
-        queue_ms = max(0.0, time.time() * 1000 - job.created_ms)
-        loop = asyncio.get_running_loop()
-        items: asyncio.Queue[_Item] = asyncio.Queue()
+        waited_ms = queue_ms(job)
+        stream: ThreadStream[Progress, Done] = ThreadStream()
         abort = threading.Event()  # the runtime stopped listening, or the engine is closing
 
-        def put(item: _Item) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
-                loop.call_soon_threadsafe(items.put_nowait, item)
-
-        def work() -> None:
-            try:
-                put(generate(pipes, job, put, lambda: cancel.is_set() or abort.is_set()))
-            except Exception as e:  # handed to the event loop, which raises it to the runtime
-                put(e)
+        def stop() -> bool:
+            return cancel.is_set() or abort.is_set()
 
         self._aborts.add(abort)
         # Submitted, not run_in_executor: an asyncio future would tie the job's bookkeeping
         # to this loop, and the thread may finish after the loop is gone.
-        self._executor().submit(work)
+        self._executor().submit(stream.work(lambda send: generate(pipes, job, send, stop)))
         try:
-            async with contextlib.aclosing(_events(items)) as events:
-                async for event in events:
-                    if isinstance(event, Done):
-                        timings = event.timings.model_copy(update={"queue_ms": queue_ms})
-                        event = event.model_copy(update={"timings": timings})
-                    yield event
+            # Every step's progress, in order: a step takes far longer than sending its event.
+            async with contextlib.aclosing(stream.batches()) as batches:
+                async for steps in batches:
+                    for progress in steps:
+                        yield progress
+            yield with_queue_ms(stream.result, waited_ms)
         finally:
             abort.set()
             self._aborts.discard(abort)
@@ -195,14 +181,3 @@ def _device(wanted: str) -> torch.device:
     if wanted not in ("auto", "cpu"):
         log.warning("device %s is not available here: using the CPU", wanted)
     return torch.device("cpu")
-
-
-async def _events(items: asyncio.Queue[_Item]) -> AsyncGenerator[EngineEvent, None]:
-    """The thread's events in order, every step's progress included; then done, or the error."""
-    while True:
-        item = await items.get()
-        if isinstance(item, Exception):
-            raise item
-        yield item
-        if isinstance(item, Done):
-            return

@@ -35,7 +35,7 @@ def prompt_text(job: TextJob) -> str:
 
 
 class EchoEngine:
-    """A ``TextEngine`` that needs no model."""
+    """A ``TextEngine`` that needs no model; it ``AnswersRpc`` (tokenize and props only)."""
 
     kind: JobKind = "llm"
 

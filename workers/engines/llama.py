@@ -11,7 +11,7 @@ on 2 cores). With mmap the contexts share the weights' file pages; each has
 its own KV cache.
 
 Streaming: the thread hands every releasable piece of text to the event loop
-(``call_soon_threadsafe``); pieces that queue up while the runtime is still
+through a ``ThreadStream``; pieces that queue up while the runtime is still
 publishing the previous delta are coalesced into one ``Delta``.
 """
 
@@ -37,10 +37,10 @@ from workers.engines import llama_rpc
 from workers.engines.base import by_id, loaded_model
 from workers.engines.decode import Piece, Signals, generate, merge
 from workers.engines.gguf import GgufModel, ModelConfig, load_context, route_native_logs
+from workers.engines.thread_stream import ThreadStream
+from workers.queue_time import queue_ms, with_queue_ms
 
 log = logging.getLogger(__name__)
-
-_Item = Piece | Done | Exception
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +52,7 @@ class _Slot:
 
 
 class LlamaEngine:
-    """A ``TextEngine`` serving GGUF models with llama.cpp."""
+    """A ``TextEngine`` serving GGUF models with llama.cpp; it ``AnswersRpc``."""
 
     kind: JobKind = "llm"
 
@@ -145,20 +145,11 @@ class LlamaEngine:
         model_id, model = self._model(job.model)
         free = self._free[model_id]
         slot = await free.get()
-        queue_ms = max(0.0, time.time() * 1000 - job.created_ms)
+        waited_ms = queue_ms(job)  # once the context is ours: waiting for one is queueing too
         loop = asyncio.get_running_loop()
-        items: asyncio.Queue[_Item] = asyncio.Queue()
+        stream: ThreadStream[Piece, Done] = ThreadStream()
         signals = Signals(cancel)
-
-        def put(item: _Item) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
-                loop.call_soon_threadsafe(items.put_nowait, item)
-
-        def work() -> None:
-            try:
-                put(generate(model, slot.llm, job, signals, put))
-            except Exception as e:  # handed to the event loop, which raises it to the runtime
-                put(e)
+        work = stream.work(lambda send: generate(model, slot.llm, job, signals, send))
 
         def release(future: asyncio.Future[None]) -> None:
             # The context goes back only when its thread is done with it, whatever the consumer did.
@@ -169,28 +160,10 @@ class LlamaEngine:
         self._jobs[future] = signals
         future.add_done_callback(release)
         try:
-            async with contextlib.aclosing(_events(items)) as events:
-                async for event in events:
-                    if isinstance(event, Done):
-                        timings = event.timings.model_copy(update={"queue_ms": queue_ms})
-                        event = event.model_copy(update={"timings": timings})
-                    yield event
+            # One delta per batch: the pieces that queued up meanwhile, coalesced.
+            async with contextlib.aclosing(stream.batches()) as batches:
+                async for pieces in batches:
+                    yield merge(pieces)
+            yield with_queue_ms(stream.result, waited_ms)
         finally:
             signals.abort.set()  # the runtime stopped listening (or we are done): stop the thread
-
-
-async def _events(items: asyncio.Queue[_Item]) -> AsyncGenerator[EngineEvent, None]:
-    """Deltas from the thread's pieces, coalescing what queued up; then done, or the error."""
-    while True:
-        batch = [await items.get()]
-        while not items.empty():
-            batch.append(items.get_nowait())
-        pieces = [b for b in batch if isinstance(b, Piece)]
-        if pieces:
-            yield merge(pieces)
-        last = batch[-1]
-        if isinstance(last, Exception):
-            raise last
-        if isinstance(last, Done):
-            yield last
-            return

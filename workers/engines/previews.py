@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from workers.engines.images import png_base64
+from workers.engines.image_codec import png_base64
 
 # rows: latent channels 0..3, columns: R, G, B (A1111's sd_vae_approx.cheap_approximation)
 _LATENT_TO_RGB = torch.tensor(

@@ -22,10 +22,74 @@ from schemas.jobs import TextParams
 # "same seed, same text" (a redelivered job must repeat itself).
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF
 
-StepName = Literal[
-    "greedy", "top_k", "typical", "top_p", "min_p", "temp", "dist", "mirostat", "mirostat_v2"
-]
-Step = tuple[StepName, tuple[float, ...]]
+
+@dataclass(frozen=True, slots=True)
+class Greedy:
+    """Always the most likely token (temperature 0)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TopK:
+    """Keep the ``k`` most likely tokens (0: all)."""
+
+    k: int
+
+
+@dataclass(frozen=True, slots=True)
+class Typical:
+    """Locally typical sampling with mass ``p`` (1.0: off)."""
+
+    p: float
+
+
+@dataclass(frozen=True, slots=True)
+class TopP:
+    """Nucleus sampling: the smallest set of tokens with mass ``p`` (1.0: off)."""
+
+    p: float
+
+
+@dataclass(frozen=True, slots=True)
+class MinP:
+    """Drop tokens less likely than ``p`` times the most likely one (0: off)."""
+
+    p: float
+
+
+@dataclass(frozen=True, slots=True)
+class Temp:
+    """Divide the logits by the temperature."""
+
+    temperature: float
+
+
+@dataclass(frozen=True, slots=True)
+class Dist:
+    """Draw from what is left, with a generator seeded by ``seed``."""
+
+    seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Mirostat:
+    """Mirostat 1.0 (target surprise ``tau``, learning rate ``eta``); it draws the token too."""
+
+    seed: int
+    tau: float
+    eta: float
+
+
+@dataclass(frozen=True, slots=True)
+class MirostatV2:
+    """Mirostat 2.0 (target surprise ``tau``, learning rate ``eta``); it draws the token too."""
+
+    seed: int
+    tau: float
+    eta: float
+
+
+# Each step keeps its arguments' types (a seed or k is an int, never a float cast back).
+Step = Greedy | TopK | Typical | TopP | MinP | Temp | Dist | Mirostat | MirostatV2
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,21 +181,18 @@ def grammar(p: TextParams) -> Grammar | None:
 def steps(p: TextParams, seed: int) -> tuple[Step, ...]:
     """The samplers after bias, penalties and grammar, in llama.cpp's order."""
     if p.temperature == 0:
-        return (("greedy", ()),)
+        return (Greedy(),)
     if p.mirostat == 1:
-        return (("temp", (p.temperature,)), ("mirostat", (seed, p.mirostat_tau, p.mirostat_eta)))
+        return (Temp(p.temperature), Mirostat(seed, p.mirostat_tau, p.mirostat_eta))
     if p.mirostat == 2:
-        return (
-            ("temp", (p.temperature,)),
-            ("mirostat_v2", (seed, p.mirostat_tau, p.mirostat_eta)),
-        )
+        return (Temp(p.temperature), MirostatV2(seed, p.mirostat_tau, p.mirostat_eta))
     return (
-        ("top_k", (p.top_k,)),
-        ("typical", (p.typical_p,)),
-        ("top_p", (p.top_p,)),
-        ("min_p", (p.min_p,)),
-        ("temp", (p.temperature,)),
-        ("dist", (seed,)),
+        TopK(p.top_k),
+        Typical(p.typical_p),
+        TopP(p.top_p),
+        MinP(p.min_p),
+        Temp(p.temperature),
+        Dist(seed),
     )
 
 
