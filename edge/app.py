@@ -6,7 +6,6 @@ import asyncio
 import logging
 import signal
 
-import nats
 import uvloop
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -15,17 +14,18 @@ from edge import middlewares
 from edge.auth import KeyStore
 from edge.context import CTX, EdgeContext
 from edge.dedup import Dedup
+from edge.fleet import Fleet
 from edge.metrics import EdgeMetrics
 from edge.options import Options
 from edge.queues import QueueDepth
 from edge.ratelimit import http as ratelimit
 from edge.ratelimit.admission import Limiter
-from edge.registry import Registry
-from edge.routes import a1111, health, images, llamacpp, ollama, openai, openapi
+from edge.routes import a1111, health, llamacpp, ollama, openai, openai_images, openapi
 from edge.settings import EdgeSettings
 from edge.tasks import TaskBook
 from schemas.client import JobClient
-from schemas.images import ImageStore
+from schemas.connection import connect
+from schemas.image_store import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +52,16 @@ def build_app(settings: EdgeSettings, registry: CollectorRegistry | None = None)
     app.on_cleanup.append(_disconnect)
     app.on_response_prepare.append(middlewares.stamp_request_id)
     app.on_response_prepare.append(ratelimit.stamp)
-    for module in (openai, images, a1111, llamacpp, ollama, health, openapi):
+    for module in (openai, openai_images, a1111, llamacpp, ollama, health, openapi):
         module.routes.add_to(app)
     return app
 
 
 async def _connect(app: web.Application) -> None:
     c = app[CTX]
-    nc = await nats.connect(
-        servers=c.settings.nats_servers(),
-        name=f"edge-{c.settings.region}",
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        connect_timeout=5,
-    )
+    nc = await connect(c.settings, f"edge-{c.settings.region}", connect_timeout_s=5)
     js = nc.jetstream()
-    fleet = Registry(js, c.settings.worker_stale_s)
+    fleet = Fleet(js, c.settings.worker_stale_s)
     await fleet.start()
     queues = QueueDepth(js, c.metrics.queued, c.metrics.running, c.settings.queue_poll_s)
     queues.start()

@@ -9,15 +9,15 @@ from nats.aio.client import Client as NATS
 
 from edge.auth import ApiKey, KeyStore
 from edge.dedup import Dedup
+from edge.fleet import Fleet
 from edge.metrics import EdgeMetrics
 from edge.options import Options
 from edge.queues import QueueDepth
 from edge.ratelimit.admission import Limiter
-from edge.registry import Registry
 from edge.settings import EdgeSettings
 from edge.tasks import TaskBook
 from schemas.client import JobClient
-from schemas.images import ImageStore
+from schemas.image_store import ImageStore
 
 
 @dataclass
@@ -34,7 +34,7 @@ class EdgeContext:
     queues: QueueDepth | None = None
     options: Options | None = None  # A1111 options per key
     _jobs: JobClient | None = field(default=None, repr=False)
-    _fleet: Registry | None = field(default=None, repr=False)
+    _fleet: Fleet | None = field(default=None, repr=False)
     _images: ImageStore | None = field(default=None, repr=False)
 
     def attach(
@@ -42,7 +42,7 @@ class EdgeContext:
         nc: NATS,
         *,
         jobs: JobClient,
-        fleet: Registry,
+        fleet: Fleet,
         images: ImageStore,
         queues: QueueDepth,
         options: Options,
@@ -64,7 +64,7 @@ class EdgeContext:
         return self._images
 
     @property
-    def fleet(self) -> Registry:
+    def fleet(self) -> Fleet:
         """The worker registry (only once connected)."""
         assert self._fleet is not None, "the edge is not connected to NATS"
         return self._fleet

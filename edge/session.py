@@ -33,8 +33,8 @@ from edge.tasks import Task
 from schemas.client import JobStream
 from schemas.errors import ModelNotFound
 from schemas.events import Done
+from schemas.fleet import ModelInfo
 from schemas.jobs import ImageInput, ImageJob, ImageParams, TextJob, TextParams
-from schemas.registry import ModelInfo
 from schemas.subjects import new_job_id
 
 # How long a request that ended early (client gone, deadline) waits for its cancelled jobs'

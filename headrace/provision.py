@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import nats
-
 from headrace.settings import ProvisionSettings
+from schemas.connection import connect
 from schemas.subjects import JobKind
 from schemas.topology import Change, Limits, provision
 
@@ -22,7 +21,7 @@ def parse_models(specs: list[str]) -> list[tuple[JobKind, str]]:
 
 async def run(settings: ProvisionSettings, models: list[tuple[JobKind, str]]) -> dict[str, Change]:
     """Connect, provision, disconnect; returns what changed."""
-    nc = await nats.connect(servers=settings.nats_servers(), connect_timeout=5)
+    nc = await connect(settings, "headrace-provision", connect_timeout_s=5)
     try:
         limits = Limits.model_validate(settings.model_dump(include=set(Limits.model_fields)))
         return await provision(nc.jetstream(), limits, models)

@@ -10,7 +10,8 @@ import nats.js.errors
 from nats.js import JetStreamContext
 
 from schemas.codec import decode_worker
-from schemas.registry import WorkerInfo
+from schemas.connection import connect
+from schemas.fleet import WorkerInfo
 from schemas.settings import CommonSettings
 from schemas.subjects import DLQ_STREAM, JOBS_STREAM, WORKERS_BUCKET
 
@@ -54,7 +55,7 @@ async def render(js: JetStreamContext) -> str:
 
 async def run(settings: CommonSettings, watch_s: float | None = None) -> int:
     """Print the status once, or every ``watch_s`` seconds until interrupted."""
-    nc = await nats.connect(servers=settings.nats_servers(), connect_timeout=5)
+    nc = await connect(settings, "headrace-status", connect_timeout_s=5)
     try:
         js = nc.jetstream()
         while True:

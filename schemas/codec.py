@@ -9,8 +9,8 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from schemas.errors import Poison
 from schemas.events import Event
+from schemas.fleet import WorkerInfo
 from schemas.jobs import ImageJob, Job, TextJob
-from schemas.registry import WorkerInfo
 
 _JOB: TypeAdapter[TextJob | ImageJob] = TypeAdapter(Job)
 _EVENT: TypeAdapter[Any] = TypeAdapter(Event)

@@ -10,8 +10,8 @@ import orjson
 from pydantic import TypeAdapter
 
 from schemas.events import Event
+from schemas.fleet import WorkerInfo
 from schemas.jobs import ImageJob, Job, TextJob
-from schemas.registry import WorkerInfo
 
 JSON_DIR = Path(__file__).with_name("json")
 

@@ -13,8 +13,8 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
 from schemas.events import EngineEvent
+from schemas.fleet import ModelInfo
 from schemas.jobs import TextJob
-from schemas.registry import ModelInfo
 from schemas.subjects import JobKind, rpc_subject
 from tests.conftest import running
 from workers.engines.abilities import AnswersRpc, ReportsGpuMemory

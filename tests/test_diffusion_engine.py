@@ -19,9 +19,9 @@ from PIL import Image
 from headrace.tiny_sd import build_tiny_sd
 from schemas.errors import InvalidRequest, ModelNotFound
 from schemas.events import Done, ImageRef, Progress
+from schemas.fleet import ModelInfo
 from schemas.infotext import infotext
 from schemas.jobs import ImageJob, ImageParams
-from schemas.registry import ModelInfo
 from schemas.samplers import SAMPLERS
 from schemas.subjects import new_job_id
 from workers.engines.abilities import AnswersRpc, ReportsGpuMemory

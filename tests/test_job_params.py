@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from edge.a1111.requests import Img2ImgRequest, Txt2ImgRequest
 from edge.llamacpp.requests import CompletionRequest as LlamaCompletion
 from edge.ollama.requests import ChatRequest, GenerateRequest
-from edge.openai.images import ImageGenerationRequest
+from edge.openai.image_generation import ImageGenerationRequest
 from edge.openai.requests import ChatCompletionRequest, CompletionRequest
 from schemas.codec import decode_job, encode
 from schemas.errors import InvalidRequest, Poison

@@ -12,7 +12,7 @@ import nats.errors
 from nats.js import JetStreamContext
 
 from schemas.codec import encode
-from schemas.registry import WorkerInfo
+from schemas.fleet import WorkerInfo
 from schemas.subjects import WORKERS_BUCKET, worker_key
 
 log = logging.getLogger(__name__)

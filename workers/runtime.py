@@ -21,11 +21,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from schemas.codec import decode_job
+from schemas.connection import connect
 from schemas.errors import ErrorCode, HeadraceError, Poison, Retry, Unavailable
 from schemas.events import Done, EngineEvent, Error, Started
-from schemas.images import ImageStore
+from schemas.fleet import VERSION, WorkerInfo
+from schemas.image_store import ImageStore
 from schemas.jobs import ImageJob, TextJob
-from schemas.registry import VERSION, WorkerInfo
 from schemas.subjects import (
     CANCEL_ALL,
     JOBS_STREAM,
@@ -58,29 +59,6 @@ class Binding:
     model: str
     psub: JetStreamContext.PullSubscription
     max_deliver: int
-
-
-async def connect(settings: WorkerSettings, name: str) -> NATS:
-    """Connect, waiting for the server if it is not up yet; reconnect forever afterwards."""
-    delay = 0.1
-    while True:
-        try:
-            return await nats.connect(
-                servers=settings.nats_servers(),
-                name=name,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                connect_timeout=2,
-                error_cb=_log_nats_error,
-            )
-        except (nats.errors.NoServersError, OSError, TimeoutError) as e:
-            log.warning("NATS not reachable (%s); retrying in %.1f s", type(e).__name__, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-
-async def _log_nats_error(e: Exception) -> None:
-    log.warning("NATS: %s", type(e).__name__)
 
 
 class Runtime:
@@ -139,7 +117,7 @@ class Runtime:
         loaded_s = time.perf_counter() - loading
         for m in self.engine.models():  # start() loads every model at once: each gets the total
             self.metrics.model_load_seconds.labels(m.id).set(loaded_s)
-        self._nc = await connect(self.settings, self.settings.worker_id)
+        self._nc = await connect(self.settings, self.settings.worker_id, wait=True)
         js = self.nc.jetstream()
         self._images = ImageStore(js, self.settings.image_inline_chars)
         bindings = []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from schemas.images import DEFAULT_INLINE_CHARS
+from schemas.image_store import DEFAULT_INLINE_CHARS
 from schemas.settings import CommonSettings
 
 

@@ -11,9 +11,9 @@ import orjson
 from edge.a1111.requests import Img2ImgRequest, Txt2ImgRequest
 from edge.imaging import ImageResult
 from edge.tasks import Task
+from schemas.fleet import ModelInfo
 from schemas.infotext import infotext
 from schemas.jobs import ImageParams
-from schemas.registry import ModelInfo
 from schemas.samplers import SAMPLERS
 
 

@@ -21,7 +21,7 @@ from schemas.client import START, Position
 from schemas.codec import encode
 from schemas.errors import InvalidRequest
 from schemas.events import Done
-from schemas.images import ImageStore
+from schemas.image_store import ImageStore
 from schemas.jobs import TextParams
 from schemas.subjects import is_job_id
 

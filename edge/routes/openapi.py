@@ -9,7 +9,7 @@ from pydantic.json_schema import models_json_schema
 
 from edge.a1111.requests import Img2ImgRequest, Txt2ImgRequest
 from edge.errors import json_response
-from edge.openai.images import ImageGenerationRequest
+from edge.openai.image_generation import ImageGenerationRequest
 from edge.openai.requests import ChatCompletionRequest, CompletionRequest
 from edge.routing import Routes
 

@@ -35,7 +35,7 @@ import nats
 from headrace.bench.common import child, private_nats, progress, pyplot, wait_worker, write_outputs
 from headrace.servers import free_port, wait_for_port
 from headrace.tiny_sd import build_tiny_sd
-from schemas.images import ImageStore
+from schemas.image_store import ImageStore
 
 SIZE = 64
 PROMPT = "a lighthouse on a cliff at dusk"

@@ -9,8 +9,8 @@ from typing import Protocol, TypeVar
 
 from schemas.errors import ModelNotFound
 from schemas.events import EngineEvent
+from schemas.fleet import ModelInfo
 from schemas.jobs import ImageJob, TextJob
-from schemas.registry import ModelInfo
 from schemas.subjects import JobKind, model_slug
 
 JobT = TypeVar("JobT", TextJob, ImageJob, contravariant=True)

@@ -36,8 +36,8 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from schemas.events import Done, EngineEvent, Progress
+from schemas.fleet import ModelInfo
 from schemas.jobs import ImageJob
-from schemas.registry import ModelInfo
 from schemas.subjects import JobKind
 from workers.engines.base import by_id, loaded_model
 from workers.engines.denoise import Pipelines, generate

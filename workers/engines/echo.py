@@ -17,8 +17,8 @@ from typing import Any
 
 from schemas.errors import InvalidRequest
 from schemas.events import Delta, Done, EngineEvent, FinishReason, Timings, Usage
+from schemas.fleet import ModelInfo
 from schemas.jobs import TextJob
-from schemas.registry import ModelInfo
 from schemas.subjects import JobKind
 
 _FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "headrace", "stream", "token")

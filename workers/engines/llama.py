@@ -30,8 +30,8 @@ from typing import Any
 import llama_cpp
 
 from schemas.events import Done, EngineEvent
+from schemas.fleet import ModelInfo
 from schemas.jobs import TextJob
-from schemas.registry import ModelInfo
 from schemas.subjects import JobKind
 from workers.engines import llama_rpc
 from workers.engines.base import by_id, loaded_model

@@ -15,13 +15,13 @@ from pydantic import ValidationError
 
 from schemas.codec import decode_worker
 from schemas.errors import ModelNotFound, NoWorker
-from schemas.registry import ModelInfo, WorkerInfo
+from schemas.fleet import ModelInfo, WorkerInfo
 from schemas.subjects import JOBS_STREAM, WORKERS_BUCKET, JobKind, consumer_name
 
 log = logging.getLogger(__name__)
 
 
-class Registry:
+class Fleet:
     """Live workers by id, kept current by a KV watch; stale heartbeats are ignored."""
 
     def __init__(self, js: JetStreamContext, stale_s: float) -> None:

@@ -11,7 +11,7 @@ from edge.context import ctx
 from edge.errors import OPENAI
 from edge.imaging import answer, check_image_bounds, pick_model
 from edge.jobs import seeds
-from edge.openai.images import ImageGenerationRequest, generation_response
+from edge.openai.image_generation import ImageGenerationRequest, generation_response
 from edge.routing import Routes
 from edge.session import Session
 from schemas.errors import InvalidRequest
