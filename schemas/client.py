@@ -172,8 +172,14 @@ class JobClient:
                 if e.err_code in _LIMIT_ERR_CODES:
                     raise QueueFull(f"the job queue is full ({e.description})") from e
                 raise Unavailable(f"JetStream refused the job ({e.description})") from e
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as e:
-                # Safe to repeat: the duplicate window drops a copy that did land.
+            except (
+                nats.errors.NoRespondersError,
+                nats.js.errors.NoStreamResponseError,  # nats-py's name for no responders
+                nats.errors.TimeoutError,
+            ) as e:
+                # Safe to repeat: the duplicate window drops a copy that did land. No responders
+                # also means a clustered stream between leaders, for the second or so of an
+                # election.
                 if attempt == self.publish_attempts:
                     raise Unavailable("JetStream did not accept the job in time") from e
                 log.debug("publish of job %s failed (%s), retrying", job.id, type(e).__name__)
