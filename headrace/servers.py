@@ -202,6 +202,7 @@ class ClusterNode(NatsServer):
     ) -> None:
         super().__init__(data_dir, port, http_port, log_path, config)
         self.server_name = server_name
+        self.name = f"nats-server {server_name}"
         self.cluster_name = cluster_name
         self.cluster_port = cluster_port or free_port()
         self.routes: list[str] = []  # the other nodes' route URLs, set by the cluster
@@ -332,6 +333,10 @@ class NatsCluster:
         """
         for n in self.nodes:
             self.restart(n, timeout_s=timeout_s)
+
+    def running(self) -> list[ClusterNode]:
+        """The nodes whose process is alive."""
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop every node (SIGTERM, then SIGKILL)."""

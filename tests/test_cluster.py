@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import statistics
 import threading
 import time
@@ -18,8 +19,12 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from pydantic import ValidationError
 
+from headrace.cli import build_parser
 from headrace.servers import NatsCluster
+from headrace.settings import StackSettings
+from headrace.status import render
 from schemas.client import JobClient, Received
 from schemas.errors import QueueFull, Unavailable
 from schemas.events import Delta, Done, EngineEvent
@@ -69,6 +74,16 @@ def test_replicas_are_the_deployments_choice() -> None:
     assert {d["num_replicas"] for d in stream_definitions(R3).values()} == {3}
 
 
+def test_up_cluster_settings() -> None:
+    args = build_parser().parse_args(["up", "--cluster", "3"])
+    settings = StackSettings(nats_nodes=args.nats_nodes)
+    assert settings.stream_replicas() == 3
+    assert StackSettings().stream_replicas() is None  # one node: the server's default, R1
+    assert StackSettings(nats_nodes=5, replicas=5).stream_replicas() == 5
+    with pytest.raises(ValidationError, match="cannot exceed"):
+        StackSettings(replicas=3)  # a standalone server refuses R3
+
+
 async def test_every_stream_and_bucket_is_r3_with_a_leader(nats_cluster: NatsCluster) -> None:
     names = {n.server_name for n in nats_cluster.nodes}
     nc = await connect_all(nats_cluster)
@@ -89,6 +104,10 @@ async def test_every_stream_and_bucket_is_r3_with_a_leader(nats_cluster: NatsClu
         assert len(consumer.cluster.replicas or []) == 2
         again = await provision(js, R3, [("llm", "echo")])
         assert set(again.values()) == {"unchanged"}
+        text = await render(js)  # headrace status
+        assert "CLUSTER headrace" in text
+        _, jobs_leader, _ = await replicas_of(js, JOBS_STREAM)
+        assert re.search(rf"^JOBS +{jobs_leader} +headrace-\d, headrace-\d$", text, re.M), text
     finally:
         await nc.close()
 
