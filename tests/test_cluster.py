@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -22,7 +23,7 @@ from nats.js import JetStreamContext
 from pydantic import ValidationError
 
 from headrace.cli import build_parser
-from headrace.servers import NatsCluster
+from headrace.servers import NatsCluster, NatsServer, free_port
 from headrace.settings import StackSettings
 from headrace.status import render
 from schemas.client import JobClient, Received
@@ -37,7 +38,7 @@ from schemas.subjects import (
     RESULTS_STREAM,
     WORKERS_BUCKET,
 )
-from schemas.topology import Limits, provision, stream_definitions
+from schemas.topology import NATS_DIR, Limits, provision, stream_definitions
 from tests.conftest import TEST_LIMITS, running, text_job
 from workers.engines.echo import EchoEngine
 from workers.settings import WorkerSettings
@@ -142,6 +143,44 @@ async def test_a_limit_change_keeps_the_replica_count(nats_cluster: NatsCluster)
         assert (info.config.max_msgs, info.config.num_replicas) == (77, 3)
     finally:
         await nc.close()
+
+
+async def test_the_compose_node_config_forms_a_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # compose.yaml's nats/cluster/node.conf, run for real: only the addresses are made loopback
+    # ones (there are no nats-1..3 hosts here) and each store a temporary directory.
+    conf = (NATS_DIR / "cluster" / "node.conf").read_text()
+    route_ports = {f"nats-{i}": free_port() for i in (1, 2, 3)}
+    for host, port in route_ports.items():
+        conf = conf.replace(f"nats-route://{host}:6222", f"nats-route://127.0.0.1:{port}")
+    conf = conf.replace("store_dir: /data\n", "")  # NatsServer passes its own (-sd)
+    nodes = []
+    try:
+        for host, port in route_ports.items():
+            path = tmp_path / f"{host}.conf"
+            path.write_text(conf.replace("listen: 0.0.0.0:6222", f"listen: 127.0.0.1:{port}"))
+            node = NatsServer(tmp_path / host, http_port=free_port(), config=path)
+            monkeypatch.setenv("SERVER_NAME", host)  # what each compose service sets
+            node.start()
+            nodes.append(node)
+        nc = await nats.connect(servers=[n.url for n in nodes])
+        try:
+            js = nc.jetstream(timeout=1.0)
+            async with asyncio.timeout(20):
+                while True:  # until the meta leader is elected
+                    with contextlib.suppress(nats.errors.Error, TimeoutError):
+                        await provision(js, R3)
+                        break
+                    await asyncio.sleep(0.2)
+            count, leader, followers = await replicas_of(js, JOBS_STREAM)
+        finally:
+            await nc.close()
+    finally:
+        for node in nodes:
+            node.stop()
+    assert count == 3
+    assert {leader, *followers} == set(route_ports)
 
 
 async def echo_text(job: TextJob) -> str:
