@@ -20,6 +20,7 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
 from pydantic import ValidationError
 
 from headrace.cli import build_parser
@@ -307,6 +308,17 @@ async def wait_new_leader(js: JetStreamContext, stream: str, old: str, timeout_s
     return leader
 
 
+async def drained(js: JetStreamContext, timeout_s: float = 15.0) -> ConsumerInfo:
+    """The model consumer once nothing is queued or held, or as it stands after ``timeout_s``
+    (a job nak'ed after its done runs once more: see summarize)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info: ConsumerInfo = await js.consumer_info(JOBS_STREAM, "llm-echo")
+        if (info.num_pending, info.num_ack_pending) == (0, 0) or time.monotonic() > deadline:
+            return info
+        await asyncio.sleep(0.2)
+
+
 def first_after(times: list[float], t: float) -> float | None:
     """How long after ``t`` the first of ``times`` came."""
     later = [x for x in times if x >= t]
@@ -418,7 +430,7 @@ async def test_no_accepted_job_lost_to_a_leader_kill_and_a_rolling_restart(
             await load.stop()
             await producing
             figures["drain after the last restart (s)"] = load.now() - t_stop
-            consumer = await js.consumer_info(JOBS_STREAM, "llm-echo")
+            consumer = await drained(js)
             count, leader, followers = await replicas_of(js, JOBS_STREAM)
     finally:
         await nc.close()
