@@ -185,8 +185,10 @@ class ValkeyServer(ChildServer):
 
 
 class ClusterNode(NatsServer):
-    """One nats-server of a :class:`NatsCluster`: its own name, store, client, route and monitoring
-    ports, with routes to the other nodes."""
+    """One nats-server of a :class:`NatsCluster`, routed to the other nodes.
+
+    It has its own server name, store directory, and client, route and monitoring ports.
+    """
 
     def __init__(
         self,
@@ -225,8 +227,11 @@ class ClusterNode(NatsServer):
         return cmd
 
     def healthy(self) -> bool:
-        """True when ``/healthz`` answers 200: JetStream on this node has a meta leader and its
-        streams and consumers are current. Without a monitoring port: when it accepts clients."""
+        """True when ``/healthz`` answers 200 (without a monitoring port: when it accepts clients).
+
+        A 200 means JetStream on this node reached the meta leader and its streams and consumers
+        are current.
+        """
         if self.proc is None or self.proc.poll() is not None:
             return False
         if not self.http_port:
@@ -242,7 +247,9 @@ class ClusterNode(NatsServer):
 class NatsCluster:
     """N nats-server nodes on loopback, routed to each other, each with its own store directory.
 
-    Ports are picked once, so a restarted node comes back where its peers and clients expect it.
+    ``port``, ``cluster_port`` and ``http_port`` are the first node's, and the next nodes count
+    up from them; 0 picks free ports, ``http_port=None`` runs no monitoring port. Ports are picked
+    once, so a restarted node comes back where its peers and clients expect it.
     """
 
     def __init__(
@@ -257,22 +264,22 @@ class NatsCluster:
         log_dir: Path | None = None,
         config: Path = DEV_CONF,
     ) -> None:
-        """``port``/``cluster_port``/``http_port`` are the first node's (the next nodes count up
-        from them); 0 picks free ports, and ``http_port=None`` runs no monitoring port."""
         if size < 1:
             raise ValueError("a cluster needs at least one node")
         data_dir = Path(data_dir)
         self.cluster_name = cluster_name
+
+        def nth(first: int, i: int) -> int:
+            return first + i - 1 if first else 0
+
         self.nodes = [
             ClusterNode(
                 data_dir / f"n{i}",
                 f"{cluster_name}-{i}",
                 cluster_name,
-                port=port + i - 1 if port else 0,
-                cluster_port=cluster_port + i - 1 if cluster_port else 0,
-                http_port=None
-                if http_port is None
-                else (http_port + i - 1 if http_port else free_port()),
+                port=nth(port, i),
+                cluster_port=nth(cluster_port, i),
+                http_port=None if http_port is None else nth(http_port, i) or free_port(),
                 log_path=None if log_dir is None else log_dir / f"nats-{i}.log",
                 config=config,
             )

@@ -21,7 +21,7 @@ class StackSettings(ProvisionSettings):
         default=Path(".headrace"), description="nats and valkey keep their files here"
     )
     nats_port: int = Field(
-        default=4222, ge=0, le=65535, description="the first node's on a cluster"
+        default=4222, ge=0, le=65535, description="client port (the first node's on a cluster)"
     )
     nats_http_port: int = Field(default=8222, ge=0, le=65535)
     nats_nodes: int = Field(
