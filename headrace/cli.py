@@ -29,6 +29,7 @@ _LIMITS = (
     "ack_wait_s",
     "max_deliver",
     "max_ack_pending",
+    "replicas",
 )
 
 
@@ -47,6 +48,12 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-deliver", type=int, help="consumers: attempts before dead-lettering")
     p.add_argument("--max-ack-pending", type=int, help="consumers: jobs in flight across the fleet")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        metavar="N",
+        help="copies of every stream and bucket (HEADRACE_REPLICAS; 3 on a 3-node cluster)",
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -60,6 +67,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "data_dir",
         "port",
         "nats_port",
+        "nats_nodes",
         "valkey_port",
         "echo_workers",
         "llm_workers",
@@ -208,7 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, help="where nats and valkey keep files (default .headrace)"
     )
     p.add_argument("--port", type=int, help="the edge's HTTP port (HEADRACE_PORT, default 8000)")
-    p.add_argument("--nats-port", type=int, help="default 4222")
+    p.add_argument("--nats-port", type=int, help="default 4222 (a cluster's nodes count up)")
+    p.add_argument(
+        "--cluster",
+        dest="nats_nodes",
+        type=int,
+        metavar="N",
+        help="run N nats-server nodes as one JetStream cluster, streams at R3 (HEADRACE_NATS_NODES)",
+    )
     p.add_argument("--valkey-port", type=int, help="default 6379")
     p.add_argument("--echo-workers", type=int, help="echo workers to start (default 1)")
     p.add_argument(

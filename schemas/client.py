@@ -86,9 +86,14 @@ class Received:
 
 def parse_result(msg: Msg) -> Received:
     """Decode a message from a reply subject or the RESULTS stream."""
-    headers = msg.headers or {}
-    pos = Position(int(headers.get(Header.ATTEMPT, 1)), int(headers.get(Header.SEQ, 0)))
-    return Received(pos, decode_event(msg.data), headers.get(Header.OWNER))
+    return received_from(msg.headers, msg.data)
+
+
+def received_from(headers: dict[str, str] | None, data: bytes | None) -> Received:
+    """Decode one result event from its headers and payload; ValueError when malformed."""
+    h = headers or {}
+    pos = Position(int(h.get(Header.ATTEMPT, 1)), int(h.get(Header.SEQ, 0)))
+    return Received(pos, decode_event(data or b""), h.get(Header.OWNER))
 
 
 class JobClient:
@@ -188,8 +193,14 @@ class JobClient:
                 if e.err_code in _LIMIT_ERR_CODES:
                     raise QueueFull(f"the job queue is full ({e.description})") from e
                 raise Unavailable(f"JetStream refused the job ({e.description})") from e
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as e:
-                # Safe to repeat: the duplicate window drops a copy that did land.
+            except (
+                nats.errors.NoRespondersError,
+                nats.js.errors.NoStreamResponseError,  # nats-py's name for no responders
+                nats.errors.TimeoutError,
+            ) as e:
+                # Safe to repeat: the duplicate window drops a copy that did land. No responders
+                # also means a clustered stream between leaders, for the second or so of an
+                # election.
                 if attempt == self.publish_attempts:
                     raise Unavailable("JetStream did not accept the job in time") from e
                 log.debug("publish of job %s failed (%s), retrying", job.id, type(e).__name__)
@@ -214,8 +225,16 @@ class JobClient:
             psub = await self.js.pull_subscribe(
                 results_subject(job_id), stream=RESULTS_STREAM, config=config
             )
-        except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
+        except nats.js.errors.NotFoundError:
             return []  # RESULTS is gone (a server that lost its state) or not back yet
+        except (
+            nats.js.errors.ServiceUnavailableError,
+            nats.errors.NoRespondersError,
+            nats.errors.TimeoutError,
+        ):
+            # A consumer needs the cluster's meta leader, elected for seconds after a node
+            # dies; any replica of RESULTS answers a direct get meanwhile (allow_direct).
+            return await self._direct_history(job_id)
         out: list[Received] = []
         try:
             while True:
@@ -228,6 +247,22 @@ class JobClient:
                     break
         finally:
             await psub.unsubscribe()
+        return out
+
+    async def _direct_history(self, job_id: str, limit: int = 10_000) -> list[Received]:
+        """The job's events by direct gets, one message at a time (no consumer needed)."""
+        out: list[Received] = []
+        seq = 1
+        while len(out) < limit:
+            try:
+                msg = await self.js.get_msg(
+                    RESULTS_STREAM, seq, subject=results_subject(job_id), direct=True, next=True
+                )
+            except (nats.js.errors.NotFoundError, nats.errors.Error):
+                break  # no more (or nothing answers at all: what we have is all there is)
+            with contextlib.suppress(ValueError):  # a malformed event is skipped, as live
+                out.append(received_from(msg.headers, msg.data))
+            seq = (msg.seq or seq) + 1
         return out
 
     async def recover(self) -> None:

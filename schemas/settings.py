@@ -15,6 +15,13 @@ class CommonSettings(BaseSettings):
         default="nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated"
     )
     region: str = Field(default="local", min_length=1, description="region this process runs in")
+    replicas: int | None = Field(
+        default=None,
+        ge=1,
+        le=5,
+        description="copies of each stream and bucket this process re-creates when a server "
+        "lacks them (3 on a 3-node cluster); None: 1",
+    )
     log_level: str = Field(default="INFO", description="logging level")
 
     def nats_servers(self) -> list[str]:

@@ -17,7 +17,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from headrace.servers import NatsServer, ValkeyServer, free_port
+from headrace.servers import NatsCluster, NatsServer, ValkeyServer, free_port
 from schemas.client import JobClient
 from schemas.jobs import ChatMessage, TextJob, TextParams
 from schemas.subjects import WORKERS_BUCKET, new_job_id, worker_key
@@ -42,6 +42,15 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """Three nats-server nodes on loopback routed into one JetStream cluster, own stores each."""
+    cluster = NatsCluster(tmp_path / "cluster", 3, log_dir=tmp_path)
+    cluster.start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture
@@ -112,7 +121,7 @@ async def running(
     """A worker runtime in this event loop, registered before the block starts."""
     runtime = Runtime(settings, engine or EchoEngine())
     task = asyncio.create_task(runtime.run())
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_servers())
     try:
         await wait_registered(nc.jetstream(), settings.worker_id)
         yield runtime

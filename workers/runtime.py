@@ -39,7 +39,7 @@ from schemas.subjects import (
     rpc_subject,
     trace_id,
 )
-from schemas.topology import ensure_present
+from schemas.topology import Limits, ensure_present
 from workers.cancels import CancelBook
 from workers.emitter import Emitter
 from workers.engines.abilities import AnswersRpc, ReportsGpuMemory
@@ -51,6 +51,8 @@ from workers.settings import WorkerSettings
 from workers.slots import SlotPool
 
 log = logging.getLogger(__name__)
+
+_ACK_ATTEMPTS = 5  # about 12 s of retries: longer than a consumer leader election
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Runtime:
         self._images: ImageStore | None = None
         self._heartbeat: Heartbeat | None = None
         self._emitters: set[Emitter] = set()  # of the jobs held now, for resend()
+        self._limits = Limits(replicas=settings.replicas)  # for what it re-creates
         self.metrics = metrics or WorkerMetrics()
         self.metrics.slots.set(settings.slots)
         self.metrics.busy_slots.set_function(lambda: len(self._held))
@@ -125,7 +128,9 @@ class Runtime:
         )
         js = self.nc.jetstream()
         self._images = ImageStore(js, self.settings.image_inline_chars)
-        self._heartbeat = heartbeat = Heartbeat(js, self.describe, self.settings.heartbeat_s)
+        self._heartbeat = heartbeat = Heartbeat(
+            js, self.describe, self.settings.heartbeat_s, self._limits
+        )
         if not await self._ensure_topology(js):  # stopped while NATS could not provide it
             await self._disconnect()
             return
@@ -167,7 +172,7 @@ class Runtime:
         waiting = False
         while not self._stopping.is_set():
             try:
-                await ensure_present(js, self._needs())
+                await ensure_present(js, self._needs(), limits=self._limits)
                 return True
             except (nats.errors.Error, TimeoutError) as e:
                 if not waiting:
@@ -304,6 +309,7 @@ class Runtime:
             await self._start(b, msg, job, emitter, attempt, headers)
         finally:
             self._emitters.discard(emitter)
+            emitter.close()
 
     async def _start(
         self,
@@ -375,6 +381,10 @@ class Runtime:
                 await emitter.emit(Error.of(e))
                 await msg.term()
                 outcome = "failed"
+        except nats.errors.Error:
+            # NATS, not the engine: the outcome cannot be reported now (a restart, an
+            # election). No nak either: the job comes back after ack_wait (see _hold).
+            raise
         except Exception as e:  # an engine bug: another attempt (maybe elsewhere) may fare better
             log.error("job %s: engine failed with %s", job.id, type(e).__name__)
             log.debug("engine failure", exc_info=True)
@@ -453,9 +463,22 @@ class Runtime:
                 await msg.in_progress()
 
     async def _settle(self, msg: Msg) -> None:
-        """Ack and wait for the server's confirmation (a lost ack would rerun the job)."""
-        with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
-            await msg.ack_sync(timeout=5.0)
+        """Ack and wait for the server's confirmation (a lost ack would rerun the job).
+
+        While a cluster elects the consumer's leader (seconds after a node dies) an ack finds
+        no responder: asked again for a while rather than leaving a finished job to rerun.
+        """
+        delay = 0.25
+        for attempt in range(1, _ACK_ATTEMPTS + 1):
+            try:
+                with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
+                    await msg.ack_sync(timeout=5.0)
+                return
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                if attempt == _ACK_ATTEMPTS:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 4.0)
 
     async def _retry(
         self, b: Binding, msg: Msg, emitter: Emitter, attempt: int, e: Retry
