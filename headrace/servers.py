@@ -142,19 +142,41 @@ class NatsServer(ChildServer):
         http_port: int | None = None,
         log_path: Path | None = None,
         config: Path = DEV_CONF,
+        extra_conf: str | None = None,
     ) -> None:
         super().__init__(data_dir, port, log_path)
         self.http_port = http_port
         self.config = config
+        # Appended to ``config`` (users, TLS): nats-server resolves an include relative to the
+        # including file, so the two are written out together as one file instead.
+        self.extra_conf = extra_conf
 
     @property
     def url(self) -> str:
         """Client URL."""
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def config_path(self) -> Path:
+        """The configuration the server runs with (written by ``start`` with ``extra_conf``)."""
+        if self.extra_conf is None:
+            return self.config
+        return self.data_dir.parent / f"{self.data_dir.name}-server.conf"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Write the configuration when it has extra parts (0600: it names users), then start."""
+        if self.extra_conf is not None:
+            path = self.config_path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.config.read_text() + "\n" + self.extra_conf)
+        super().start(timeout_s)
+
     def command(self) -> list[str]:
         """The argv that starts the server."""
-        cmd = [nats_server_binary(), "-c", str(self.config), "-a", "127.0.0.1"]
+        # -a also binds the monitoring port (-m): loopback only, it serves /connz to anyone.
+        cmd = [nats_server_binary(), "-c", str(self.config_path), "-a", "127.0.0.1"]
         cmd += ["-p", str(self.port), "-js", "-sd", str(self.data_dir)]
         if self.http_port:
             cmd += ["-m", str(self.http_port)]

@@ -21,9 +21,9 @@ from pathlib import Path
 from types import FrameType
 
 import nats.js.errors
-from nats import connect as nats_connect
 
 from headrace import provision
+from headrace.credentials import Credentials
 from headrace.servers import (
     ChildServer,
     NatsServer,
@@ -33,7 +33,12 @@ from headrace.servers import (
     wait_for_port,
 )
 from headrace.settings import StackSettings
+from schemas.connection import connect
+from schemas.permissions import ADMIN, ALL_MODELS, EDGE, OBSERVER, WORKER
 from schemas.subjects import WORKERS_BUCKET, worker_key
+
+# The NATS-native client user `headrace up` makes, allowed every model (README, Operations).
+NATIVE_CLIENT = "native"
 
 
 def say(text: str) -> None:
@@ -97,11 +102,14 @@ class Stack:
         s = self.settings
         self.logs.mkdir(parents=True, exist_ok=True)
         say(f"headrace up: data in {self.data_dir}, logs in {self.logs}")
+        creds = Credentials.ensure(self.data_dir / "auth", {NATIVE_CLIENT: [ALL_MODELS]})
+        say(f"  NATS users and passwords in {creds.directory} (made once, kept)")
         nats = NatsServer(
             self.data_dir / "nats",
             s.nats_port,
             s.nats_http_port or None,
             log_path=self.logs / "nats.log",
+            extra_conf=creds.authorization(),
         )
         self._server(nats)
         valkey = ValkeyServer(
@@ -109,11 +117,12 @@ class Stack:
         )
         self._server(valkey)
         say("  provisioning streams, buckets and consumers ...")
-        settings = s.model_copy(update={"nats_url": nats.url})
+        settings = s.model_copy(update={"nats_url": nats.url, **creds.login(ADMIN)})
         changes = asyncio.run(provision.run(settings, [("llm", "echo")]))
         say("  " + ", ".join(f"{k}: {v}" for k, v in changes.items()))
         env = self._child_env(nats.url, valkey.url)
         env.setdefault("HEADRACE_SD_DEMO_DIR", str(self.data_dir / "tiny-sd"))
+        worker_env = dict(env, **creds.env(WORKER))
         worker_ids = []
         counts = (
             ("echo", s.echo_workers),
@@ -124,13 +133,17 @@ class Stack:
             for i in range(1, count + 1):
                 worker_id = f"{s.region}-{engine}-{i}"
                 self._spawn(
-                    f"worker-{engine}-{i}", ["worker", engine, "--worker-id", worker_id], env
+                    f"worker-{engine}-{i}",
+                    ["worker", engine, "--worker-id", worker_id],
+                    worker_env,
                 )
                 worker_ids.append(worker_id)
         say("  waiting for workers to load their models and register ...")
-        asyncio.run(self._wait_ready(nats.url, worker_ids))
+        observer = s.model_copy(update={"nats_url": nats.url, **creds.login(OBSERVER)})
+        asyncio.run(self._wait_ready(observer, worker_ids))
         key = s.api_keys.split(",")[0].strip() or self._dev_key()
         edge_env = dict(env, HEADRACE_PORT=str(s.port), HEADRACE_API_KEYS=s.api_keys or key)
+        edge_env.update(creds.env(EDGE))
         model = "echo"
         if any(w.startswith(f"{s.region}-llm-") for w in worker_ids):
             from workers.engines.gguf import DEFAULT_MODEL_ID
@@ -142,6 +155,10 @@ class Stack:
         base = f"http://127.0.0.1:{s.port}"
         say(f"\nheadrace is up: {base}   (NATS {nats.url}, Valkey {valkey.url})")
         say(f"API key: {key}")
+        say(
+            f"NATS: headrace status --nats-creds {creds.directory / f'{OBSERVER}.env'}; a "
+            f"NATS-native client logs in as in {creds.directory / f'{NATIVE_CLIENT}.env'}"
+        )
         say(
             f"Try:  curl -N {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
             "-H 'Content-Type: application/json' "
@@ -182,10 +199,10 @@ class Stack:
         say(f"  started {name} (pid {child.proc.pid if child.proc else '?'}), log {child.log_path}")
 
     async def _wait_ready(
-        self, nats_url: str, worker_ids: list[str], timeout_s: float = 600
+        self, settings: StackSettings, worker_ids: list[str], timeout_s: float = 600
     ) -> None:
         """Until every worker has registered (workers register only once their models are loaded)."""
-        nc = await nats_connect(nats_url)
+        nc = await connect(settings, "headrace-up")
         try:
             kv = await nc.jetstream().key_value(WORKERS_BUCKET)
             waiting, t0 = set(worker_ids), time.monotonic()

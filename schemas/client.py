@@ -2,8 +2,9 @@
 
 The edge uses it, and so can any Python program that talks to NATS directly::
 
-    nc = await nats.connect("nats://127.0.0.1:4222")
-    client = JobClient(nc)
+    nc = await nats.connect("nats://127.0.0.1:4222", user="alice", password=...,
+                            inbox_prefix="_INBOX.alice")
+    client = JobClient(nc, user="alice")  # replies on results.alice.<job id>
     async with await client.submit(job) as stream:
         async for received in stream:
             print(received.event)
@@ -101,8 +102,12 @@ class JobClient:
         publish_attempts: int = 6,
         publish_timeout_s: float = 2.0,
         backoff_s: float = 0.05,
+        user: str | None = None,
     ) -> None:
         self.nc = nc
+        # A native client's NATS user: its jobs reply on results.<user>.<job id>, the only
+        # results its permissions let it read (schemas/permissions.py). None: results.<job id>.
+        self.user = user
         self.js = nc.jetstream(timeout=publish_timeout_s)
         self.publish_attempts = publish_attempts
         self.backoff_s = backoff_s
@@ -115,7 +120,7 @@ class JobClient:
         headers: dict[str, str] | None = None,
     ) -> JobStream:
         """Subscribe to the job's reply subject, then publish the job; returns its event stream."""
-        reply = reply or results_subject(job.id)
+        reply = reply or results_subject(job.id, self.user)
         stream = await self.watch(job.id, reply=reply, deadline_ms=job.deadline_ms)
         try:
             await self.publish(job, reply=reply, headers=headers)
@@ -139,7 +144,7 @@ class JobClient:
         async def deliver(msg: Msg) -> None:
             queue.put_nowait(msg)
 
-        sub = await self.nc.subscribe(reply or results_subject(job_id), cb=deliver)
+        sub = await self.nc.subscribe(reply or results_subject(job_id, self.user), cb=deliver)
         # Interest must reach the server before the job can produce anything.
         await self.nc.flush()
         stream = JobStream(self, job_id, sub, queue, deadline_ms)
@@ -158,7 +163,7 @@ class JobClient:
         hdrs = {
             **(headers or {}),
             Header.MSG_ID: job.id,
-            Header.REPLY: reply or results_subject(job.id),
+            Header.REPLY: reply or results_subject(job.id, self.user),
         }
         if job.deadline_ms is not None:
             hdrs[Header.DEADLINE] = str(job.deadline_ms)
@@ -195,7 +200,7 @@ class JobClient:
             mem_storage=True,
         )
         psub = await self.js.pull_subscribe(
-            results_subject(job_id), stream=RESULTS_STREAM, config=config
+            results_subject(job_id, self.user), stream=RESULTS_STREAM, config=config
         )
         out: list[Received] = []
         try:

@@ -33,6 +33,7 @@ from schemas.subjects import (
     Header,
     consumer_name,
     dlq_subject,
+    is_reply_subject,
     model_slug,
     results_subject,
     rpc_subject,
@@ -286,6 +287,11 @@ class Runtime:
             await self._dead_letter(msg, e, headers.get(Header.REPLY), attempt)
             return
         reply = headers.get(Header.REPLY) or results_subject(job.id)
+        if not is_reply_subject(reply, job.id):
+            self.metrics.ended(b.model, "dead_lettered", 0, None)
+            bad = Poison(f"{Header.REPLY} must be results.<job id> or results.<user>.<job id>")
+            await self._dead_letter(msg, bad, None, attempt)
+            return
         emitter = Emitter(self.nc, job.id, reply, attempt, headers.get(Header.OWNER))
         if self.cancels.was_cancelled(job.id):
             await emitter.emit(Done(finish_reason="cancelled", seed=job.params.seed))
