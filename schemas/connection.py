@@ -147,7 +147,10 @@ def _refusal(e: Exception) -> str | None:
 
 async def _close_quietly(nc: NATS) -> None:
     try:
-        await nc.close()
+        # Bounded: after a failed TLS handshake nats-py's close waits for a transport that
+        # never reports closed.
+        async with asyncio.timeout(1.0):
+            await nc.close()
     except Exception as e:  # a half-open client may fail to close; nothing is left to save
         log.debug("closing a failed NATS connection: %s", type(e).__name__)
 

@@ -93,8 +93,14 @@ def _kv_read(stream: str) -> list[str]:
 
 def _images() -> list[str]:
     """Read and write the ``images`` object store: chunks and metadata under ``$O.images.>``,
-    and the purge a put does when it replaces an object."""
-    return [f"$O.{IMAGES_BUCKET}.>", f"{API}.STREAM.PURGE.{_OBJ_IMAGES}", *_kv_read(_OBJ_IMAGES)]
+    the purge a put does when it replaces an object, and stream names: nats-py looks the
+    chunks' stream up by subject (this lists names only, no configuration or message)."""
+    return [
+        f"$O.{IMAGES_BUCKET}.>",
+        f"{API}.STREAM.PURGE.{_OBJ_IMAGES}",
+        f"{API}.STREAM.NAMES",
+        *_kv_read(_OBJ_IMAGES),
+    ]
 
 
 def _history(results: str) -> list[str]:
