@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,45 @@ def test_compose_runs_nats_valkey_edge_and_a_worker_from_official_images() -> No
 
 def test_nats_has_jetstream_and_listens_beyond_localhost() -> None:
     nats = compose()["services"]["nats"]
-    (mount,) = [v for v in nats["volumes"] if v.startswith("./")]
-    source, target, _ = mount.split(":")
-    assert target in nats["command"]
+    (mount,) = [v for v in nats["volumes"] if v.split(":")[1] in nats["command"]]
+    source = mount.split(":")[0]
     conf = (ROOT / source).read_text()
     assert "jetstream" in conf
     assert "listen: 0.0.0.0:4222" in conf
+
+
+def test_nats_refuses_anonymous_clients_and_keeps_monitoring_inside() -> None:
+    services = compose()["services"]
+    mounts = dict(v.split(":")[:2] for v in services["nats"]["volumes"] if v.startswith("./"))
+    conf = (ROOT / "docker" / "nats.conf").read_text()
+    assert "http: 127.0.0.1:8222" in conf
+    assert "no_auth_user" not in conf
+    (include,) = [line.split()[1] for line in conf.splitlines() if line.startswith("include ")]
+    # nats-server resolves an include next to the including file.
+    assert mounts["./nats-auth/nats-users.conf"] == f"/etc/nats/{Path(include).name}"
+    healthcheck = " ".join(services["nats"]["healthcheck"]["test"])
+    assert "http://127.0.0.1:8222/" in healthcheck
+    roles = {"provision": "admin", "edge": "edge", "worker": "worker", "sd-worker": "worker"}
+    for name, role in roles.items():
+        assert services[name]["env_file"] == f"nats-auth/{role}.env", name
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "nats-auth" in ignored  # passwords never enter an image
+
+
+def test_nats_conf_and_the_generated_users_are_valid_for_nats_server(tmp_path: Path) -> None:
+    from headrace.credentials import SERVER_CONF, Credentials
+    from headrace.servers import nats_server_binary
+
+    creds = Credentials.ensure(tmp_path / "nats-auth", {"unity": ["SmolLM2-135M-Instruct"]}, cost=4)
+    (tmp_path / "nats.conf").write_text((ROOT / "docker" / "nats.conf").read_text())
+    (tmp_path / SERVER_CONF).write_text((creds.directory / SERVER_CONF).read_text())
+    out = subprocess.run(
+        [nats_server_binary(), "-t", "-c", str(tmp_path / "nats.conf")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
 
 
 def test_the_edge_is_wired_to_nats_and_valkey() -> None:
