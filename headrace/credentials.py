@@ -17,7 +17,7 @@ import json
 import os
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import bcrypt
@@ -39,8 +39,8 @@ class User:
     """One NATS user: its password, the password's hash, and a native client's models."""
 
     name: str
-    password: str
-    hashed: str
+    password: str = field(repr=False)
+    hashed: str = field(repr=False)
     models: tuple[str, ...] | None = None  # None: one of the fixed roles
 
     @property

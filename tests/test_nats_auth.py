@@ -299,3 +299,26 @@ def test_the_monitoring_port_listens_on_loopback_only(
     finally:
         server.stop()
     assert f"Starting http monitor on 127.0.0.1:{server.http_port}" in log
+
+
+def test_the_auth_command_adds_clients_and_rotates_without_printing_passwords(
+    tmp_path: Path,
+) -> None:
+    def auth(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "headrace", "auth", str(tmp_path / "a"), *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
+
+    first = auth("--client", "carol=echo,tiny-sd")
+    assert "carol" in first.stdout
+    assert "echo,tiny-sd" in first.stdout
+    old = Credentials.ensure(tmp_path / "a").users
+    rotated = auth("--rotate", "carol")
+    assert "carol" in rotated.stdout
+    assert "(new password)" in rotated.stdout
+    new = Credentials.ensure(tmp_path / "a").users
+    assert new["carol"].password != old["carol"].password
+    assert new["edge"].password == old["edge"].password
+    for out in (first, rotated):
+        for user in new.values():
+            assert user.password not in out.stdout + out.stderr
+        assert old["carol"].password not in out.stdout + out.stderr
