@@ -26,6 +26,7 @@ from edge.tasks import TaskBook
 from schemas.client import JobClient
 from schemas.connection import connect
 from schemas.image_store import ImageStore
+from schemas.topology import ensure_present
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,14 @@ def build_app(settings: EdgeSettings, registry: CollectorRegistry | None = None)
 
 async def _connect(app: web.Application) -> None:
     c = app[CTX]
-    nc = await connect(c.settings, f"edge-{c.settings.region}", connect_timeout_s=5)
+    nc = await connect(
+        c.settings,
+        f"edge-{c.settings.region}",
+        connect_timeout_s=5,
+        on_reconnect=lambda: _reconnected(app),
+    )
     js = nc.jetstream()
+    await ensure_present(js)  # a new (or replaced) server: what the edge relies on, created
     fleet = Fleet(js, c.settings.worker_stale_s)
     await fleet.start()
     queues = QueueDepth(js, c.metrics.queued, c.metrics.running, c.settings.queue_poll_s)
@@ -72,6 +79,17 @@ async def _connect(app: web.Application) -> None:
     if c.limiter is not None:
         await c.limiter.start()
         log.info("rate limits on, kept in Redis (failing %s)", c.settings.ratelimit_fail)
+
+
+async def _reconnected(app: web.Application) -> None:
+    """The server may be a restarted or replaced one: bring back what the edge relies on, then
+    follow the fleet and every open job afresh (their missed events come from RESULTS)."""
+    c = app[CTX]
+    if c.nc is None:
+        return
+    await ensure_present(c.nc.jetstream())
+    await c.fleet.rewatch()
+    await c.jobs.recover()
 
 
 async def _disconnect(app: web.Application) -> None:

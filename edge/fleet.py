@@ -42,6 +42,15 @@ class Fleet:
             async with asyncio.timeout(5):
                 await loaded.wait()
 
+    async def rewatch(self) -> None:
+        """Watch afresh: after a reconnect the bucket may be a new one (a server that lost its
+        state re-creates it empty); records the old watch held are dropped, live workers
+        put theirs again within a heartbeat."""
+        await self.stop()
+        async with self._changed:
+            self.workers.clear()
+        await self.start()
+
     async def stop(self) -> None:
         """Stop watching."""
         if self._task is not None:

@@ -104,8 +104,8 @@ async def stream(session: Session, fmt: StreamFormat) -> web.StreamResponse:
         for chunk in fmt.closing([c.done for c in relay.choices if c.done is not None]):
             await sse.send(orjson.dumps(chunk))
         await sse.raw(fmt.end)
-    except DeadlineExceeded as e:
-        session.outcome = "deadline"
+    except HeadraceError as e:  # the deadline passed, or the job's results were lost
+        session.outcome = "deadline" if isinstance(e, DeadlineExceeded) else "failed"
         if not sse.opened:
             raise
         await _send_error(session, sse, fmt, e)

@@ -207,7 +207,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """
     from headrace.bench import edge, pipeline
 
-    what = {"echo": ("pipeline", "edge"), "all": ("pipeline", "edge", "llm", "sd")}.get(
+    what = {"echo": ("pipeline", "edge"), "all": ("pipeline", "edge", "llm", "sd", "restarts")}.get(
         args.what, (args.what,)
     )
     if args.quick:  # smaller echo runs too
@@ -226,6 +226,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from headrace.bench import sd
 
         status |= sd.run(quick=args.quick, out=args.out, threads=args.threads)
+    if "restarts" in what:
+        from headrace.bench import restarts
+
+        count = min(args.restarts, 2) if args.quick else args.restarts
+        status |= restarts.run(restarts=count, in_flight=args.in_flight, out=args.out)
     return status
 
 
@@ -394,12 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmarks: pipeline and edge (echo engine; echo = both), llm (SmolLM2 "
         "in-process vs llama_cpp.server vs headrace), sd (tiny-sd in-process vs headrace, and "
-        "the object store); all (the default) runs every one",
+        "the object store), restarts (nats-server restarted under load); all (the default) "
+        "runs every one",
     )
     p.add_argument(
         "what",
         nargs="?",
-        choices=["all", "echo", "pipeline", "edge", "llm", "sd"],
+        choices=["all", "echo", "pipeline", "edge", "llm", "sd", "restarts"],
         default="all",
     )
     p.add_argument("--jobs", type=int, default=2000, help="jobs for the throughput run")
@@ -407,11 +413,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--requests", type=int, default=3000, help="requests for the edge throughput run"
     )
+    p.add_argument("--restarts", type=int, default=20, help="restarts: broker restarts")
+    p.add_argument(
+        "--in-flight", type=int, default=20, help="restarts: requests in flight at each restart"
+    )
     p.add_argument(
         "--quick",
         action="store_true",
         help="small runs: echo at most 500 jobs; llm 2 prompts, 16 tokens, 1 and 4 clients; "
-        "sd 4 and 10 steps, 2 repeats",
+        "sd 4 and 10 steps, 2 repeats; restarts 2",
     )
     p.add_argument(
         "--threads",

@@ -93,7 +93,14 @@ def parse_result(msg: Msg) -> Received:
 
 
 class JobClient:
-    """Submits jobs to JetStream and reads their result events."""
+    """Submits jobs to JetStream and reads their result events.
+
+    Call ``recover()`` after the connection comes back (``schemas.connection.connect``'s
+    ``on_reconnect``): every followed job then gets what the live path missed from RESULTS,
+    a job the broker lost before any worker took it is published again, and one lost
+    while it ran fails its stream with ``Unavailable`` after ``silence_s`` without events,
+    instead of waiting for its deadline.
+    """
 
     def __init__(
         self,
@@ -102,6 +109,7 @@ class JobClient:
         publish_attempts: int = 6,
         publish_timeout_s: float = 2.0,
         backoff_s: float = 0.05,
+        silence_s: float = 10.0,
         user: str | None = None,
     ) -> None:
         self.nc = nc
@@ -111,6 +119,9 @@ class JobClient:
         self.js = nc.jetstream(timeout=publish_timeout_s)
         self.publish_attempts = publish_attempts
         self.backoff_s = backoff_s
+        self.silence_s = silence_s
+        self.open: set[JobStream] = set()  # followed now: recovered after a reconnect
+        self._recovering: set[asyncio.Task[None]] = set()
 
     async def submit(
         self,
@@ -123,10 +134,11 @@ class JobClient:
         reply = reply or results_subject(job.id, self.user)
         stream = await self.watch(job.id, reply=reply, deadline_ms=job.deadline_ms)
         try:
-            await self.publish(job, reply=reply, headers=headers)
+            ack = await self.publish(job, reply=reply, headers=headers)
         except BaseException:
             await stream.close()
             raise
+        stream.placed = Placed(job, reply, headers or {}, ack.seq)
         return stream
 
     async def watch(
@@ -139,15 +151,19 @@ class JobClient:
         replay: bool = False,
     ) -> JobStream:
         """Follow a job's events live; with ``replay`` (or ``after``) stored ones come first from RESULTS."""
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        queue: asyncio.Queue[Received | Lost] = asyncio.Queue()
 
         async def deliver(msg: Msg) -> None:
-            queue.put_nowait(msg)
+            try:
+                queue.put_nowait(parse_result(msg))
+            except ValueError:
+                log.warning("job %s: dropped a malformed result event", job_id)
 
         sub = await self.nc.subscribe(reply or results_subject(job_id, self.user), cb=deliver)
         # Interest must reach the server before the job can produce anything.
         await self.nc.flush()
         stream = JobStream(self, job_id, sub, queue, deadline_ms)
+        self.open.add(stream)
         if replay or after != START:
             await stream.replay_after(after)
         return stream
@@ -199,9 +215,12 @@ class JobClient:
             inactive_threshold=30.0,
             mem_storage=True,
         )
-        psub = await self.js.pull_subscribe(
-            results_subject(job_id, self.user), stream=RESULTS_STREAM, config=config
-        )
+        try:
+            psub = await self.js.pull_subscribe(
+                results_subject(job_id, self.user), stream=RESULTS_STREAM, config=config
+            )
+        except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
+            return []  # RESULTS is gone (a server that lost its state) or not back yet
         out: list[Received] = []
         try:
             while True:
@@ -216,6 +235,39 @@ class JobClient:
             await psub.unsubscribe()
         return out
 
+    async def recover(self) -> None:
+        """After a reconnect: each followed job catches up from RESULTS (in the background)."""
+        for stream in list(self.open):
+            if not stream.finished:
+                task = asyncio.create_task(stream.recover())
+                self._recovering.add(task)
+                task.add_done_callback(self._recovering.discard)
+
+    async def queued(self, job_id: str, seq: int) -> bool:
+        """True while the job's message is still in JOBS (waiting, or held by a worker)."""
+        try:
+            msg = await self.js.get_msg(JOBS_STREAM, seq)
+        except nats.js.errors.NotFoundError:
+            return False
+        return (msg.headers or {}).get(Header.MSG_ID) == job_id
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """How a job was published, so it can be published again if the broker loses it."""
+
+    job: TextJob | ImageJob
+    reply: str
+    headers: dict[str, str]
+    seq: int  # its sequence in JOBS
+
+
+class Lost:
+    """Queued for a job whose results cannot be recovered: its stream raises Unavailable."""
+
+
+LOST = Lost()
+
 
 class JobStream:
     """The ordered events of one job: duplicates dropped, gaps filled from RESULTS."""
@@ -225,7 +277,7 @@ class JobStream:
         client: JobClient,
         job_id: str,
         sub: Subscription,
-        queue: asyncio.Queue[Msg],
+        queue: asyncio.Queue[Received | Lost],
         deadline_ms: int | None,
     ) -> None:
         self.client = client
@@ -233,9 +285,11 @@ class JobStream:
         self.deadline_ms = deadline_ms
         self.pos = START
         self.finished = False
+        self.placed: Placed | None = None  # set by JobClient.submit
         self._sub = sub
         self._queue = queue
         self._ready: deque[Received] = deque()
+        self._heard = 0  # events received, live or recovered (recover() watches it move)
 
     async def __aenter__(self) -> JobStream:
         return self
@@ -260,21 +314,23 @@ class JobStream:
         Raises DeadlineExceeded when the job's deadline passes while waiting.
         """
         while not self._ready:
-            msg = await self._get(timeout_s)
-            if msg is None:
+            item = await self._get(timeout_s)
+            if item is None:
                 return None
-            try:
-                received = parse_result(msg)
-            except ValueError:
-                log.warning("job %s: dropped a malformed result event", self.job_id)
-                continue
-            await self._accept(received)
+            if isinstance(item, Lost):
+                self.finished = True
+                raise Unavailable(
+                    "the broker lost this job's results (it restarted without its state); "
+                    "retry the request"
+                )
+            self._heard += 1
+            await self._accept(item)
         received = self._ready.popleft()
         self.pos = received.pos
         self.finished = received.final
         return received
 
-    async def _get(self, timeout_s: float | None) -> Msg | None:
+    async def _get(self, timeout_s: float | None) -> Received | Lost | None:
         wait = timeout_s
         if self.deadline_ms is not None:
             left = self.deadline_ms / 1000 - time.time()
@@ -303,22 +359,66 @@ class JobStream:
         self._ready.append(received)
 
     async def _fill(self, after: Position, before: Position) -> None:
-        """Fetch the events strictly between two positions from RESULTS (a missed core message)."""
-        for _ in range(3):
-            missing = [r for r in await self.client.history(self.job_id) if after < r.pos < before]
-            if missing:
-                self._ready.extend(missing)
+        """Fetch the events strictly between two positions from RESULTS (missed core messages).
+
+        Only the attempt of ``before`` must be complete: an earlier attempt may have ended
+        early (its worker died). A gap RESULTS cannot fill fails the stream: a text with a
+        hole in it must not pass for a whole answer.
+        """
+        first = after.seq + 1 if after.attempt == before.attempt else 1
+        needed = {Position(before.attempt, seq) for seq in range(first, before.seq)}
+        delay = 0.02
+        for _ in range(8):  # RESULTS stores what it captures a moment after the live delivery
+            history = await self.client.history(self.job_id)
+            found = {r.pos: r for r in history if after < r.pos < before}  # copies: once
+            if needed <= found.keys():
+                self._ready.extend(found[pos] for pos in sorted(found))
                 return
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(delay)
+            delay *= 2
         log.warning("job %s: events between %s and %s are lost", self.job_id, after, before)
+        raise Unavailable("some of this job's results were lost; retry the request")
+
+    async def recover(self) -> None:
+        """Catch up from RESULTS after a reconnect; a job the broker lost is published again
+        (no worker took it) or fails its stream (it ran, and its results are gone)."""
+        history = await self.client.history(self.job_id)
+        for received in history:
+            self._queue.put_nowait(received)  # what was already seen is dropped as a duplicate
+        placed = self.placed
+        if self.finished or placed is None or any(r.final for r in history):
+            return
+        if await self.client.queued(self.job_id, placed.seq):
+            return  # waiting for a worker, or running: its events will come
+        heard = self._heard
+        if not history and heard == 0 and self._queue.empty():
+            log.warning(
+                "job %s: the broker lost it before it ran; publishing it again", self.job_id
+            )
+            ack = await self.client.publish(placed.job, reply=placed.reply, headers=placed.headers)
+            self.placed = Placed(placed.job, placed.reply, placed.headers, ack.seq)
+            return
+        # It ran, and the broker no longer holds it: a worker may still be finishing it (its
+        # results flow live), so give it a while before calling it lost.
+        while True:
+            await asyncio.sleep(self.client.silence_s)
+            if self.finished:
+                return
+            if self._heard == heard and self._queue.empty():
+                log.warning("job %s: its results were lost with the broker's state", self.job_id)
+                self._queue.put_nowait(LOST)
+                return
+            heard = self._heard
 
     async def replay_after(self, after: Position) -> None:
         """Queue every stored event after ``after``, for a client resuming a stream."""
         self.pos = after
-        for received in await self.client.history(self.job_id):
-            if received.pos > after:
-                self._ready.append(received)
-                if received.final:
+        # By position, once each: a worker that reconnected publishes its events again.
+        stored = {r.pos: r for r in await self.client.history(self.job_id)}
+        for pos in sorted(stored):
+            if pos > after:
+                self._ready.append(stored[pos])
+                if stored[pos].final:
                     break
         # Live events arriving meanwhile are dropped by _accept when already queued here.
 
@@ -328,5 +428,6 @@ class JobStream:
 
     async def close(self) -> None:
         """Stop following the job (it keeps running unless cancelled)."""
+        self.client.open.discard(self)
         with contextlib.suppress(nats.errors.Error):
             await self._sub.unsubscribe()

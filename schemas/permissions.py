@@ -115,6 +115,16 @@ def _history(results: str) -> list[str]:
     ]
 
 
+def _topology() -> list[str]:
+    """Look up and create the streams and buckets (``schemas.topology.ensure_present``): the
+    edge and workers re-create what a restarted or replaced server lacks. Broader than serving
+    needs, but bounded: these names only, no update, purge or delete, and the server refuses a
+    create whose configuration differs from an existing stream's, so an operator's limits
+    stand."""
+    names = (JOBS_STREAM, RESULTS_STREAM, DLQ_STREAM, _KV_WORKERS, _KV_OPTIONS, _OBJ_IMAGES)
+    return [f"{API}.STREAM.{verb}.{name}" for name in names for verb in ("INFO", "CREATE")]
+
+
 def admin() -> Permissions:
     """Provisioning: the whole JetStream API (streams, consumers, buckets), no data subjects."""
     return Permissions(publish=(f"{API}.>",), subscribe=(f"{inbox_prefix(ADMIN)}.>",))
@@ -128,9 +138,13 @@ def edge() -> Permissions:
         f"{INTERRUPT_PREFIX}.*",
         f"{RPC_PREFIX}.>",
         f"$KV.{OPTIONS_BUCKET}.>",
+        *_topology(),
         # readiness, queue depth and the fleet's check that a model's consumer exists
-        *(f"{API}.STREAM.INFO.{s}" for s in (JOBS_STREAM, RESULTS_STREAM, DLQ_STREAM)),
         f"{API}.CONSUMER.INFO.{JOBS_STREAM}.*",
+        # After a reconnect, JobClient.queued reads a job back by sequence to see whether the
+        # broker still holds it. Broader than that: any job in JOBS, by sequence (the edge
+        # wrote most of them; native clients' jobs too). Native clients do not get it.
+        f"{API}.STREAM.MSG.GET.{JOBS_STREAM}",
         f"{API}.CONSUMER.LIST.{JOBS_STREAM}",
         *_history(f"{RESULTS_PREFIX}.*"),
         *_kv_read(_KV_WORKERS),
@@ -159,7 +173,7 @@ def worker() -> Permissions:
         f"{API}.CONSUMER.INFO.{JOBS_STREAM}.*",
         f"{API}.CONSUMER.MSG.NEXT.{JOBS_STREAM}.*",
         f"$JS.ACK.{JOBS_STREAM}.>",
-        f"{API}.STREAM.INFO.{_KV_WORKERS}",
+        *_topology(),
         *_images(),
     ]
     subscribe = [f"{CANCEL_PREFIX}.*", f"{RPC_PREFIX}.>", f"{inbox_prefix(WORKER)}.>"]

@@ -6,12 +6,15 @@ nats CLI can apply them too (``nats stream add --config nats/streams/JOBS.json``
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import nats.errors
 import nats.js.errors
 import orjson
 from nats.js import JetStreamContext
@@ -110,16 +113,33 @@ async def _stream_json(js: JetStreamContext, name: str) -> dict[str, Any] | None
     return info.config.as_dict()
 
 
-async def ensure_stream(js: JetStreamContext, definition: dict[str, Any]) -> Change:
-    """Create the stream, or update it when a value we define differs on the server."""
+# What nats-server cannot change on an existing stream: applying it means deleting the stream.
+_IMMUTABLE = ("storage", "retention")
+
+
+async def ensure_stream(
+    js: JetStreamContext, definition: dict[str, Any], *, update: bool = True
+) -> Change:
+    """Create the stream, or (with ``update``) update it when a value we define differs."""
     wanted = StreamConfig.from_response(copy.deepcopy(definition))
     current = await _stream_json(js, definition["name"])
     if current is None:
         await js.add_stream(wanted)
         return "created"
     diff = _differs(definition, wanted.as_dict(), current)
-    if not diff:
+    if not diff or not update:
         return "unchanged"
+    if fixed := [k for k in diff if k in _IMMUTABLE]:
+        log.warning(
+            "stream %s: %s differs but cannot change in place; delete the stream to apply it",
+            definition["name"],
+            ", ".join(fixed),
+        )
+        existing = StreamConfig.from_response(dict(current))
+        for key in fixed:
+            setattr(wanted, key, getattr(existing, key))
+        if not (diff := [k for k in diff if k not in _IMMUTABLE]):
+            return "unchanged"
     log.info("stream %s: updating %s", definition["name"], ", ".join(diff))
     await js.update_stream(wanted)
     return "updated"
@@ -144,9 +164,11 @@ async def ensure_consumer(
     return "updated"
 
 
-async def ensure_buckets(js: JetStreamContext, limits: Limits) -> dict[str, Change]:
+async def ensure_buckets(
+    js: JetStreamContext, limits: Limits, *, update: bool = True
+) -> dict[str, Change]:
     """Create the ``workers`` and ``options`` KV buckets and the ``images`` object store; apply a
-    changed TTL."""
+    changed TTL (with ``update``)."""
     workers = _load("buckets/workers.json")
     ttl_s = limits.workers_ttl_s or workers["ttl"] / _NS
     out: dict[str, Change] = {}
@@ -160,7 +182,7 @@ async def ensure_buckets(js: JetStreamContext, limits: Limits) -> dict[str, Chan
             storage=workers["storage"],
         )
         out[WORKERS_BUCKET] = "created"
-    elif current.get("max_age") != int(ttl_s * _NS):
+    elif update and current.get("max_age") != int(ttl_s * _NS):
         cfg = StreamConfig.from_response(dict(current))
         cfg.max_age = ttl_s
         cfg.duplicate_window = min(cfg.duplicate_window or ttl_s, ttl_s)
@@ -193,15 +215,63 @@ async def ensure_buckets(js: JetStreamContext, limits: Limits) -> dict[str, Chan
 
 
 async def provision(
-    js: JetStreamContext, limits: Limits, models: Sequence[tuple[JobKind, str]] = ()
+    js: JetStreamContext,
+    limits: Limits,
+    models: Sequence[tuple[JobKind, str]] = (),
+    *,
+    update: bool = True,
 ) -> dict[str, Change]:
-    """Create or update every stream, bucket and the given models' consumers."""
+    """Create or update every stream, bucket and the given models' consumers.
+
+    Without ``update`` only what is missing is created and nothing existing is touched:
+    what a process does when it (re)connects to a server that may have lost its state
+    (``ensure_present``), so an operator's changes are never clobbered.
+    """
     changes: dict[str, Change] = {}
     for name, definition in stream_definitions(limits).items():
-        changes[f"stream {name}"] = await ensure_stream(js, definition)
-    for name, change in (await ensure_buckets(js, limits)).items():
+        changes[f"stream {name}"] = await ensure_stream(js, definition, update=update)
+    for name, change in (await ensure_buckets(js, limits, update=update)).items():
         changes[f"bucket {name}"] = change
     for kind, model in models:
         definition = consumer_definition(kind, model, limits)
-        changes[f"consumer {definition['durable_name']}"] = await ensure_consumer(js, definition)
+        changes[f"consumer {definition['durable_name']}"] = await ensure_consumer(
+            js, definition, update=update
+        )
     return changes
+
+
+# While a (re)started server recovers JetStream or a cluster elects its leaders, its API
+# answers "temporarily unavailable" (503), times out, or has no responders yet.
+_WARMING_UP = (
+    nats.js.errors.ServiceUnavailableError,
+    nats.errors.NoRespondersError,
+    nats.errors.TimeoutError,
+    TimeoutError,
+)
+
+
+async def ensure_present(
+    js: JetStreamContext,
+    models: Sequence[tuple[JobKind, str]] = (),
+    *,
+    limits: Limits | None = None,
+    timeout_s: float = 30.0,
+) -> dict[str, Change]:
+    """Re-create whatever the server lacks (streams, buckets, these consumers), waiting while
+    its JetStream warms up; returns what was created. Idempotent and never updates."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.1
+    while True:
+        try:
+            changes = await provision(js, limits or Limits(), models, update=False)
+        except _WARMING_UP as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.debug("JetStream not ready (%s); retrying", type(e).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            continue
+        created: dict[str, Change] = {k: v for k, v in changes.items() if v == "created"}
+        if created:
+            log.warning("re-created what the NATS server lacked: %s", ", ".join(created))
+        return created

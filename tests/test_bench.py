@@ -70,3 +70,16 @@ def test_bench_sd_quick_writes_json_table_and_plot(tmp_path: Path) -> None:
     assert result["object_store"]["put_ms"] > 0
     assert "| steps | in-process s/step |" in (out / "sd.md").read_text()
     assert (out / "sd.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_restarts_writes_json_table_and_plot(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    argv = [sys.executable, "-m", "headrace", "bench", "restarts", "--restarts", "2",
+            "--in-flight", "6", "--out", str(out)]  # fmt: skip
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=110)
+    assert run.returncode == 0, run.stderr[-4000:]  # nothing lost, hung, cut short or a 500
+    result = orjson.loads((out / "restarts.json").read_bytes())
+    assert [r["signal"] for r in result["rounds"]] == ["SIGTERM", "SIGKILL"]
+    assert all(r["hung"] == 0 and sum(r["outcomes"].values()) == 6 for r in result["rounds"])
+    assert "| SIGKILL | 1 |" in (out / "restarts.md").read_text()
+    assert (out / "restarts.png").read_bytes().startswith(b"\x89PNG")

@@ -18,9 +18,8 @@ from schemas.events import Delta, Done, EngineEvent, Error, Started
 from schemas.jobs import TextJob
 from schemas.subjects import DLQ_STREAM, JOBS_STREAM, WORKERS_BUCKET, Header, worker_key
 from schemas.topology import Limits, provision
-from tests.conftest import TEST_LIMITS, collect, running, text_job, wait_registered
+from tests.conftest import TEST_LIMITS, collect, running, text_job
 from workers.engines.echo import EchoEngine
-from workers.runtime import Runtime
 from workers.settings import WorkerSettings
 
 
@@ -105,12 +104,13 @@ async def test_poison_is_dead_lettered_and_worker_goes_on(
 
 async def test_expired_job_is_not_run(client: JobClient, worker_settings: WorkerSettings) -> None:
     job = text_job(deadline_in_s=-1)
-    stream = await client.watch(job.id)
+    stream = await client.watch(job.id)  # no deadline of its own: it reads what comes
     await client.publish(job)  # submit() would give up waiting: the deadline already passed
     async with running(worker_settings):
-        msg = await stream._queue.get()
-    error = Error.model_validate_json(msg.data)
-    assert error.code == ErrorCode.DEADLINE_EXCEEDED
+        received = await stream.next(10)
+    assert received is not None
+    assert isinstance(received.event, Error)
+    assert received.event.code == ErrorCode.DEADLINE_EXCEEDED
     assert [r.event.type for r in await client.history(job.id)] == ["error"]
 
 
@@ -260,26 +260,24 @@ async def test_published_event_bytes_decode_as_the_contract(
         assert encode(r.event)  # round-trips through the contract models
 
 
-async def test_a_worker_waits_for_provisioning_and_can_stop_meanwhile(
+async def test_a_worker_on_an_empty_server_creates_what_it_relies_on(
     nats_server: NatsServer, worker_settings: WorkerSettings, nc: NATS
 ) -> None:
-    # Stopped while the JOBS stream does not exist: it returns, it does not hang.
-    waiting = Runtime(worker_settings, EchoEngine())
-    task = asyncio.create_task(waiting.run())
-    await asyncio.sleep(1.5)
-    assert not task.done()
-    waiting.stop()
-    await asyncio.wait_for(task, 5)
+    # Nothing provisioned (a new server, or one replaced with an empty store): the worker
+    # creates the streams, buckets and its consumer itself, registers and serves.
+    async with running(worker_settings):
+        js = nc.jetstream()
+        for name in ("JOBS", "RESULTS", "DLQ", "KV_workers", "KV_options", "OBJ_images"):
+            assert (await js.stream_info(name)).config.name == name
+        assert (await js.consumer_info("JOBS", "llm-echo")).config.durable_name == "llm-echo"
+        events = await collect(await JobClient(nc).submit(text_job(max_tokens=2)))
+        assert events[-1].event.type == "done"
 
-    # Provisioned while it waits: it binds, registers and serves.
-    runtime = Runtime(worker_settings, EchoEngine())
-    task = asyncio.create_task(runtime.run())
-    await asyncio.sleep(1.5)
-    js = nc.jetstream()
-    await provision(js, TEST_LIMITS)
-    await wait_registered(js, worker_settings.worker_id)
-    stream = await JobClient(nc).submit(text_job(max_tokens=2))
-    events = await collect(stream)
-    assert events[-1].event.type == "done"
-    runtime.stop()
-    await asyncio.wait_for(task, 20)
+
+async def test_a_worker_never_changes_what_an_operator_provisioned(
+    js: JetStreamContext, worker_settings: WorkerSettings
+) -> None:
+    await provision(js, Limits(jobs_max_msgs=7, ack_wait_s=3.0), [("llm", "echo")])
+    async with running(worker_settings):
+        assert (await js.stream_info("JOBS")).config.max_msgs == 7
+        assert (await js.consumer_info("JOBS", "llm-echo")).config.ack_wait == 3.0

@@ -9,11 +9,13 @@ import time
 from collections.abc import Callable
 
 import nats.errors
+import nats.js.errors
 from nats.js import JetStreamContext
 
 from schemas.codec import encode
 from schemas.fleet import WorkerInfo
 from schemas.subjects import WORKERS_BUCKET, worker_key
+from schemas.topology import ensure_present
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,12 @@ class Heartbeat:
         try:
             kv = await self.js.key_value(WORKERS_BUCKET)
             await kv.put(worker_key(info.id), encode(info))
+        except nats.js.errors.BucketNotFoundError:
+            # Deleted, or a server that lost its state: bring it back; the next beat lands.
+            log.warning("the %s bucket is missing: re-creating it", WORKERS_BUCKET)
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await ensure_present(self.js, timeout_s=self.interval_s)
+            return
         except (nats.errors.Error, TimeoutError) as e:
             if not self._failing:
                 log.warning(

@@ -31,6 +31,7 @@ from schemas.subjects import (
     CANCEL_ALL,
     JOBS_STREAM,
     Header,
+    JobKind,
     consumer_name,
     dlq_subject,
     is_reply_subject,
@@ -39,7 +40,7 @@ from schemas.subjects import (
     rpc_subject,
     trace_id,
 )
-from schemas.topology import Limits, consumer_definition, ensure_consumer
+from schemas.topology import ensure_present
 from workers.cancels import CancelBook
 from workers.emitter import Emitter
 from workers.engines.abilities import AnswersRpc, ReportsGpuMemory
@@ -78,6 +79,8 @@ class Runtime:
         self._held: dict[asyncio.Task[None], Msg] = {}
         self._nc: NATS | None = None
         self._images: ImageStore | None = None
+        self._heartbeat: Heartbeat | None = None
+        self._emitters: set[Emitter] = set()  # of the jobs held now, for resend()
         self.metrics = metrics or WorkerMetrics()
         self.metrics.slots.set(settings.slots)
         self.metrics.busy_slots.set_function(lambda: len(self._held))
@@ -118,19 +121,18 @@ class Runtime:
         loaded_s = time.perf_counter() - loading
         for m in self.engine.models():  # start() loads every model at once: each gets the total
             self.metrics.model_load_seconds.labels(m.id).set(loaded_s)
-        self._nc = await connect(self.settings, self.settings.worker_id, wait=True)
+        self._nc = await connect(
+            self.settings, self.settings.worker_id, wait=True, on_reconnect=self._reconnected
+        )
         js = self.nc.jetstream()
         self._images = ImageStore(js, self.settings.image_inline_chars)
-        bindings = []
-        for m in self.engine.models():
-            binding = await self._bind(js, m.id)
-            if binding is None:  # stopped while waiting for provisioning
-                await self._disconnect()
-                return
-            bindings.append(binding)
+        self._heartbeat = heartbeat = Heartbeat(js, self.describe, self.settings.heartbeat_s)
+        if not await self._ensure_topology(js):  # stopped while NATS could not provide it
+            await self._disconnect()
+            return
+        bindings = [await self._bind(js, m.id) for m in self.engine.models()]
         await self.nc.subscribe(CANCEL_ALL, cb=self._on_cancel)
         await self._serve_rpc()
-        heartbeat = Heartbeat(js, self.describe, self.settings.heartbeat_s)
         beating = asyncio.create_task(heartbeat.run())
         log.info(
             "worker %s ready: %s, %d slot(s)",
@@ -156,30 +158,40 @@ class Runtime:
             await self.nc.close()
         await self.engine.close()
 
-    async def _bind(self, js: JetStreamContext, model: str) -> Binding | None:
-        """Ensure the model's consumer exists (created explicitly, never by pull_subscribe).
+    def _needs(self) -> list[tuple[JobKind, str]]:
+        return [(self.engine.kind, m.id) for m in self.engine.models()]
 
-        Waits while the JOBS stream does not exist (provisioning may come after the worker);
-        None when the worker is stopped meanwhile.
-        """
-        definition = consumer_definition(self.engine.kind, model, Limits())
+    async def _ensure_topology(self, js: JetStreamContext) -> bool:
+        """Create whatever the server lacks (streams, buckets, this worker's consumers), never
+        changing what exists: provisioning owns the limits. Retries until it works; False
+        when the worker is stopped meanwhile."""
         waiting = False
-        while True:
+        while not self._stopping.is_set():
             try:
-                await ensure_consumer(js, definition, update=False)
-                break
-            except nats.js.errors.NotFoundError:  # 10059: the stream itself is missing
+                await ensure_present(js, self._needs())
+                return True
+            except (nats.errors.Error, TimeoutError) as e:
                 if not waiting:
-                    log.warning(
-                        "stream %s does not exist yet: waiting for `headrace provision`",
-                        JOBS_STREAM,
-                    )
+                    log.warning("JetStream is not available yet (%s); waiting", type(e).__name__)
                     waiting = True
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(1.0):  # not wait_for: 3.11's can eat a cancel
                         await self._stopping.wait()
-                if self._stopping.is_set():
-                    return None
+        return False
+
+    async def _reconnected(self) -> None:
+        """A restarted or replaced server may lack the topology: bring it back, beat at once
+        so the edges see this worker again without waiting a heartbeat period, and publish
+        the events of held jobs again (one written just before the server went down may
+        never have reached it; followers drop the copies they already have)."""
+        await self._ensure_topology(self.nc.jetstream())
+        if self._heartbeat is not None:
+            await self._heartbeat.beat()
+        for emitter in list(self._emitters):
+            await emitter.resend()
+
+    async def _bind(self, js: JetStreamContext, model: str) -> Binding:
+        """Bind the model's durable consumer (created explicitly, never by pull_subscribe)."""
         durable = consumer_name(self.engine.kind, model)
         info = await js.consumer_info(JOBS_STREAM, durable)
         psub = await js.pull_subscribe_bind(durable=durable, stream=JOBS_STREAM)
@@ -293,6 +305,22 @@ class Runtime:
             await self._dead_letter(msg, bad, None, attempt)
             return
         emitter = Emitter(self.nc, job.id, reply, attempt, headers.get(Header.OWNER))
+        self._emitters.add(emitter)
+        try:
+            await self._start(b, msg, job, emitter, attempt, headers)
+        finally:
+            self._emitters.discard(emitter)
+
+    async def _start(
+        self,
+        b: Binding,
+        msg: Msg,
+        job: TextJob | ImageJob,
+        emitter: Emitter,
+        attempt: int,
+        headers: dict[str, str],
+    ) -> None:
+        """Skip a cancelled or expired job; run any other."""
         if self.cancels.was_cancelled(job.id):
             await emitter.emit(Done(finish_reason="cancelled", seed=job.params.seed))
             await self._settle(msg)

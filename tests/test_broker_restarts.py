@@ -1,0 +1,145 @@
+"""The broker restarts under load: nothing accepted is lost or hangs, nobody runs a command.
+
+A real nats-server is stopped (SIGTERM) or killed (SIGKILL) while requests are in
+flight through a real edge to an echo worker, then started again on the same port:
+with its store (a restart), or with an empty one (a replaced node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from nats.js import JetStreamContext
+
+from headrace.servers import NatsServer
+from tests.conftest import API_KEY, running
+from workers.engines.echo import EchoEngine
+from workers.settings import WorkerSettings
+
+pytestmark = pytest.mark.slow
+
+TOKENS = 40
+STREAM_ERROR = -1  # an error event inside a stream that had begun
+CUT = -2  # a stream that ended without [DONE]: must never happen
+PROMPT = "a river runs over stones and under bridges to the sea"
+
+
+def _body(i: int, *, stream: bool) -> dict[str, Any]:
+    return {
+        "model": "echo",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": TOKENS,
+        "seed": 1000 + i,
+        "stream": stream,
+    }
+
+
+async def _ask(http: aiohttp.ClientSession, edge: str, i: int, *, stream: bool) -> tuple[int, str]:
+    """One chat request: its status (or STREAM_ERROR, CUT) and its whole text (an error's
+    code when it failed)."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with http.post(
+        f"{edge}/v1/chat/completions", json=_body(i, stream=stream), headers=headers
+    ) as r:
+        raw = await r.read()
+    if r.status != 200:
+        return r.status, orjson.loads(raw)["error"]["code"]
+    if not stream:
+        return 200, orjson.loads(raw)["choices"][0]["message"]["content"]
+    text, done = "", False
+    for line in raw.decode().splitlines():
+        if line == "data: [DONE]":
+            done = True
+        elif line.startswith("data: "):
+            chunk = orjson.loads(line[6:])
+            if "error" in chunk:
+                return STREAM_ERROR, chunk["error"]["code"]
+            if chunk["choices"]:
+                text += chunk["choices"][0]["delta"].get("content") or ""
+    return (200 if done else CUT), text
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def slow_worker(worker_settings: WorkerSettings) -> WorkerSettings:
+    return worker_settings.model_copy(update={"slots": 32})
+
+
+async def _restart_under_load(
+    nats_server: NatsServer,
+    edge: str,
+    http: aiohttp.ClientSession,
+    how: str,
+    *,
+    n: int = 20,
+) -> tuple[list[tuple[int, str]], float]:
+    """``n`` requests in flight (half streamed), the broker restarted ``how``; returns every
+    outcome and the seconds from the broker's return to the last answer."""
+    asks = [asyncio.create_task(_ask(http, edge, i, stream=i % 2 == 0)) for i in range(n)]
+    await asyncio.sleep(0.6)  # every request accepted and generating
+    if how == "sigkill":
+        nats_server.kill()
+    else:
+        nats_server.stop()
+    if how == "empty":
+        shutil.rmtree(nats_server.data_dir)
+    await asyncio.sleep(0.3)
+    nats_server.start()
+    back = time.monotonic()
+    _, hung = await asyncio.wait(asks, timeout=60)  # their own deadline is 600 s
+    assert not hung, f"{len(hung)} of {n} requests hung: {sorted(asks.index(t) for t in hung)}"
+    return [t.result() for t in asks], time.monotonic() - back
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+async def test_in_flight_requests_survive_a_broker_restart(
+    nats_server: NatsServer,
+    js: JetStreamContext,
+    edge: str,
+    slow_worker: WorkerSettings,
+    http: aiohttp.ClientSession,
+    how: str,
+) -> None:
+    async with running(slow_worker, EchoEngine(token_delay_s=0.05)):
+        outcomes, _ = await _restart_under_load(nats_server, edge, http, how)
+        assert [status for status, _ in outcomes] == [200] * 20
+        # The same text as an undisturbed run of the same request: nothing repeated or missing.
+        for i, (_, text) in enumerate(outcomes):
+            status, again = await _ask(http, edge, i, stream=False)
+            assert (status, text) == (200, again)
+            assert len(text.split()) == TOKENS
+
+
+async def test_a_replaced_broker_with_an_empty_store_recovers_by_itself(
+    nats_server: NatsServer,
+    js: JetStreamContext,
+    edge: str,
+    slow_worker: WorkerSettings,
+    http: aiohttp.ClientSession,
+) -> None:
+    async with running(slow_worker, EchoEngine(token_delay_s=0.05)):
+        outcomes, took_s = await _restart_under_load(nats_server, edge, http, "empty")
+        # Whatever ran while the state was lost ends with its text or a clear error, promptly.
+        for status, what in outcomes:
+            assert status == 200 or (status in (503, STREAM_ERROR) and what == "unavailable")
+        # New requests work without anyone provisioning anything.
+        for _ in range(150):
+            if (await _ask(http, edge, 99, stream=False))[0] == 200:
+                break
+            await asyncio.sleep(0.2)
+        status, text = await _ask(http, edge, 100, stream=True)
+        assert status == 200
+        assert len(text.split()) == TOKENS
+        assert took_s < 30
