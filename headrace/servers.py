@@ -143,19 +143,41 @@ class NatsServer(ChildServer):
         http_port: int | None = None,
         log_path: Path | None = None,
         config: Path = DEV_CONF,
+        extra_conf: str | None = None,
     ) -> None:
         super().__init__(data_dir, port, log_path)
         self.http_port = http_port
         self.config = config
+        # Appended to ``config`` (users, TLS): nats-server resolves an include relative to the
+        # including file, so the two are written out together as one file instead.
+        self.extra_conf = extra_conf
 
     @property
     def url(self) -> str:
         """Client URL."""
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def config_path(self) -> Path:
+        """The configuration the server runs with (written by ``start`` with ``extra_conf``)."""
+        if self.extra_conf is None:
+            return self.config
+        return self.data_dir.parent / f"{self.data_dir.name}-server.conf"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Write the configuration when it has extra parts (0600: it names users), then start."""
+        if self.extra_conf is not None:
+            path = self.config_path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.config.read_text() + "\n" + self.extra_conf)
+        super().start(timeout_s)
+
     def command(self) -> list[str]:
         """The argv that starts the server."""
-        cmd = [nats_server_binary(), "-c", str(self.config), "-a", "127.0.0.1"]
+        # -a also binds the monitoring port (-m): loopback only, it serves /connz to anyone.
+        cmd = [nats_server_binary(), "-c", str(self.config_path), "-a", "127.0.0.1"]
         cmd += ["-p", str(self.port), "-js", "-sd", str(self.data_dir)]
         if self.http_port:
             cmd += ["-m", str(self.http_port)]
@@ -201,8 +223,9 @@ class ClusterNode(NatsServer):
         http_port: int | None = None,
         log_path: Path | None = None,
         config: Path = DEV_CONF,
+        extra_conf: str | None = None,
     ) -> None:
-        super().__init__(data_dir, port, http_port, log_path, config)
+        super().__init__(data_dir, port, http_port, log_path, config, extra_conf)
         self.server_name = server_name
         self.name = f"nats-server {server_name}"
         self.cluster_name = cluster_name
@@ -263,6 +286,7 @@ class NatsCluster:
         http_port: int | None = 0,
         log_dir: Path | None = None,
         config: Path = DEV_CONF,
+        extra_conf: str | None = None,  # users (headrace.credentials), the same on every node
     ) -> None:
         if size < 1:
             raise ValueError("a cluster needs at least one node")
@@ -282,6 +306,7 @@ class NatsCluster:
                 http_port=None if http_port is None else nth(http_port, i) or free_port(),
                 log_path=None if log_dir is None else log_dir / f"nats-{i}.log",
                 config=config,
+                extra_conf=extra_conf,
             )
             for i in range(1, size + 1)
         ]

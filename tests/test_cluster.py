@@ -24,6 +24,7 @@ from nats.js.api import ConsumerInfo
 from pydantic import ValidationError
 
 from headrace.cli import build_parser
+from headrace.credentials import SERVER_CONF, Credentials
 from headrace.servers import NatsCluster, NatsServer, free_port
 from headrace.settings import StackSettings
 from headrace.status import render
@@ -31,6 +32,7 @@ from schemas.client import JobClient, Received
 from schemas.errors import QueueFull, Unavailable
 from schemas.events import Delta, Done, EngineEvent
 from schemas.jobs import TextJob
+from schemas.permissions import ADMIN
 from schemas.subjects import (
     DLQ_STREAM,
     IMAGES_BUCKET,
@@ -38,6 +40,7 @@ from schemas.subjects import (
     OPTIONS_BUCKET,
     RESULTS_STREAM,
     WORKERS_BUCKET,
+    inbox_prefix,
 )
 from schemas.topology import NATS_DIR, Limits, provision, stream_definitions
 from tests.conftest import TEST_LIMITS, running, text_job
@@ -159,6 +162,9 @@ async def test_the_compose_node_config_forms_a_cluster(
     for host, port in route_ports.items():
         conf = conf.replace(f"nats-route://{host}:6222", f"nats-route://127.0.0.1:{port}")
     conf = conf.replace("store_dir: /data\n", "")  # NatsServer passes its own (-sd)
+    # The users file compose mounts next to it (headrace auth nats-auth makes it).
+    creds = Credentials.ensure(tmp_path / "nats-auth", {}, cost=4)
+    (tmp_path / SERVER_CONF).write_text((creds.directory / SERVER_CONF).read_text())
     nodes = []
     try:
         for host, port in route_ports.items():
@@ -168,7 +174,12 @@ async def test_the_compose_node_config_forms_a_cluster(
             monkeypatch.setenv("SERVER_NAME", host)  # what each compose service sets
             node.start()
             nodes.append(node)
-        nc = await nats.connect(servers=[n.url for n in nodes])
+        nc = await nats.connect(
+            servers=[n.url for n in nodes],
+            user=ADMIN,
+            password=creds.password(ADMIN).get_secret_value(),
+            inbox_prefix=inbox_prefix(ADMIN),
+        )
         try:
             js = nc.jetstream(timeout=1.0)
             async with asyncio.timeout(20):

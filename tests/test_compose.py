@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ def test_compose_runs_nats_valkey_edge_and_a_worker_from_official_images() -> No
 
 def node_config(service: dict[str, Any]) -> str:
     """The nats-server config file a compose service mounts and starts with."""
-    (mount,) = [v for v in service["volumes"] if v.startswith("./")]
+    (mount,) = [v for v in service["volumes"] if v.split(":")[1] in service["command"]]
     source, target, _ = mount.split(":")
     assert target in service["command"]
     return (ROOT / source).read_text()
@@ -85,6 +86,42 @@ def test_three_nats_services_form_one_cluster_each_with_its_own_store() -> None:
         NATS_NODES, "service_healthy"
     )
     assert provision["environment"]["HEADRACE_REPLICAS"] == "3"
+
+
+def test_nats_refuses_anonymous_clients_and_keeps_monitoring_inside() -> None:
+    services = compose()["services"]
+    conf = (ROOT / "nats" / "cluster" / "node.conf").read_text()
+    assert "http: 127.0.0.1:8222" in conf
+    assert "no_auth_user" not in conf
+    (include,) = [line.split()[1] for line in conf.splitlines() if line.startswith("include ")]
+    for name in NATS_NODES:
+        mounts = dict(v.split(":")[:2] for v in services[name]["volumes"] if v.startswith("./"))
+        # nats-server resolves an include next to the including file.
+        assert mounts["./nats-auth/nats-users.conf"] == f"/etc/nats/{Path(include).name}"
+        healthcheck = " ".join(services[name]["healthcheck"]["test"])
+        assert "http://127.0.0.1:8222/" in healthcheck
+    roles = {"provision": "admin", "edge": "edge", "worker": "worker", "sd-worker": "worker"}
+    for name, role in roles.items():
+        assert services[name]["env_file"] == f"nats-auth/{role}.env", name
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "nats-auth" in ignored  # passwords never enter an image
+
+
+def test_node_conf_and_the_generated_users_are_valid_for_nats_server(tmp_path: Path) -> None:
+    from headrace.credentials import SERVER_CONF, Credentials
+    from headrace.servers import nats_server_binary
+
+    creds = Credentials.ensure(tmp_path / "nats-auth", {"unity": ["SmolLM2-135M-Instruct"]}, cost=4)
+    (tmp_path / "node.conf").write_text((ROOT / "nats" / "cluster" / "node.conf").read_text())
+    (tmp_path / SERVER_CONF).write_text((creds.directory / SERVER_CONF).read_text())
+    out = subprocess.run(
+        [nats_server_binary(), "-t", "-c", str(tmp_path / "node.conf")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"SERVER_NAME": "nats-1", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
 
 
 def test_the_edge_is_wired_to_nats_and_valkey() -> None:

@@ -74,18 +74,35 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path, sig: signal.Sign
     assert _listening(valkey_port)
     assert _alive(worker_pid)
 
+    nats_url, auth = f"nats://127.0.0.1:{nats_port}", tmp_path / "data" / "auth"
     status = subprocess.run(
-        [sys.executable, "-m", "headrace", "status", "--nats-url", f"nats://127.0.0.1:{nats_port}"],
+        [sys.executable, "-m", "headrace", "status", "--nats-url", nats_url,
+         "--nats-creds", str(auth / "observer.env")],
         capture_output=True,
         text=True,
         timeout=60,
-    )
+    )  # fmt: skip
     assert "local-echo-1" in status.stdout
     assert "local-llm-1" in status.stdout
     assert "SmolLM2-135M-Instruct" in status.stdout
     assert "llm-echo" in status.stdout
     assert "local-sd-1" in status.stdout
     assert "tiny-sd" in status.stdout
+
+    # NATS refuses anonymous clients: one line names the server, the exit status is not 0.
+    anonymous = subprocess.run(
+        [sys.executable, "-m", "headrace", "status", "--nats-url", nats_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in env.items() if not k.startswith("HEADRACE_NATS_")},
+    )
+    assert anonymous.returncode == 2
+    assert f"{nats_url} refused an anonymous connection" in anonymous.stderr
+    # The generated credentials are readable by their owner only.
+    assert auth.stat().st_mode & 0o777 == 0o700
+    assert {p.stat().st_mode & 0o777 for p in auth.iterdir()} == {0o600}
+    assert "observer.env" in output
 
     # The printed development key works, and so does the printed curl example's request.
     key = re.search(r"API key: (\S+)", output).group(1)  # type: ignore[union-attr]

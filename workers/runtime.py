@@ -34,6 +34,7 @@ from schemas.subjects import (
     JobKind,
     consumer_name,
     dlq_subject,
+    is_reply_subject,
     model_slug,
     results_subject,
     rpc_subject,
@@ -300,9 +301,14 @@ class Runtime:
             job = decode_job(msg.data)
         except Poison as e:
             self.metrics.ended(b.model, "dead_lettered", 0, None)
-            await self._dead_letter(msg, e, headers.get(Header.REPLY), attempt)
+            await self._dead_letter(msg, e, _results_reply(headers), attempt)
             return
         reply = headers.get(Header.REPLY) or results_subject(job.id)
+        if not is_reply_subject(reply, job.id):
+            self.metrics.ended(b.model, "dead_lettered", 0, None)
+            bad = Poison(f"{Header.REPLY} must be results.<job id> or results.<user>.<job id>")
+            await self._dead_letter(msg, bad, None, attempt)
+            return
         emitter = Emitter(self.nc, job.id, reply, attempt, headers.get(Header.OWNER))
         self._emitters.add(emitter)
         try:
@@ -514,3 +520,10 @@ def _deadline_ms(job: TextJob | ImageJob, headers: dict[str, str]) -> int | None
     if raw is not None and raw.isdigit():
         return int(raw)
     return job.deadline_ms
+
+
+def _results_reply(headers: dict[str, str]) -> str | None:
+    """The reply of a job that could not be decoded, when it has a results subject's shape
+    (its id is unknown, so this is all that can be checked)."""
+    reply = headers.get(Header.REPLY)
+    return reply if reply and is_reply_subject(reply, reply.rpartition(".")[2]) else None
