@@ -238,7 +238,11 @@ class JobClient:
             nats.errors.TimeoutError,
         ):
             # A consumer needs the cluster's meta leader, elected for seconds after a node
-            # dies; any replica of RESULTS answers a direct get meanwhile (allow_direct).
+            # dies; any replica of RESULTS answers a direct get meanwhile (allow_direct). Not
+            # for a native client: a direct get cannot be narrowed to its own results, so its
+            # permissions leave it out.
+            if self.user is not None:
+                raise
             return await self._direct_history(job_id)
         out: list[Received] = []
         try:
@@ -431,6 +435,10 @@ class JobStream:
             self._queue.put_nowait(received)  # what was already seen is dropped as a duplicate
         placed = self.placed
         if self.finished or placed is None or any(r.final for r in history):
+            return
+        if self.client.user is not None:
+            # A native client may not read JOBS (every job's prompt is there): it cannot tell
+            # a lost job from a queued one, and its deadline bounds the wait instead.
             return
         if await self.client.queued(self.job_id, placed.seq):
             return  # waiting for a worker, or running: its events will come

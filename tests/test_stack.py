@@ -223,7 +223,16 @@ def test_up_cluster_runs_three_nodes_at_r3_and_survives_one(tmp_path: Path) -> N
         assert code == 200, answer
         assert answer["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
         status = subprocess.run(
-            [sys.executable, "-m", "headrace", "status", "--nats-url", urls],
+            [
+                sys.executable,
+                "-m",
+                "headrace",
+                "status",
+                "--nats-url",
+                urls,
+                "--nats-creds",
+                str(data / "auth" / "observer.env"),
+            ],
             capture_output=True,
             text=True,
             timeout=60,
