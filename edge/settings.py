@@ -35,6 +35,10 @@ class EdgeSettings(CommonSettings):
         description="name of the key that requests without credentials are served as "
         "(unset: every request needs a key)",
     )
+    cors_origins: str = Field(
+        default="",
+        description="browser origins allowed by CORS, comma-separated (* for any; empty: off)",
+    )
     keepalive_s: float = Field(default=15.0, gt=0, description="SSE ': keep-alive' interval")
     first_event_wait_s: float = Field(
         default=1.0,
