@@ -36,13 +36,13 @@ def build_app(settings: EdgeSettings, registry: CollectorRegistry | None = None)
     keys = KeyStore.from_settings(settings)
     if not keys:
         raise ValueError("no API keys configured: set HEADRACE_API_KEYS (or a keys file)")
+    policy = cors.CorsPolicy.parse(settings.cors_origins)
     metrics = EdgeMetrics(registry)
     limiter = None
     if keys.limited:
         if not settings.redis_url:
             raise ValueError("keys have rate limits: set HEADRACE_REDIS_URL (Redis or Valkey)")
         limiter = Limiter(settings, metrics)
-    policy = cors.CorsPolicy.parse(settings.cors_origins)
     # A preflight is answered before auth: browsers send it without credentials.
     preflight = [cors.preflight] if policy is not None else []
     app = web.Application(

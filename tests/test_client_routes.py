@@ -14,6 +14,8 @@ import orjson
 import pytest
 from nats.aio.client import Client as NATS
 
+from edge.app import build_app
+from edge.settings import EdgeSettings
 from schemas.codec import decode_job
 from schemas.fleet import VERSION
 from schemas.jobs import TextJob
@@ -135,3 +137,39 @@ async def test_unknown_models_on_the_new_openai_routes_are_404s(edge: str) -> No
         async with http.post("/chat/completions", data=b"{oops") as r:
             assert r.status == 400
             assert (await r.json())["error"]["type"] == "invalid_request_error"
+
+
+NEW_PATHS = {
+    "/v1/models/{model}": "get",
+    "/chat/completions": "post",
+    "/completions": "post",
+    "/models": "get",
+    "/api/show": "post",
+    "/api/ps": "get",
+    "/api/version": "get",
+    "/sdapi/v1/skip": "post",
+    "/sdapi/v1/png-info": "post",
+    "/sdapi/v1/upscalers": "get",
+    "/sdapi/v1/memory": "get",
+    "/sdapi/v1/cmd-flags": "get",
+    "/sdapi/v1/refresh-checkpoints": "post",
+    "/sdapi/v1/loras": "get",
+    "/sdapi/v1/scripts": "get",
+}
+
+
+async def test_openapi_lists_the_new_routes_and_only_real_ones(edge: str) -> None:
+    async with aiohttp.ClientSession(edge) as http, http.get("/openapi.json") as r:
+        doc = await r.json()
+    for path, method in NEW_PATHS.items():
+        assert method in doc["paths"].get(path, {}), path
+    assert set(doc["components"]["securitySchemes"]) == {"bearer", "basic"}
+    app = build_app(EdgeSettings(api_keys=API_KEY))
+    routed = {
+        (r.resource.canonical, r.method.lower())
+        for r in app.router.routes()
+        if r.resource is not None
+    }
+    for path, ops in doc["paths"].items():
+        for method in ops:
+            assert (path, method) in routed or (path, "*") in routed, (path, method)
