@@ -137,6 +137,10 @@ async def test_unknown_models_on_the_new_openai_routes_are_404s(edge: str) -> No
         async with http.post("/chat/completions", data=b"{oops") as r:
             assert r.status == 400
             assert (await r.json())["error"]["type"] == "invalid_request_error"
+        bad = {"model": "echo", "messages": CHAT, "ignore_eos": [1]}
+        async with http.post("/v1/chat/completions", json=bad) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["param"] == "ignore_eos"
 
 
 NEW_PATHS = {
