@@ -26,7 +26,7 @@ from edge.tasks import TaskBook
 from schemas.client import JobClient
 from schemas.connection import connect
 from schemas.image_store import ImageStore
-from schemas.topology import ensure_present
+from schemas.topology import Limits, ensure_present
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ async def _connect(app: web.Application) -> None:
         on_reconnect=lambda: _reconnected(app),
     )
     js = nc.jetstream()
-    await ensure_present(js)  # a new (or replaced) server: what the edge relies on, created
+    # A new (or replaced) server: what the edge relies on is created, at this deployment's R.
+    await ensure_present(js, limits=Limits(replicas=c.settings.replicas))
     fleet = Fleet(js, c.settings.worker_stale_s)
     await fleet.start()
     queues = QueueDepth(js, c.metrics.queued, c.metrics.running, c.settings.queue_poll_s)
@@ -93,7 +94,7 @@ async def _reconnected(app: web.Application) -> None:
     c = app[CTX]
     if c.nc is None:
         return
-    await ensure_present(c.nc.jetstream())
+    await ensure_present(c.nc.jetstream(), limits=Limits(replicas=c.settings.replicas))
     await c.fleet.rewatch()
     await c.jobs.recover()
 

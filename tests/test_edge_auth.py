@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry
 from edge.app import build_app, start
 from edge.auth import KeyStore, basic_password, bearer, load_keys_file
 from edge.settings import EdgeSettings
-from headrace.servers import NatsServer, ValkeyServer, free_port
-from tests.conftest import API_KEY, running
+from headrace.servers import ValkeyServer, free_port
+from tests.conftest import API_KEY, AuthNatsServer, running
 from workers.settings import WorkerSettings
 
 
@@ -127,7 +127,7 @@ def keys_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def start_edge(
-    js: JetStreamContext, nats_server: NatsServer, keys_file: Path
+    js: JetStreamContext, nats_server: AuthNatsServer, keys_file: Path
 ) -> AsyncIterator[Callable[..., Awaitable[str]]]:
     """Edges on free ports with ``sk-test-alice`` and the keys file; yields a starter."""
     runners = []
@@ -135,6 +135,7 @@ async def start_edge(
     async def _start(**overrides: Any) -> str:
         settings = EdgeSettings(
             nats_url=nats_server.url,
+            **nats_server.login("edge"),
             port=free_port(),
             api_keys=API_KEY,
             keys_file=keys_file,
@@ -180,13 +181,14 @@ async def test_basic_auth_carries_the_key_on_every_api_family(
 
 async def test_anonymous_requests_get_the_named_keys_limits(
     js: JetStreamContext,
-    nats_server: NatsServer,
+    nats_server: AuthNatsServer,
     valkey: ValkeyServer,
     tmp_path: Path,
     worker_settings: WorkerSettings,
 ) -> None:
     settings = EdgeSettings(
         nats_url=nats_server.url,
+        **nats_server.login("edge"),
         port=free_port(),
         api_keys=API_KEY,
         keys_file=write_key(tmp_path / "anon.toml", "anon", 'models = ["echo"]\nrpm = 2'),
