@@ -44,6 +44,9 @@ from schemas.subjects import (
 
 log = logging.getLogger(__name__)
 
+# How long a gap in a job's events may wait to be filled from RESULTS before the stream fails.
+FILL_TIMEOUT_S = 20.0
+
 # JetStream error codes that mean "the stream is at a limit and discard=new refused it".
 _LIMIT_ERR_CODES = {10077, 10047, 10028, 10054}
 
@@ -166,7 +169,12 @@ class JobClient:
 
         sub = await self.nc.subscribe(reply or results_subject(job_id, self.user), cb=deliver)
         # Interest must reach the server before the job can produce anything.
-        await self.nc.flush()
+        try:
+            await self.nc.flush()
+        except (nats.errors.Error, TimeoutError) as e:  # between two servers (a reconnect)
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+            raise Unavailable("NATS did not confirm the subscription in time; retry") from e
         stream = JobStream(self, job_id, sub, queue, deadline_ms)
         self.open.add(stream)
         if replay or after != START:
@@ -415,15 +423,21 @@ class JobStream:
         """
         first = after.seq + 1 if after.attempt == before.attempt else 1
         needed = {Position(before.attempt, seq) for seq in range(first, before.seq)}
+        # RESULTS stores what it captures a moment after the live delivery; and when a stream
+        # leader is being elected (seconds), the worker stores the events again before its
+        # final one (workers.emitter): worth waiting for, up to FILL_TIMEOUT_S.
+        deadline = time.monotonic() + FILL_TIMEOUT_S
         delay = 0.02
-        for _ in range(8):  # RESULTS stores what it captures a moment after the live delivery
+        while True:
             history = await self.client.history(self.job_id)
             found = {r.pos: r for r in history if after < r.pos < before}  # copies: once
             if needed <= found.keys():
                 self._ready.extend(found[pos] for pos in sorted(found))
                 return
+            if time.monotonic() + delay > deadline:
+                break
             await asyncio.sleep(delay)
-            delay *= 2
+            delay = min(delay * 2, 1.0)
         log.warning("job %s: events between %s and %s are lost", self.job_id, after, before)
         raise Unavailable("some of this job's results were lost; retry the request")
 

@@ -102,4 +102,4 @@ async def test_a_replaced_broker_with_an_empty_store_recovers_by_itself(
         kind, text = await ask(http, edge, 100, stream=True)
         assert kind == "ok"
         assert len(text.split()) == TOKENS
-        assert took_s < 30
+        assert took_s < 45  # a lost event fails its stream once the gap has waited 20 s
