@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 
+import nats.errors
 import uvloop
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -29,6 +30,8 @@ from schemas.image_store import ImageStore
 from schemas.topology import Limits, ensure_present
 
 log = logging.getLogger(__name__)
+
+_REWATCH_ATTEMPTS = 120  # about two minutes of one-second retries
 
 
 def build_app(settings: EdgeSettings, registry: CollectorRegistry | None = None) -> web.Application:
@@ -89,14 +92,27 @@ async def _connect(app: web.Application) -> None:
 
 
 async def _reconnected(app: web.Application) -> None:
-    """The server may be a restarted or replaced one: bring back what the edge relies on, then
-    follow the fleet and every open job afresh (their missed events come from RESULTS)."""
+    """The server may be a restarted or replaced one: every open job catches up from RESULTS,
+    then what the edge relies on is brought back and the fleet followed afresh (retried while
+    the cluster elects its leaders)."""
     c = app[CTX]
     if c.nc is None:
         return
-    await ensure_present(c.nc.jetstream(), limits=Limits(replicas=c.settings.replicas))
-    await c.fleet.rewatch()
     await c.jobs.recover()
+    js = c.nc.jetstream(timeout=1.0)  # short: a call into an election should not hold us long
+    limits = Limits(replicas=c.settings.replicas)
+    for attempt in range(1, _REWATCH_ATTEMPTS + 1):
+        try:
+            await ensure_present(js, limits=limits, timeout_s=5)
+            await c.fleet.rewatch()
+            return
+        except (nats.errors.Error, TimeoutError) as e:
+            if attempt == 1:
+                log.warning(
+                    "after a reconnect: JetStream not ready (%s); retrying", type(e).__name__
+                )
+            await asyncio.sleep(1.0)
+    log.error("after a reconnect: the worker registry could not be followed again")
 
 
 async def _disconnect(app: web.Application) -> None:

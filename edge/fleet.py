@@ -31,28 +31,43 @@ class Fleet:
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._watcher: KeyValue.KeyWatcher | None = None
+        self._guard: asyncio.Task[None] | None = None
+        self._heard = time.monotonic()  # the last record the watch delivered
 
     async def start(self) -> None:
         """Begin watching (returns once the current records are loaded)."""
+        await self._start_watch()
+        if self._guard is None:
+            self._guard = asyncio.create_task(self._guard_watch())
+
+    async def rewatch(self) -> None:
+        """Watch afresh: after a reconnect the bucket may be a new one (a server that lost its
+        state re-creates it empty); records the old watch held are dropped, live workers
+        put theirs again within a heartbeat."""
+        await self._stop_watch()
+        async with self._changed:
+            self.workers.clear()
+        await self._start_watch()
+
+    async def stop(self) -> None:
+        """Stop watching."""
+        if self._guard is not None:
+            self._guard.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._guard
+        await self._stop_watch()
+
+    async def _start_watch(self) -> None:
         kv = await self.js.key_value(WORKERS_BUCKET)
         self._watcher = watcher = await kv.watchall()
+        self._heard = time.monotonic()
         loaded = asyncio.Event()
         self._task = asyncio.create_task(self._watch(watcher, loaded))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5):
                 await loaded.wait()
 
-    async def rewatch(self) -> None:
-        """Watch afresh: after a reconnect the bucket may be a new one (a server that lost its
-        state re-creates it empty); records the old watch held are dropped, live workers
-        put theirs again within a heartbeat."""
-        await self.stop()
-        async with self._changed:
-            self.workers.clear()
-        await self.start()
-
-    async def stop(self) -> None:
-        """Stop watching."""
+    async def _stop_watch(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -62,10 +77,21 @@ class Fleet:
             with contextlib.suppress(nats.errors.Error, TimeoutError):
                 await self._watcher.stop()  # type: ignore[no-untyped-call]
 
+    async def _guard_watch(self) -> None:
+        """Watch afresh when the watch went quiet while workers were known: its consumer lived
+        on a cluster node that died (this edge's own connection may never have dropped)."""
+        while True:
+            await asyncio.sleep(self.stale_s / 3)
+            if self.workers and time.monotonic() - self._heard > self.stale_s / 2:
+                log.warning("the worker registry went quiet; watching it afresh")
+                with contextlib.suppress(nats.errors.Error, TimeoutError):
+                    await self.rewatch()
+
     async def _watch(self, watcher: KeyValue.KeyWatcher, loaded: asyncio.Event) -> None:
         # ``async for``, not ``updates(timeout=)``: asyncio.wait_for on Python 3.11 can swallow
         # the cancellation that stop() sends when an update arrives at the same moment.
         async for entry in watcher:
+            self._heard = time.monotonic()
             if entry is None:  # the end of the initial values
                 loaded.set()
                 continue

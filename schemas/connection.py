@@ -155,15 +155,27 @@ async def _close_quietly(nc: NATS) -> None:
         log.debug("closing a failed NATS connection: %s", type(e).__name__)
 
 
+_RUNNING: set[asyncio.Task[None]] = set()  # callbacks running in the background, referenced
+
+
 def _logged(what: str, first: Callback | None, then: Callback | None) -> Callback:
+    """A nats-py callback: log, run ``first`` (quick), then ``then`` in the background. nats-py
+    awaits its callbacks inside its reconnect loop, and a recovery can last as long as a
+    cluster's election."""
+
+    async def run(recovery: Callback) -> None:
+        try:
+            await recovery()
+        except Exception as e:  # logged: a failed recovery must not pass in silence
+            log.warning("after NATS %s: %s", what, type(e).__name__)
+
     async def callback() -> None:
         log.info("NATS %s", what)
         if first is not None:
             await first()
         if then is not None:
-            try:
-                await then()
-            except Exception as e:  # a callback must not take the client's reconnect loop down
-                log.warning("after NATS %s: %s", what, type(e).__name__)
+            task = asyncio.create_task(run(then))
+            _RUNNING.add(task)
+            task.add_done_callback(_RUNNING.discard)
 
     return callback
