@@ -9,8 +9,14 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from schemas.errors import InvalidRequest
+from schemas.jobs import json_depth
 
 M = TypeVar("M", bound=BaseModel)
+# Levels of objects and arrays a body may nest (the body itself is 1). What a body holds
+# travels on in jobs, option records and echoed answers, and orjson writes at most 254
+# levels: past that bound a value would fail later, as a 500, instead of now as a 400.
+MAX_BODY_DEPTH = 128
+_TOO_DEEP = f"the request body may nest at most {MAX_BODY_DEPTH} levels of objects and arrays"
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart"}
 
 
@@ -19,10 +25,15 @@ async def read_object(request: web.Request) -> dict[str, Any]:
     raw = await request.read()  # bounded by client_max_size (413 past it)
     try:
         data = orjson.loads(raw or b"{}")
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as e:
+        if "depth limit" in str(e):  # orjson reads at most 1024 levels
+            raise InvalidRequest(_TOO_DEEP) from None
         raise InvalidRequest("the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    for key, value in data.items():
+        if json_depth(value, MAX_BODY_DEPTH - 1) >= MAX_BODY_DEPTH:
+            raise InvalidRequest(f"{_TOO_DEEP}; '{key}' nests deeper", param=key)
     return data
 
 

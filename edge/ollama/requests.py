@@ -17,7 +17,7 @@ from edge.sampling import (
     TopP,
     TypicalP,
 )
-from schemas.jobs import MAX_MESSAGES, SEED_MAX, ChatMessage, Stops, TextParams
+from schemas.jobs import MAX_MESSAGES, SEED_MAX, ChatMessage, SchemaDepth, Stops, TextParams
 
 
 class Lenient(BaseModel):
@@ -66,7 +66,7 @@ class Common(Lenient):
 
     model: str = Field(min_length=1, max_length=256)
     stream: bool = True
-    format: Literal["json"] | dict[str, Any] | None = None
+    format: Annotated[Literal["json"] | dict[str, Any] | None, SchemaDepth] = None
     options: Options = Options()
 
     def _params(

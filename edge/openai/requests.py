@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, cast
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edge.sampling import Grammar, MinP, Penalty, RepeatPenalty, Temperature, TopK, TopP, TypicalP
-from schemas.jobs import MAX_MESSAGES, SEED_MAX, ChatMessage, Stops, TextParams
+from schemas.jobs import MAX_MESSAGES, SEED_MAX, ChatMessage, SchemaDepth, Stops, TextParams
 
 
 class Lenient(BaseModel):
@@ -47,7 +47,7 @@ class JsonSchemaFormat(Lenient):
     """``response_format.json_schema``."""
 
     name: str = Field(default="response", max_length=64)
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    schema_: Annotated[dict[str, Any], SchemaDepth] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
 

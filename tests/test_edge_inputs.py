@@ -1,0 +1,110 @@
+"""Bad inputs through the real edge: each gets a 4xx in its API's error shape, never a 500."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from schemas.jobs import MAX_SCHEMA_DEPTH, TextParams
+from tests.conftest import API_KEY, running
+from workers.settings import WorkerSettings
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+CHAT = [{"role": "user", "content": "the quick brown fox"}]
+
+
+async def post_raw(
+    edge: str, path: str, data: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    """POST bytes as they are; returns the status and the JSON body."""
+    hdrs = {**AUTH, "Content-Type": "application/json", **(headers or {})}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(edge + path, data=data, headers=hdrs) as r,
+    ):
+        return r.status, orjson.loads(await r.read())
+
+
+def nested_schema(levels: int) -> bytes:
+    """A JSON schema of ``levels`` objects inside each other (2 * levels + 1 JSON levels), as
+    text: neither orjson nor json writes the deepest ones."""
+    return b'{"type":"object","properties":{"a":' * levels + b'{"type":"string"}' + b"}}" * levels
+
+
+def with_schema(body: dict[str, Any], levels: int) -> bytes:
+    """``body`` with its ``"SCHEMA"`` placeholder replaced by a nested schema."""
+    return orjson.dumps(body).replace(b'"SCHEMA"', nested_schema(levels))
+
+
+def chat_with_schema(levels: int) -> bytes:
+    fmt = {"type": "json_schema", "json_schema": {"name": "deep", "schema": "SCHEMA"}}
+    return with_schema(
+        {"model": "echo", "messages": CHAT, "max_tokens": 2, "response_format": fmt}, levels
+    )
+
+
+async def test_a_schema_within_the_bound_is_served(
+    edge: str, worker_settings: WorkerSettings
+) -> None:
+    async with running(worker_settings):
+        status, body = await post_raw(edge, "/v1/chat/completions", chat_with_schema(20))
+    assert status == 200, body
+
+
+@pytest.mark.parametrize(
+    ("levels", "param"),
+    [
+        (MAX_SCHEMA_DEPTH // 2, "response_format.json_schema.schema"),  # 65 JSON levels
+        (
+            126,
+            "response_format",
+        ),  # the body's own bound: 253 levels, past orjson's 254 with the job
+        (600, None),  # past orjson's 1024 levels: not even read
+    ],
+)
+async def test_a_deep_openai_schema_is_a_400_naming_it(
+    edge: str, levels: int, param: str | None
+) -> None:
+    status, body = await post_raw(edge, "/v1/chat/completions", chat_with_schema(levels))
+    assert status == 400
+    assert body["error"]["param"] == param
+    assert body["error"]["type"] == "invalid_request_error"
+    assert "levels" in body["error"]["message"]
+
+
+async def test_a_deep_ollama_format_is_a_400_in_ollamas_shape(edge: str) -> None:
+    raw = with_schema({"model": "echo", "messages": CHAT, "format": "SCHEMA"}, 40)
+    status, body = await post_raw(edge, "/api/chat", raw)
+    assert status == 400
+    assert set(body) == {"error"}
+    assert "'format'" in body["error"]
+    assert f"at most {MAX_SCHEMA_DEPTH} levels" in body["error"]
+
+
+async def test_a_deep_llamacpp_json_schema_is_a_400_naming_it(edge: str) -> None:
+    raw = with_schema({"prompt": "a b", "n_predict": 2, "json_schema": "SCHEMA"}, 40)
+    status, body = await post_raw(edge, "/completion", raw)
+    assert status == 400
+    assert body["error"]["param"] == "json_schema"
+
+
+async def test_a_deep_value_anywhere_in_a_body_is_a_400(edge: str) -> None:
+    # override_settings is stored and echoed back: past the bound it would fail later, as a 500.
+    deep = b'{"override_settings": {"x": ' + b"[" * 200 + b"]" * 200 + b"}}"
+    status, body = await post_raw(edge, "/sdapi/v1/txt2img", deep)
+    assert status == 400
+    assert body["error"]["param"] == "override_settings"
+
+
+def test_a_job_with_a_deep_schema_is_invalid() -> None:
+    """NATS-native producers skip the edge: a worker finds the same bound in the contract."""
+    schema = orjson.loads(nested_schema(MAX_SCHEMA_DEPTH // 2))
+    with pytest.raises(ValidationError, match="at most 64 levels"):
+        TextParams(prompt="x", seed=1, json_schema=schema)
+    TextParams(
+        prompt="x", seed=1, json_schema=orjson.loads(nested_schema(MAX_SCHEMA_DEPTH // 2 - 1))
+    )
