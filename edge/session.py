@@ -54,6 +54,9 @@ class Session:
         self.api = api  # the shape of its errors
         self.started = time.perf_counter()
         self.charge = charge_of(request)
+        # From the request's arrival, not from admission: the client's timeout started then.
+        # A malformed timeout header is a 400 here, before anything is charged or published.
+        self.deadline_ms = deadline_ms(request)
         self.outcome: Outcome = "client_gone"  # until the answer says otherwise
         self.model: ModelInfo | None = None
         self.job_ids: list[str] = []
@@ -140,7 +143,7 @@ class Session:
             id=job_id,
             model=model,
             created_ms=int(time.time() * 1000),
-            deadline_ms=deadline_ms(self.request),
+            deadline_ms=self.deadline_ms,
             params=params.model_copy(update={"init_images": inputs}),
         )
         streams = await self._publish([job])
@@ -154,7 +157,7 @@ class Session:
             id=new_job_id(),
             model=model,
             created_ms=int(time.time() * 1000),
-            deadline_ms=deadline_ms(self.request),
+            deadline_ms=self.deadline_ms,
             stream=stream,
             params=params,
         )

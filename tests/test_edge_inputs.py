@@ -108,3 +108,35 @@ def test_a_job_with_a_deep_schema_is_invalid() -> None:
     TextParams(
         prompt="x", seed=1, json_schema=orjson.loads(nested_schema(MAX_SCHEMA_DEPTH // 2 - 1))
     )
+
+
+CHAT_BODY = orjson.dumps({"model": "echo", "messages": CHAT, "max_tokens": 2})
+
+
+@pytest.mark.parametrize("header", ["Timeout", "X-Stainless-Timeout"])
+@pytest.mark.parametrize("value", ["nan", "-5", "1e400", "inf", "-inf", "soon", ""])
+async def test_a_malformed_timeout_header_is_a_400_naming_it(
+    edge: str, header: str, value: str
+) -> None:
+    status, body = await post_raw(edge, "/v1/chat/completions", CHAT_BODY, {header: value})
+    assert status == 400
+    assert body["error"]["param"] == header
+
+
+async def test_a_zero_timeout_is_refused_but_the_node_sdks_zero_means_under_a_second(
+    edge: str, worker_settings: WorkerSettings
+) -> None:
+    status, _ = await post_raw(edge, "/v1/chat/completions", CHAT_BODY, {"Timeout": "0"})
+    assert status == 400
+    async with running(worker_settings):
+        for headers in ({"X-Stainless-Timeout": "0"}, {"Timeout": "2.5"}):
+            status, body = await post_raw(edge, "/v1/chat/completions", CHAT_BODY, headers)
+            assert status == 200, body
+
+
+async def test_a_malformed_timeout_is_a_400_in_ollamas_shape(edge: str) -> None:
+    raw = orjson.dumps({"model": "echo", "prompt": "hi", "stream": False})
+    status, body = await post_raw(edge, "/api/generate", raw, {"Timeout": "nan"})
+    assert status == 400
+    assert set(body) == {"error"}
+    assert "Timeout" in body["error"]
