@@ -140,3 +140,64 @@ async def test_a_malformed_timeout_is_a_400_in_ollamas_shape(edge: str) -> None:
     assert status == 400
     assert set(body) == {"error"}
     assert "Timeout" in body["error"]
+
+
+@pytest.mark.parametrize(
+    "ctype",
+    [
+        "text/plain",
+        "text/plain; charset=utf-8",
+        "multipart/form-data; boundary=x",
+        "application/xml",
+    ],
+)
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", CHAT_BODY),
+        ("/api/generate", b'{"model": "echo", "prompt": "hi"}'),
+        ("/tokenize", b'{"content": "hi"}'),
+    ],
+)
+async def test_a_body_not_declared_json_is_a_415_in_the_routes_shape(
+    edge: str, ctype: str, path: str, body: bytes
+) -> None:
+    status, answer = await post_raw(edge, path, body, {"Content-Type": ctype})
+    assert status == 415
+    message = answer["error"] if path.startswith("/api/") else answer["error"]["message"]
+    assert "must be JSON" in message
+    if not path.startswith("/api/"):
+        assert answer["error"]["code"] == "unsupported_media_type"
+
+
+@pytest.mark.parametrize(
+    "ctype",
+    ["application/json", "application/json; charset=utf-8", "Application/JSON", "application/vnd.api+json",
+     "application/x-www-form-urlencoded", None],  # None: no Content-Type at all
+)  # fmt: skip
+async def test_json_curl_and_undeclared_bodies_are_read_as_json(
+    edge: str, worker_settings: WorkerSettings, ctype: str | None
+) -> None:
+    async with running(worker_settings), aiohttp.ClientSession() as http:
+        # aiohttp adds application/octet-stream to bytes unless a Content-Type is given:
+        # skip_auto_headers leaves the header out for the None case.
+        headers = AUTH if ctype is None else {**AUTH, "Content-Type": ctype}
+        async with http.post(
+            f"{edge}/v1/chat/completions",
+            data=CHAT_BODY,
+            headers=headers,
+            skip_auto_headers=["Content-Type"],
+        ) as r:
+            assert r.status == 200, await r.text()
+            assert "Content-Type" in r.request_info.headers or ctype is None
+
+
+async def test_an_empty_post_needs_no_content_type(
+    edge: str, worker_settings: WorkerSettings
+) -> None:
+    async with (
+        running(worker_settings),
+        aiohttp.ClientSession() as http,
+        http.post(f"{edge}/template", headers={**AUTH, "Content-Type": "text/plain"}) as r,
+    ):
+        assert r.status == 200, await r.text()
