@@ -201,3 +201,41 @@ async def test_an_empty_post_needs_no_content_type(
         http.post(f"{edge}/template", headers={**AUTH, "Content-Type": "text/plain"}) as r,
     ):
         assert r.status == 200, await r.text()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", {"model": "echo", "messages": CHAT, "stream": "yes"}, "stream"),
+        ("/v1/chat/completions", {"model": "echo", "messages": CHAT, "logprobs": 1}, "logprobs"),
+        ("/v1/completions", {"model": "echo", "prompt": "hi", "echo": "false"}, "echo"),
+        ("/api/chat", {"model": "echo", "messages": CHAT, "stream": "true"}, "stream"),
+        ("/api/generate", {"model": "echo", "prompt": "hi", "raw": 0}, "raw"),
+        ("/completion", {"prompt": "hi", "stream": "yes"}, "stream"),
+        ("/completion", {"prompt": "hi", "logit_bias": {"5": "false"}}, "logit_bias"),
+        ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": "no"}, "enable_hr"),
+    ],
+)
+async def test_a_boolean_that_is_not_true_or_false_is_a_400(
+    edge: str, path: str, body: dict[str, Any], param: str
+) -> None:
+    status, answer = await post_raw(edge, path, orjson.dumps(body))
+    assert status == 400
+    error = answer["error"]
+    assert param in (error if isinstance(error, str) else error["param"])
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_true_and_false_still_work(
+    edge: str, worker_settings: WorkerSettings, stream: bool
+) -> None:
+    routes = (
+        ("/v1/chat/completions", {"model": "echo", "messages": CHAT, "max_tokens": 2}, "text/event-stream"),
+        ("/api/generate", {"model": "echo", "prompt": "hi", "options": {"num_predict": 2}}, "application/x-ndjson"),
+        ("/completion", {"prompt": "hi", "n_predict": 2}, "text/event-stream"),
+    )  # fmt: skip
+    async with running(worker_settings), aiohttp.ClientSession() as http:
+        for path, body, streamed in routes:
+            async with http.post(edge + path, json={**body, "stream": stream}, headers=AUTH) as r:
+                assert r.status == 200, await r.text()
+                assert r.content_type == (streamed if stream else "application/json")

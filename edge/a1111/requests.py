@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, StrictBool, field_validator
 
 from edge.openai.requests import Lenient
 from schemas.errors import InvalidRequest
@@ -30,7 +30,7 @@ class Txt2ImgRequest(Lenient):
     n_iter: int = Field(default=1, ge=1, le=16)
     override_settings: dict[str, Any] = Field(default_factory=dict)
     force_task_id: str | None = Field(default=None, max_length=128)
-    enable_hr: bool = False
+    enable_hr: StrictBool = False
 
     @field_validator("width", "height")
     @classmethod

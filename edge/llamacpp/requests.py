@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from edge.sampling import (
     Grammar,
@@ -49,10 +49,10 @@ class CompletionRequest(BaseModel):
     json_schema: Annotated[dict[str, Any] | None, SchemaDepth] = None
     seed: int = Field(default=-1, ge=-1, le=SEED_MAX)
     stop: Stops = []
-    ignore_eos: bool = False
-    logit_bias: list[list[Any]] | dict[str, float | bool] | None = None
+    ignore_eos: StrictBool = False
+    logit_bias: list[list[Any]] | dict[str, float | StrictBool] | None = None
     n_probs: int = Field(default=0, ge=0, le=20)
-    stream: bool = False
+    stream: StrictBool = False
 
     @field_validator("n_predict")
     @classmethod

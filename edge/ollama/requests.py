@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from edge.sampling import (
     MinP,
@@ -65,7 +65,7 @@ class Common(Lenient):
     """Fields of both routes."""
 
     model: str = Field(min_length=1, max_length=256)
-    stream: bool = True
+    stream: StrictBool = True
     format: Annotated[Literal["json"] | dict[str, Any] | None, SchemaDepth] = None
     options: Options = Options()
 
@@ -115,7 +115,7 @@ class GenerateRequest(Common):
 
     prompt: str
     system: str | None = None
-    raw: bool = False
+    raw: StrictBool = False
 
     def job_params(self, seed: int) -> TextParams:
         """The job parameters, generated with ``seed``: a ``raw`` prompt as is, else the prompt
