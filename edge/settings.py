@@ -45,6 +45,12 @@ class EdgeSettings(CommonSettings):
         description="deadline of a request (a shorter client timeout header wins)",
     )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_url_bytes: int = Field(
+        default=64 * 1024,
+        ge=8190,
+        description="longest request line (method, path and query) taken in; aiohttp's own "
+        "default is 8190, and what it refuses never reaches the edge's error shapes",
+    )
     max_prompt_chars: int = Field(default=200_000, ge=1)
     max_tokens: int = Field(default=32_768, ge=1, description="largest max_tokens accepted")
     max_n: int = Field(default=8, ge=1, le=128, description="largest n accepted")

@@ -239,3 +239,26 @@ async def test_true_and_false_still_work(
             async with http.post(edge + path, json={**body, "stream": stream}, headers=AUTH) as r:
                 assert r.status == 200, await r.text()
                 assert r.content_type == (streamed if stream else "application/json")
+
+
+async def test_a_long_id_task_is_a_400_in_the_error_shape(edge: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        for length, status in ((128, 200), (129, 400), (10_000, 400), (60_000, 400)):
+            url = f"{edge}/sdapi/v1/progress?id_task={'x' * length}"
+            async with http.get(url, headers=AUTH) as r:
+                assert r.status == status
+                assert r.content_type == "application/json"
+                if status == 400:
+                    assert (await r.json())["error"]["param"] == "id_task"
+
+
+async def test_long_urls_reach_the_routes_and_their_error_shapes(edge: str) -> None:
+    """Up to HEADRACE_MAX_URL_BYTES the route answers (404 here, in OpenAI's shape); past it
+    aiohttp's parser does, in plain text, and closes the connection."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{edge}/v1/jobs/{'j' * 20_000}/events", headers=AUTH) as r:
+            assert r.status == 404
+            assert (await r.json())["error"]["code"] == "job_not_found"
+        async with http.get(f"{edge}/nowhere?q={'q' * 70_000}", headers=AUTH) as r:
+            assert r.status == 400
+            assert r.content_type == "text/plain"

@@ -11,6 +11,8 @@ from schemas.errors import InvalidRequest
 from schemas.jobs import MAX_INIT_IMAGES, MAX_PROMPT_CHARS, SEED_MAX, ImageParams
 from schemas.samplers import SAMPLERS, canonical_sampler, with_schedule
 
+MAX_TASK_ID_CHARS = 128  # a client-chosen task id (force_task_id, id_task)
+
 
 class Txt2ImgRequest(Lenient):
     """``POST /sdapi/v1/txt2img``. Fields headrace does not implement are ignored, except those
@@ -29,7 +31,7 @@ class Txt2ImgRequest(Lenient):
     batch_size: int = Field(default=1, ge=1, le=16)
     n_iter: int = Field(default=1, ge=1, le=16)
     override_settings: dict[str, Any] = Field(default_factory=dict)
-    force_task_id: str | None = Field(default=None, max_length=128)
+    force_task_id: str | None = Field(default=None, max_length=MAX_TASK_ID_CHARS)
     enable_hr: StrictBool = False
 
     @field_validator("width", "height")

@@ -8,7 +8,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from edge.a1111 import responses
-from edge.a1111.requests import Img2ImgRequest, Txt2ImgRequest
+from edge.a1111.requests import MAX_TASK_ID_CHARS, Img2ImgRequest, Txt2ImgRequest
 from edge.body import invalid, read_object
 from edge.context import caller, ctx
 from edge.errors import OPENAI, json_response
@@ -91,6 +91,11 @@ async def progress(request: web.Request) -> web.Response:
     task_id = request.query.get("id_task")
     if task_id is None:
         return json_response(responses.progress(c.tasks.current(key.id)))
+    if len(task_id) > MAX_TASK_ID_CHARS:
+        raise InvalidRequest(
+            f"id_task is at most {MAX_TASK_ID_CHARS} characters (a force_task_id or a job id)",
+            param="id_task",
+        )
     task = c.tasks.find(key.id, task_id)
     if task is None and is_job_id(task_id):
         return json_response(await _stored_progress(request, task_id))
