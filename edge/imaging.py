@@ -25,6 +25,7 @@ from edge.sse import EventStream
 from edge.tasks import Task
 from schemas.errors import DeadlineExceeded, HeadraceError, InvalidRequest, NoWorker
 from schemas.events import Done, Progress
+from schemas.image_size import check_pixels
 from schemas.jobs import ImageJob
 
 # What an input image may be (the formats the diffusion engine decodes): PNG and JPEG here,
@@ -40,8 +41,9 @@ class ImageResult:
     images: list[bytes]
 
 
-def decode_image(value: str, param: str) -> bytes:
-    """An input image given as base64 or a data URI. URLs are refused: the edge fetches nothing."""
+def decode_image(value: str, param: str, *, max_pixels: int) -> bytes:
+    """An input image given as base64 or a data URI, of at most ``max_pixels`` as its header
+    declares them (it is not decoded here). URLs are refused: the edge fetches nothing."""
     text = value.strip()
     if text.lower().startswith(("http://", "https://", "ftp://", "file:")):
         raise InvalidRequest(
@@ -58,6 +60,7 @@ def decode_image(value: str, param: str) -> bytes:
     webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
     if not (webp or data.startswith(_MAGIC)):
         raise InvalidRequest("an image must be a PNG, JPEG or WebP", param=param)
+    check_pixels(data, max_pixels, param)
     return data
 
 

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AliasChoices, BeforeValidator, Field
 
+from schemas.image_size import DEFAULT_MAX_INPUT_PIXELS
 from schemas.settings import CommonSettings
 
 
@@ -73,6 +74,11 @@ class EdgeSettings(CommonSettings):
     image_max_steps: int = Field(default=150, ge=1, le=150, description="most diffusion steps")
     image_max_count: int = Field(
         default=16, ge=1, le=256, description="most images per request (batch_size x n_iter, n)"
+    )
+    image_max_input_pixels: int = Field(
+        default=DEFAULT_MAX_INPUT_PIXELS,
+        ge=64 * 64,
+        description="largest input image (img2img), in pixels as its header declares them",
     )
     openai_image_steps: int = Field(
         default=20, ge=1, le=150, description="diffusion steps of /v1/images/generations"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import aiohttp
@@ -10,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from schemas.jobs import MAX_SCHEMA_DEPTH, TextParams
-from tests.conftest import API_KEY, running
+from tests.conftest import API_KEY, huge_png, running
 from workers.settings import WorkerSettings
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -262,3 +263,28 @@ async def test_long_urls_reach_the_routes_and_their_error_shapes(edge: str) -> N
         async with http.get(f"{edge}/nowhere?q={'q' * 70_000}", headers=AUTH) as r:
             assert r.status == 400
             assert r.content_type == "text/plain"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.mark.parametrize("uri", [False, True])
+async def test_an_init_image_past_the_pixel_budget_is_a_400_before_decoding(
+    edge: str, uri: bool
+) -> None:
+    image = b64(huge_png())  # 17 KB declaring 12 000 x 12 000 pixels
+    value = f"data:image/png;base64,{image}" if uri else image
+    body = {"prompt": "x", "width": 64, "height": 64, "steps": 1, "init_images": [value]}
+    status, answer = await post_raw(edge, "/sdapi/v1/img2img", orjson.dumps(body))
+    assert status == 400
+    assert answer["error"]["param"] == "init_images"
+    assert "12000 x 12000 pixels" in answer["error"]["message"]
+
+
+async def test_an_init_image_within_the_budget_passes_the_edge(edge: str) -> None:
+    image = b64(huge_png(4096, 4096))  # exactly the default budget
+    body = {"prompt": "x", "width": 64, "height": 64, "steps": 1, "init_images": [image]}
+    status, answer = await post_raw(edge, "/sdapi/v1/img2img", orjson.dumps(body))
+    assert status == 503, answer  # past the edge's checks: no image worker runs here
+    assert answer["error"]["code"] == "no_worker"

@@ -35,8 +35,9 @@ async def _generate(
     except ValidationError as e:
         raise invalid(e) from None
     req.refuse_unsupported()
+    budget = ctx(request).settings.image_max_input_pixels
     init = (
-        [decode_image(v, "init_images") for v in req.init_images]
+        [decode_image(v, "init_images", max_pixels=budget) for v in req.init_images]
         if isinstance(req, Img2ImgRequest)
         else []
     )
