@@ -21,7 +21,7 @@ from edge.context import ctx
 from edge.errors import json_response
 from edge.relay import Failed, Finished, Idle, Stepped
 from edge.session import Session
-from edge.sse import EventStream
+from edge.sse import EventStream, SlowClient
 from edge.tasks import Task
 from schemas.errors import DeadlineExceeded, HeadraceError, InvalidRequest, NoWorker
 from schemas.events import Done, Progress
@@ -143,7 +143,17 @@ async def answer(session: Session, job: ImageJob, render: Render) -> web.StreamR
     if not wants_events(session.request):
         result = await follow(session, job, _ignore)
         return json_response(render(result), headers=session.headers)
-    sse = EventStream(session.request, session.headers)
+    sse = EventStream(session.request, session.bounds, session.headers)
+    try:
+        await _events(session, job, render, sse)
+        await sse.finish()
+    except SlowClient as e:  # it stopped reading: its job is cancelled, its connection dropped
+        await session.drop(sse, e)
+    return sse.response
+
+
+async def _events(session: Session, job: ImageJob, render: Render, sse: EventStream) -> None:
+    """Progress events, then the result (or the error) as an event."""
 
     async def on_event(progress: Progress | None) -> None:
         await session.open(sse)  # at the first progress or the first idle tick
@@ -160,7 +170,6 @@ async def answer(session: Session, job: ImageJob, render: Render) -> web.StreamR
         if not sse.opened:
             raise  # nothing sent yet: a real HTTP status
         await sse.send(orjson.dumps(session.api.stream_error(e)), event="error")
-    return sse.response
 
 
 def progress_event(task: Task) -> dict[str, Any]:

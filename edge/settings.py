@@ -32,6 +32,12 @@ class EdgeSettings(CommonSettings):
     )
     keys_file: Path | None = Field(default=None, description="TOML file of hashed keys")
     keepalive_s: float = Field(default=15.0, gt=0, description="SSE ': keep-alive' interval")
+    stream_buffer_bytes: int = Field(
+        default=1024 * 1024,
+        ge=64 * 1024,
+        description="a stream's output waiting for its client: past it the client is "
+        "dropped and its jobs cancelled",
+    )
     first_event_wait_s: float = Field(
         default=1.0,
         ge=0,
