@@ -10,7 +10,7 @@ import uvloop
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from edge import middlewares
+from edge import cors, middlewares
 from edge.auth import KeyStore
 from edge.context import CTX, EdgeContext
 from edge.dedup import Dedup
@@ -26,7 +26,7 @@ from edge.tasks import TaskBook
 from schemas.client import JobClient
 from schemas.connection import connect
 from schemas.image_store import ImageStore
-from schemas.topology import ensure_present
+from schemas.topology import Limits, ensure_present
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +36,18 @@ def build_app(settings: EdgeSettings, registry: CollectorRegistry | None = None)
     keys = KeyStore.from_settings(settings)
     if not keys:
         raise ValueError("no API keys configured: set HEADRACE_API_KEYS (or a keys file)")
+    policy = cors.CorsPolicy.parse(settings.cors_origins)
     metrics = EdgeMetrics(registry)
     limiter = None
     if keys.limited:
         if not settings.redis_url:
             raise ValueError("keys have rate limits: set HEADRACE_REDIS_URL (Redis or Valkey)")
         limiter = Limiter(settings, metrics)
+    # A preflight is answered before auth: browsers send it without credentials.
+    preflight = [cors.preflight] if policy is not None else []
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[middlewares.errors, middlewares.auth, ratelimit.middleware],
+        middlewares=[middlewares.errors, *preflight, middlewares.auth, ratelimit.middleware],
     )
     app[CTX] = EdgeContext(
         settings, keys, metrics, Dedup(settings.dedup_grace_s), TaskBook(), limiter=limiter
@@ -53,6 +56,9 @@ def build_app(settings: EdgeSettings, registry: CollectorRegistry | None = None)
     app.on_cleanup.append(_disconnect)
     app.on_response_prepare.append(middlewares.stamp_request_id)
     app.on_response_prepare.append(ratelimit.stamp)
+    if policy is not None:
+        app[cors.POLICY] = policy
+        app.on_response_prepare.append(cors.stamp)
     for module in (openai, openai_images, a1111, llamacpp, ollama, health, openapi):
         module.routes.add_to(app)
     return app
@@ -67,7 +73,8 @@ async def _connect(app: web.Application) -> None:
         on_reconnect=lambda: _reconnected(app),
     )
     js = nc.jetstream()
-    await ensure_present(js)  # a new (or replaced) server: what the edge relies on, created
+    # A new (or replaced) server: what the edge relies on is created, at this deployment's R.
+    await ensure_present(js, limits=Limits(replicas=c.settings.replicas))
     fleet = Fleet(js, c.settings.worker_stale_s)
     await fleet.start()
     queues = QueueDepth(js, c.metrics.queued, c.metrics.running, c.settings.queue_poll_s)
@@ -87,7 +94,7 @@ async def _reconnected(app: web.Application) -> None:
     c = app[CTX]
     if c.nc is None:
         return
-    await ensure_present(c.nc.jetstream())
+    await ensure_present(c.nc.jetstream(), limits=Limits(replicas=c.settings.replicas))
     await c.fleet.rewatch()
     await c.jobs.recover()
 

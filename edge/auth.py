@@ -1,7 +1,14 @@
-"""Bearer keys: stored and compared as SHA-256 digests, in constant time, with per-key limits."""
+"""API keys: stored and compared as SHA-256 digests, in constant time, with per-key limits.
+
+A caller presents its key as a Bearer token or as the password of HTTP Basic (what A1111
+clients send); a request with no ``Authorization`` header at all is served as the
+anonymous key when ``HEADRACE_ANONYMOUS_KEY`` names one.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import tomllib
@@ -47,8 +54,9 @@ class ApiKey:
 class KeyStore:
     """The keys the edge accepts."""
 
-    def __init__(self, keys: list[ApiKey]) -> None:
+    def __init__(self, keys: list[ApiKey], anonymous: ApiKey | None = None) -> None:
         self.keys = keys
+        self.anonymous = anonymous  # who a request without credentials is; None: nobody
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -73,7 +81,10 @@ class KeyStore:
                 keys.append(ApiKey(id=f"key-{d.hex()[:12]}", name="env", sha256=d, limits=defaults))
         if settings.keys_file is not None:
             keys.extend(load_keys_file(settings.keys_file))
-        return cls(keys)
+        anonymous = None
+        if settings.anonymous_key is not None:
+            anonymous = _named(keys, settings.anonymous_key)
+        return cls(keys, anonymous)
 
     def authenticate(self, secret: str) -> ApiKey | None:
         """The key with this secret, comparing against every key so timing tells nothing."""
@@ -83,6 +94,19 @@ class KeyStore:
             if hmac.compare_digest(key.sha256, presented):
                 found = key
         return found
+
+
+def _named(keys: list[ApiKey], name: str) -> ApiKey:
+    """The one key called ``name``: anonymous callers get its limits and models, so a typo must
+    not fall back to some other key (or to none)."""
+    found = [k for k in keys if k.name == name]
+    if len(found) != 1:
+        how = "no key" if not found else f"{len(found)} keys"
+        raise ValueError(
+            f"HEADRACE_ANONYMOUS_KEY={name!r} names {how}: it must name exactly one key "
+            "(e.g. one made with `headrace keys add`)"
+        )
+    return found[0]
 
 
 def load_keys_file(path: Path) -> list[ApiKey]:
@@ -128,3 +152,28 @@ def bearer(header: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+def basic_password(header: str | None) -> str | None:
+    """The password of an ``Authorization: Basic <base64(user:password)>`` header (RFC 7617).
+
+    A1111's ``--api-auth`` is HTTP Basic, and webuiapi (``WebUIApi(username=, password=)``) and
+    the Unity Stable Diffusion integration (``useAuth``) can send nothing else: the key is the
+    password, the user name is ignored.
+    """
+    if not header:
+        return None
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    _, colon, password = decoded.partition(":")
+    return password if colon and password else None
+
+
+def presented_secret(header: str | None) -> str | None:
+    """The key an ``Authorization`` header carries, as a Bearer token or a Basic password."""
+    return bearer(header) or basic_password(header)

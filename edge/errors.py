@@ -63,18 +63,6 @@ def json_response(
     )
 
 
-def error_response(
-    status: int,
-    message: str,
-    type_: str = "invalid_request_error",
-    code: str | None = None,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    """An error response in OpenAI's shape."""
-    return json_response(error_body(message, type_, code, param), status, headers)
-
-
 def stream_error_of(e: HeadraceError) -> dict[str, Any]:
     """OpenAI's error object as an event inside a stream."""
     return body_of(e.code, e.message, e.param)

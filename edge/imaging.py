@@ -41,9 +41,10 @@ class ImageResult:
     images: list[bytes]
 
 
-def decode_image(value: str, param: str, *, max_pixels: int) -> bytes:
+def decode_image(value: str, param: str, *, max_pixels: int | None) -> bytes:
     """An input image given as base64 or a data URI, of at most ``max_pixels`` as its header
-    declares them (it is not decoded here). URLs are refused: the edge fetches nothing."""
+    declares them (it is not decoded here; None: nothing will decode its pixels). URLs are
+    refused: the edge fetches nothing."""
     text = value.strip()
     if text.lower().startswith(("http://", "https://", "ftp://", "file:")):
         raise InvalidRequest(
@@ -60,7 +61,8 @@ def decode_image(value: str, param: str, *, max_pixels: int) -> bytes:
     webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
     if not (webp or data.startswith(_MAGIC)):
         raise InvalidRequest("an image must be a PNG, JPEG or WebP", param=param)
-    check_pixels(data, max_pixels, param)
+    if max_pixels is not None:
+        check_pixels(data, max_pixels, param)
     return data
 
 

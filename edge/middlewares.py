@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from edge.auth import bearer
+from edge.auth import presented_secret
 from edge.context import JOB_IDS, KEY, REQUEST_ID, ctx
 from edge.routing import route_info
 from schemas.errors import HeadraceError
@@ -21,6 +21,12 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _PUBLIC = ("/health", "/metrics", "/openapi.json")
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+_MISSING = (
+    "Missing bearer token in the Authorization header "
+    "(or send the API key as the password of HTTP Basic auth)"
+)
+# Both schemes the edge takes (RFC 9110 allows several challenges in one header).
+_CHALLENGES = 'Bearer realm="headrace", Basic realm="headrace", charset="UTF-8"'
 
 
 def route_name(request: web.Request) -> str:
@@ -93,22 +99,21 @@ def _keep(e: web.HTTPException) -> dict[str, str]:
 
 @web.middleware
 async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer keys on everything but health, metrics and the OpenAPI document."""
+    """A key (Bearer, or the password of HTTP Basic) on everything but health, metrics and the
+    OpenAPI document; no ``Authorization`` header at all means the anonymous key, if any."""
     if request.path.startswith(_PUBLIC):
         return await handler(request)
-    token = bearer(request.headers.get("Authorization"))
-    key = ctx(request).keys.authenticate(token) if token else None
+    keys = ctx(request).keys
+    header = request.headers.get("Authorization")
+    if header is None:
+        key, message = keys.anonymous, _MISSING
+    else:  # a credential that does not match is refused, never served as anonymous
+        secret = presented_secret(header)
+        key = keys.authenticate(secret) if secret else None
+        message = "Incorrect API key provided"
     if key is None:
-        message = (
-            "Incorrect API key provided"
-            if token
-            else "Missing bearer token in the Authorization header"
-        )
         return route_info(request).api.response(
-            401,
-            message,
-            code="invalid_api_key",
-            headers={"WWW-Authenticate": 'Bearer realm="headrace"'},
+            401, message, code="invalid_api_key", headers={"WWW-Authenticate": _CHALLENGES}
         )
     request[KEY] = key
     return await handler(request)

@@ -31,6 +31,15 @@ class EdgeSettings(CommonSettings):
         description="comma-separated bearer keys (API_TOKENS is accepted as an alias)",
     )
     keys_file: Path | None = Field(default=None, description="TOML file of hashed keys")
+    anonymous_key: Annotated[str | None, BeforeValidator(_unset)] = Field(
+        default=None,
+        description="name of the key that requests without credentials are served as "
+        "(unset: every request needs a key)",
+    )
+    cors_origins: str = Field(
+        default="",
+        description="browser origins allowed by CORS, comma-separated (* for any; empty: off)",
+    )
     keepalive_s: float = Field(default=15.0, gt=0, description="SSE ': keep-alive' interval")
     stream_buffer_bytes: int = Field(
         default=1024 * 1024,

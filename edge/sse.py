@@ -158,6 +158,24 @@ class EventStream(Framing):
         await self._write(b": keep-alive\n")
 
 
+class DataOnlyStream(EventStream):
+    """SSE as llama.cpp's server frames ``/completion``: ``data: {json}`` lines, each followed
+    by a blank line, and nothing else.
+
+    LLMUnity reads the body whole (``LLMCaller.ConvertContent``): it trims it, requires it to
+    start with ``data: ``, deletes every pair of newlines, splits on ``data: `` and parses the
+    pieces as one JSON array. An ``id:`` line or a ``: keep-alive`` comment breaks that parse,
+    so neither is written; the events stay resumable through ``/v1/jobs/{id}/events``.
+    """
+
+    async def send(self, data: bytes, *, id: str | None = None, event: str | None = None) -> None:
+        """``data:`` only (``id`` and ``event`` are dropped)."""
+        await self._write(b"data: " + data + b"\n\n")
+
+    async def keepalive(self) -> None:
+        """Nothing: llama.cpp's server sends no keep-alives either."""
+
+
 class NdjsonStream(Framing):
     """Newline-delimited JSON (Ollama): one object per line, no keep-alives (clients parse every line)."""
 

@@ -38,6 +38,7 @@ class Task:
     preview: str | None = None
     queued: bool = True
     interrupted: bool = False
+    skipped: bool = False
 
     def advance(self, p: Progress) -> None:
         """Take a progress event (the worker reports steps over every image of the job)."""
@@ -99,6 +100,23 @@ class TaskBook:
             with contextlib.suppress(nats.errors.Error):
                 await self._jobs.nc.publish(interrupt_subject(key_id), b"")
         return stopped
+
+    async def skip(self, key_id: str) -> Task | None:
+        """Stop the key's current task (the one progress reports) and no other; returns it.
+
+        A1111's skip ends the image being made and goes on with the next of its batch; a
+        headrace task is one job for the whole batch, so a skip ends it as an interrupt does,
+        but only the most recent task of the key, and only on this edge.
+        """
+        task = self.current(key_id)
+        if task is None or task.interrupted:
+            return None
+        task.skipped = task.interrupted = True
+        if self._jobs is not None:
+            with contextlib.suppress(nats.errors.Error):
+                await self._jobs.cancel(task.job_id)
+        log.info("skipped task %s of %s", task.id, key_id)
+        return task
 
     async def _on_interrupt(self, msg: Msg) -> None:
         await self._cancel_local(msg.subject.rpartition(".")[2])

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from headrace import logs
+from schemas.connection import NatsRefused
 
 
 def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
@@ -19,7 +20,8 @@ def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-_COMMON = ("nats_url", "region", "log_level")
+_COMMON = ("nats_url", "nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key", "region",
+           "log_level")  # fmt: skip
 _SD = ("sd_device", "sd_threads", "image_inline_chars")
 _LLM = ("llm_n_ctx", "llm_threads", "llm_threads_batch", "llm_gpu_layers", "llm_chat_template_file")
 _LIMITS = (
@@ -29,11 +31,27 @@ _LIMITS = (
     "ack_wait_s",
     "max_deliver",
     "max_ack_pending",
+    "replicas",
 )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats-url", help="NATS URL(s), comma-separated (HEADRACE_NATS_URL)")
+    p.add_argument(
+        "--nats-creds",
+        type=Path,
+        metavar="FILE",
+        help="NATS user and password from a <user>.env file `headrace auth` wrote "
+        "(HEADRACE_NATS_CREDS; or HEADRACE_NATS_USER and HEADRACE_NATS_PASSWORD)",
+    )
+    p.add_argument(
+        "--nats-tls-ca",
+        type=Path,
+        metavar="PEM",
+        help="CA that verifies NATS (HEADRACE_NATS_TLS_CA)",
+    )
+    p.add_argument("--nats-tls-cert", type=Path, metavar="PEM", help="client certificate (mTLS)")
+    p.add_argument("--nats-tls-key", type=Path, metavar="PEM", help="the client certificate's key")
     p.add_argument("--region", help="region name (HEADRACE_REGION)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING ... (HEADRACE_LOG_LEVEL)")
 
@@ -47,6 +65,12 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-deliver", type=int, help="consumers: attempts before dead-lettering")
     p.add_argument("--max-ack-pending", type=int, help="consumers: jobs in flight across the fleet")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        metavar="N",
+        help="copies of every stream and bucket (HEADRACE_REPLICAS; 3 on a 3-node cluster)",
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -60,6 +84,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "data_dir",
         "port",
         "nats_port",
+        "nats_nodes",
         "valkey_port",
         "echo_workers",
         "llm_workers",
@@ -153,6 +178,27 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_auth(args: argparse.Namespace) -> int:
+    """Make or update a credentials directory: users, passwords, nats-server's users block."""
+    from headrace.credentials import SERVER_CONF, USERS_FILE, Credentials
+
+    clients = {}
+    for spec in args.client:
+        name, _, models = spec.partition("=")
+        clients[name.strip()] = [m.strip() for m in (models or "*").split(",") if m.strip()]
+    creds = Credentials.ensure(args.directory, clients, rotate=args.rotate)
+    for user in creds.users.values():
+        what = "role" if user.models is None else "native client: " + ",".join(user.models)
+        rotated = " (new password)" if user.name in args.rotate else ""
+        print(f"{user.name:16} {what}{rotated}   {creds.directory / f'{user.name}.env'}")
+    print(
+        f"server: include {creds.directory / SERVER_CONF}; passwords: {creds.directory / USERS_FILE}"
+        " (0600); reload nats-server (SIGHUP) after a change",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Print workers, queues and dead letters."""
     from headrace import status
@@ -208,7 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", type=Path, help="where nats and valkey keep files (default .headrace)"
     )
     p.add_argument("--port", type=int, help="the edge's HTTP port (HEADRACE_PORT, default 8000)")
-    p.add_argument("--nats-port", type=int, help="default 4222")
+    p.add_argument("--nats-port", type=int, help="default 4222 (a cluster's nodes count up)")
+    p.add_argument(
+        "--cluster",
+        dest="nats_nodes",
+        type=int,
+        metavar="N",
+        help="run N nats-server nodes as one JetStream cluster, streams at R3 (HEADRACE_NATS_NODES)",
+    )
     p.add_argument("--valkey-port", type=int, help="default 6379")
     p.add_argument("--echo-workers", type=int, help="echo workers to start (default 1)")
     p.add_argument(
@@ -334,6 +387,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_keys_add)
 
+    p = sub.add_parser(
+        "auth", help="NATS users per role and native client: make once, keep, rotate (0600 files)"
+    )
+    p.add_argument(
+        "directory", type=Path, help="the credentials directory (headrace up: .headrace/auth)"
+    )
+    p.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="NAME[=MODEL,...]",
+        help="a NATS-native client allowed these models (default: every model); repeatable",
+    )
+    p.add_argument(
+        "--rotate", action="append", default=[], metavar="USER", help="give USER a new password"
+    )
+    p.set_defaults(func=cmd_auth)
+
     p = sub.add_parser("status", help="workers, queue depth and dead letters")
     _add_common(p)
     p.add_argument("--watch", type=float, metavar="S", help="refresh every S seconds")
@@ -384,6 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
+    except NatsRefused:
+        return 2  # connect() logged which server refused which user
     except ValidationError as e:
         for err in e.errors(include_url=False, include_input=False):
             where = ".".join(str(p) for p in err["loc"])

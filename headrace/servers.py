@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from schemas.topology import DEV_CONF
@@ -142,19 +143,41 @@ class NatsServer(ChildServer):
         http_port: int | None = None,
         log_path: Path | None = None,
         config: Path = DEV_CONF,
+        extra_conf: str | None = None,
     ) -> None:
         super().__init__(data_dir, port, log_path)
         self.http_port = http_port
         self.config = config
+        # Appended to ``config`` (users, TLS): nats-server resolves an include relative to the
+        # including file, so the two are written out together as one file instead.
+        self.extra_conf = extra_conf
 
     @property
     def url(self) -> str:
         """Client URL."""
         return f"nats://127.0.0.1:{self.port}"
 
+    @property
+    def config_path(self) -> Path:
+        """The configuration the server runs with (written by ``start`` with ``extra_conf``)."""
+        if self.extra_conf is None:
+            return self.config
+        return self.data_dir.parent / f"{self.data_dir.name}-server.conf"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Write the configuration when it has extra parts (0600: it names users), then start."""
+        if self.extra_conf is not None:
+            path = self.config_path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(self.config.read_text() + "\n" + self.extra_conf)
+        super().start(timeout_s)
+
     def command(self) -> list[str]:
         """The argv that starts the server."""
-        cmd = [nats_server_binary(), "-c", str(self.config), "-a", "127.0.0.1"]
+        # -a also binds the monitoring port (-m): loopback only, it serves /connz to anyone.
+        cmd = [nats_server_binary(), "-c", str(self.config_path), "-a", "127.0.0.1"]
         cmd += ["-p", str(self.port), "-js", "-sd", str(self.data_dir)]
         if self.http_port:
             cmd += ["-m", str(self.http_port)]
@@ -181,3 +204,173 @@ class ValkeyServer(ChildServer):
             "--save", "",
             "--appendonly", "no",
         ]  # fmt: skip
+
+
+class ClusterNode(NatsServer):
+    """One nats-server of a :class:`NatsCluster`, routed to the other nodes.
+
+    It has its own server name, store directory, and client, route and monitoring ports.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        server_name: str,
+        cluster_name: str,
+        *,
+        port: int = 0,
+        cluster_port: int = 0,
+        http_port: int | None = None,
+        log_path: Path | None = None,
+        config: Path = DEV_CONF,
+        extra_conf: str | None = None,
+    ) -> None:
+        super().__init__(data_dir, port, http_port, log_path, config, extra_conf)
+        self.server_name = server_name
+        self.name = f"nats-server {server_name}"
+        self.cluster_name = cluster_name
+        self.cluster_port = cluster_port or free_port()
+        self.routes: list[str] = []  # the other nodes' route URLs, set by the cluster
+
+    @property
+    def route_url(self) -> str:
+        """Where the other nodes connect to this one."""
+        return f"nats://127.0.0.1:{self.cluster_port}"
+
+    def command(self) -> list[str]:
+        """The argv that starts the node: the dev config's limits, plus the cluster."""
+        # Flags override the config file (nats-server's precedence), so every node shares
+        # nats/dev.conf and only its name and ports differ. JetStream clustering needs a unique
+        # server_name and a fixed cluster name on every node:
+        # https://docs.nats.io/running-a-nats-service/configuration/clustering/jetstream_clustering
+        cmd = [*super().command(), "--server_name", self.server_name]
+        cmd += ["--cluster_name", self.cluster_name, "--cluster", self.route_url]
+        if self.routes:
+            cmd += ["--routes", ",".join(self.routes)]
+        return cmd
+
+    def healthy(self) -> bool:
+        """True when ``/healthz`` answers 200 (without a monitoring port: when it accepts clients).
+
+        A 200 means JetStream on this node reached the meta leader and its streams and consumers
+        are current.
+        """
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        if not self.http_port:
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/healthz", timeout=2):
+                return True  # urlopen raises HTTPError for the 503 of an unhealthy node
+        except OSError:
+            return False
+
+
+class NatsCluster:
+    """N nats-server nodes on loopback, routed to each other, each with its own store directory.
+
+    ``port``, ``cluster_port`` and ``http_port`` are the first node's, and the next nodes count
+    up from them; 0 picks free ports, ``http_port=None`` runs no monitoring port. Ports are picked
+    once, so a restarted node comes back where its peers and clients expect it.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        size: int = 3,
+        *,
+        cluster_name: str = "headrace",
+        port: int = 0,
+        cluster_port: int = 0,
+        http_port: int | None = 0,
+        log_dir: Path | None = None,
+        config: Path = DEV_CONF,
+        extra_conf: str | None = None,  # users (headrace.credentials), the same on every node
+    ) -> None:
+        if size < 1:
+            raise ValueError("a cluster needs at least one node")
+        data_dir = Path(data_dir)
+        self.cluster_name = cluster_name
+
+        def nth(first: int, i: int) -> int:
+            return first + i - 1 if first else 0
+
+        self.nodes = [
+            ClusterNode(
+                data_dir / f"n{i}",
+                f"{cluster_name}-{i}",
+                cluster_name,
+                port=nth(port, i),
+                cluster_port=nth(cluster_port, i),
+                http_port=None if http_port is None else nth(http_port, i) or free_port(),
+                log_path=None if log_dir is None else log_dir / f"nats-{i}.log",
+                config=config,
+                extra_conf=extra_conf,
+            )
+            for i in range(1, size + 1)
+        ]
+        for node in self.nodes:
+            node.routes = [n.route_url for n in self.nodes if n is not node]
+
+    @property
+    def urls(self) -> list[str]:
+        """Every node's client URL."""
+        return [n.url for n in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """The client URLs comma-separated, as ``HEADRACE_NATS_URL`` takes them."""
+        return ",".join(self.urls)
+
+    def node(self, server_name: str) -> ClusterNode:
+        """The node of that server name (as stream info reports a leader)."""
+        for n in self.nodes:
+            if n.server_name == server_name:
+                return n
+        raise KeyError(server_name)
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start every node, then wait until all are healthy (JetStream has formed)."""
+        for n in self.nodes:
+            n.start(timeout_s)
+        self.wait_healthy(timeout_s)
+
+    def wait_healthy(self, timeout_s: float = 30.0, nodes: list[ClusterNode] | None = None) -> None:
+        """Block until each node (default: all) reports healthy."""
+        deadline = time.monotonic() + timeout_s
+        for n in nodes or self.nodes:
+            while not n.healthy():
+                if n.proc is not None and n.proc.poll() is not None:
+                    raise RuntimeError(f"{n.server_name} exited with status {n.proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{n.server_name} not healthy within {timeout_s} s")
+                time.sleep(0.05)
+
+    def restart(self, node: ClusterNode, *, kill: bool = False, timeout_s: float = 30.0) -> None:
+        """Stop (SIGTERM, or SIGKILL with ``kill``) one node, start it on its store, wait healthy."""
+        if kill:
+            node.kill()
+        else:
+            node.stop()
+        node.start(timeout_s)
+        self.wait_healthy(timeout_s, [node])
+
+    def rolling_restart(self, timeout_s: float = 30.0) -> None:
+        """Restart the nodes one at a time, each healthy again before the next goes down.
+
+        That wait is the documented procedure: a node back but not yet current would leave a
+        stream short of quorum when the next one stops
+        (https://docs.nats.io/running-a-nats-service/nats_admin/upgrading_cluster).
+        """
+        for n in self.nodes:
+            self.restart(n, timeout_s=timeout_s)
+
+    def running(self) -> list[ClusterNode]:
+        """The nodes whose process is alive."""
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop every node (SIGTERM, then SIGKILL)."""
+        for n in self.nodes:
+            n.stop(timeout_s)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 
 from schemas.settings import CommonSettings
 from schemas.topology import Limits
@@ -20,8 +20,19 @@ class StackSettings(ProvisionSettings):
     data_dir: Path = Field(
         default=Path(".headrace"), description="nats and valkey keep their files here"
     )
-    nats_port: int = Field(default=4222, ge=0, le=65535)
+    nats_port: int = Field(
+        default=4222, ge=0, le=65535, description="client port (the first node's on a cluster)"
+    )
     nats_http_port: int = Field(default=8222, ge=0, le=65535)
+    nats_nodes: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description="nats-server nodes: 1, or a cluster (3 survives one node; streams at R3)",
+    )
+    nats_cluster_port: int = Field(
+        default=6222, ge=0, le=65535, description="the first node's route port on a cluster"
+    )
     valkey_port: int = Field(default=6379, ge=0, le=65535)
     port: int = Field(default=8000, ge=0, le=65535, description="the edge's HTTP port")
     echo_workers: int = Field(default=1, ge=0, le=16, description="echo workers to start")
@@ -42,3 +53,18 @@ class StackSettings(ProvisionSettings):
         validation_alias=AliasChoices("HEADRACE_API_KEYS", "API_TOKENS", "api_keys"),
         description="keys the edge accepts; empty: generate a development key",
     )
+
+    @model_validator(mode="after")
+    def _replicas_fit(self) -> StackSettings:
+        # JetStream places each copy on a different node, and refuses a stream it cannot place.
+        if self.replicas is not None and self.replicas > self.nats_nodes:
+            raise ValueError(
+                f"replicas ({self.replicas}) cannot exceed the nats-server nodes ({self.nats_nodes})"
+            )
+        return self
+
+    def stream_replicas(self) -> int | None:
+        """The replica count to provision: as set, else 3 (or the node count) on a cluster."""
+        if self.replicas is None and self.nats_nodes > 1:
+            return min(3, self.nats_nodes)
+        return self.replicas

@@ -21,11 +21,12 @@ from pathlib import Path
 from types import FrameType
 
 import nats.js.errors
-from nats import connect as nats_connect
 
 from headrace import provision
+from headrace.credentials import Credentials
 from headrace.servers import (
     ChildServer,
+    NatsCluster,
     NatsServer,
     ValkeyServer,
     child_setup,
@@ -33,7 +34,12 @@ from headrace.servers import (
     wait_for_port,
 )
 from headrace.settings import StackSettings
+from schemas.connection import connect
+from schemas.permissions import ADMIN, ALL_MODELS, EDGE, OBSERVER, WORKER
 from schemas.subjects import WORKERS_BUCKET, worker_key
+
+# The NATS-native client user `headrace up` makes, allowed every model (README, Operations).
+NATIVE_CLIENT = "native"
 
 
 def say(text: str) -> None:
@@ -72,6 +78,8 @@ class Stack:
         self.logs = self.data_dir / "logs"
         self.servers: list[ChildServer] = []
         self.children: list[Child] = []
+        self.cluster: NatsCluster | None = None
+        self._gone: set[ChildServer] = set()  # cluster nodes that exited, reported once
         self._stop = False
 
     def _server(self, server: ChildServer) -> ChildServer:
@@ -90,30 +98,69 @@ class Stack:
             HEADRACE_REGION=self.settings.region,
             PYTHONUNBUFFERED="1",
         )
+        replicas = self.settings.stream_replicas()
+        if replicas is not None:  # for a process that re-creates topology it finds missing
+            env["HEADRACE_REPLICAS"] = str(replicas)
         return env
+
+    def _nats(self, authorization: str) -> str:
+        """Start one nats-server, or a cluster of ``nats_nodes``, with the generated users;
+        returns the client URL(s)."""
+        s = self.settings
+        if s.nats_nodes == 1:
+            nats = NatsServer(
+                self.data_dir / "nats",
+                s.nats_port,
+                s.nats_http_port or None,
+                log_path=self.logs / "nats.log",
+                extra_conf=authorization,
+            )
+            self._server(nats)
+            return nats.url
+        # Its own store: a standalone server's JetStream state does not carry into a cluster.
+        # Monitoring is always on (free loopback ports when nats_http_port is 0): /healthz says
+        # when the cluster has formed.
+        cluster = NatsCluster(
+            self.data_dir / "nats-cluster",
+            s.nats_nodes,
+            port=s.nats_port,
+            cluster_port=s.nats_cluster_port,
+            http_port=s.nats_http_port,
+            log_dir=self.logs,
+            extra_conf=authorization,
+        )
+        self.cluster = cluster
+        for node in cluster.nodes:
+            self._server(node)
+        t0 = time.perf_counter()
+        cluster.wait_healthy(timeout_s=60)
+        say(
+            f"  cluster {cluster.cluster_name} of {s.nats_nodes} formed in "
+            f"{(time.perf_counter() - t0) * 1000:.0f} ms; streams at R{s.stream_replicas()}"
+        )
+        return cluster.url
 
     def start(self) -> None:
         """Start servers, provision, then the headrace processes."""
         s = self.settings
         self.logs.mkdir(parents=True, exist_ok=True)
         say(f"headrace up: data in {self.data_dir}, logs in {self.logs}")
-        nats = NatsServer(
-            self.data_dir / "nats",
-            s.nats_port,
-            s.nats_http_port or None,
-            log_path=self.logs / "nats.log",
-        )
-        self._server(nats)
+        creds = Credentials.ensure(self.data_dir / "auth", {NATIVE_CLIENT: [ALL_MODELS]})
+        say(f"  NATS users and passwords in {creds.directory} (made once, kept)")
+        nats_url = self._nats(creds.authorization())
         valkey = ValkeyServer(
             self.data_dir / "valkey", s.valkey_port, log_path=self.logs / "valkey.log"
         )
         self._server(valkey)
         say("  provisioning streams, buckets and consumers ...")
-        settings = s.model_copy(update={"nats_url": nats.url})
+        settings = s.model_copy(
+            update={"nats_url": nats_url, "replicas": s.stream_replicas(), **creds.login(ADMIN)}
+        )
         changes = asyncio.run(provision.run(settings, [("llm", "echo")]))
         say("  " + ", ".join(f"{k}: {v}" for k, v in changes.items()))
-        env = self._child_env(nats.url, valkey.url)
+        env = self._child_env(nats_url, valkey.url)
         env.setdefault("HEADRACE_SD_DEMO_DIR", str(self.data_dir / "tiny-sd"))
+        worker_env = dict(env, **creds.env(WORKER))
         worker_ids = []
         counts = (
             ("echo", s.echo_workers),
@@ -124,13 +171,17 @@ class Stack:
             for i in range(1, count + 1):
                 worker_id = f"{s.region}-{engine}-{i}"
                 self._spawn(
-                    f"worker-{engine}-{i}", ["worker", engine, "--worker-id", worker_id], env
+                    f"worker-{engine}-{i}",
+                    ["worker", engine, "--worker-id", worker_id],
+                    worker_env,
                 )
                 worker_ids.append(worker_id)
         say("  waiting for workers to load their models and register ...")
-        asyncio.run(self._wait_ready(nats.url, worker_ids))
+        observer = s.model_copy(update={"nats_url": nats_url, **creds.login(OBSERVER)})
+        asyncio.run(self._wait_ready(observer, worker_ids))
         key = s.api_keys.split(",")[0].strip() or self._dev_key()
         edge_env = dict(env, HEADRACE_PORT=str(s.port), HEADRACE_API_KEYS=s.api_keys or key)
+        edge_env.update(creds.env(EDGE))
         model = "echo"
         if any(w.startswith(f"{s.region}-llm-") for w in worker_ids):
             from workers.engines.gguf import DEFAULT_MODEL_ID
@@ -140,8 +191,12 @@ class Stack:
         self._spawn("edge", ["edge"], edge_env)
         wait_for_port(s.port, 30)
         base = f"http://127.0.0.1:{s.port}"
-        say(f"\nheadrace is up: {base}   (NATS {nats.url}, Valkey {valkey.url})")
+        say(f"\nheadrace is up: {base}   (NATS {nats_url}, Valkey {valkey.url})")
         say(f"API key: {key}")
+        say(
+            f"NATS: headrace status --nats-creds {creds.directory / f'{OBSERVER}.env'}; a "
+            f"NATS-native client logs in as in {creds.directory / f'{NATIVE_CLIENT}.env'}"
+        )
         say(
             f"Try:  curl -N {base}/v1/chat/completions -H 'Authorization: Bearer {key}' "
             "-H 'Content-Type: application/json' "
@@ -182,10 +237,10 @@ class Stack:
         say(f"  started {name} (pid {child.proc.pid if child.proc else '?'}), log {child.log_path}")
 
     async def _wait_ready(
-        self, nats_url: str, worker_ids: list[str], timeout_s: float = 600
+        self, settings: StackSettings, worker_ids: list[str], timeout_s: float = 600
     ) -> None:
         """Until every worker has registered (workers register only once their models are loaded)."""
-        nc = await nats_connect(nats_url)
+        nc = await connect(settings, "headrace-up")
         try:
             kv = await nc.jetstream().key_value(WORKERS_BUCKET)
             waiting, t0 = set(worker_ids), time.monotonic()
@@ -225,12 +280,27 @@ class Stack:
             except RuntimeError as e:
                 say(str(e))
                 return 1
-            for server in self.servers:
-                if server.proc is not None and server.proc.poll() is not None:
-                    say(f"{server.name} exited with status {server.proc.returncode}")
-                    return 1
+            if not self._servers_fine():
+                return 1
             time.sleep(0.2)
         return 0
+
+    def _servers_fine(self) -> bool:
+        """False once a server has exited, except a cluster node while a majority still runs
+        (JetStream goes on with a quorum: that is what the cluster is for)."""
+        cluster = self.cluster
+        for server in self.servers:
+            if server.proc is None or server.proc.poll() is None or server in self._gone:
+                continue
+            say(f"{server.name} exited with status {server.proc.returncode}")
+            quorum = cluster is not None and len(cluster.running()) > len(cluster.nodes) // 2
+            if cluster is None or server not in cluster.nodes or not quorum:
+                return False
+            say(
+                f"  the cluster goes on with {len(cluster.running())} of {len(cluster.nodes)} nodes"
+            )
+            self._gone.add(server)
+        return True
 
     def stop(self) -> None:
         """Workers and edge first (they finish or nak held jobs), then valkey and nats."""

@@ -8,12 +8,30 @@ import time
 import nats
 import nats.js.errors
 from nats.js import JetStreamContext
+from nats.js.api import PeerInfo
 
 from schemas.codec import decode_worker
 from schemas.connection import connect
 from schemas.fleet import WorkerInfo
 from schemas.settings import CommonSettings
-from schemas.subjects import DLQ_STREAM, JOBS_STREAM, WORKERS_BUCKET
+from schemas.subjects import (
+    DLQ_STREAM,
+    IMAGES_BUCKET,
+    JOBS_STREAM,
+    OPTIONS_BUCKET,
+    RESULTS_STREAM,
+    WORKERS_BUCKET,
+)
+
+# Every stream headrace provisions; KV buckets and object stores are streams too.
+_STREAMS = (
+    JOBS_STREAM,
+    RESULTS_STREAM,
+    DLQ_STREAM,
+    f"KV_{WORKERS_BUCKET}",
+    f"KV_{OPTIONS_BUCKET}",
+    f"OBJ_{IMAGES_BUCKET}",
+)
 
 
 async def live_workers(js: JetStreamContext) -> list[WorkerInfo]:
@@ -31,10 +49,36 @@ async def live_workers(js: JetStreamContext) -> list[WorkerInfo]:
     return sorted(out, key=lambda w: (w.region, w.id))
 
 
+async def cluster_lines(js: JetStreamContext) -> list[str]:
+    """Which node leads each stream and how its followers stand; nothing on a single server."""
+    lines: list[str] = []
+    for name in _STREAMS:
+        try:
+            cluster = (await js.stream_info(name)).cluster
+        except nats.js.errors.NotFoundError:
+            continue
+        if cluster is None or not cluster.name:
+            return []  # a standalone server reports no cluster name
+        if not lines:
+            lines = [f"CLUSTER {cluster.name}", f"{'STREAM':16} {'LEADER':20} FOLLOWERS"]
+        followers = ", ".join(_peer(p) for p in cluster.replicas or []) or "-"
+        lines.append(f"{name:16} {cluster.leader or '(electing)':20} {followers}")
+    return [*lines, ""] if lines else []
+
+
+def _peer(peer: PeerInfo) -> str:
+    if peer.current and not peer.offline:
+        return f"{peer.name}"
+    seen_s = (peer.active or 0) / 1e9  # nanoseconds since the leader last heard from it
+    state = "offline" if peer.offline else f"{peer.lag or 0} behind"
+    return f"{peer.name} ({state}, seen {seen_s:.1f} s ago)"
+
+
 async def render(js: JetStreamContext) -> str:
     """The status tables as text."""
     now_ms = time.time() * 1000
-    lines = [f"{'REGION':10} {'WORKER':32} {'MODELS':24} {'BUSY':>9} {'BEAT':>7}"]
+    lines = await cluster_lines(js)
+    lines += [f"{'REGION':10} {'WORKER':32} {'MODELS':24} {'BUSY':>9} {'BEAT':>7}"]
     for w in await live_workers(js):
         models = ",".join(m.id for m in w.models)
         age = (now_ms - w.heartbeat_ms) / 1000

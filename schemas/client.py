@@ -2,8 +2,9 @@
 
 The edge uses it, and so can any Python program that talks to NATS directly::
 
-    nc = await nats.connect("nats://127.0.0.1:4222")
-    client = JobClient(nc)
+    nc = await nats.connect("nats://127.0.0.1:4222", user="alice", password=...,
+                            inbox_prefix="_INBOX.alice")
+    client = JobClient(nc, user="alice")  # replies on results.alice.<job id>
     async with await client.submit(job) as stream:
         async for received in stream:
             print(received.event)
@@ -16,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -42,6 +43,9 @@ from schemas.subjects import (
 )
 
 log = logging.getLogger(__name__)
+
+# How long a gap in a job's events may wait to be filled from RESULTS before the stream fails.
+FILL_TIMEOUT_S = 20.0
 
 # JetStream error codes that mean "the stream is at a limit and discard=new refused it".
 _LIMIT_ERR_CODES = {10077, 10047, 10028, 10054}
@@ -86,9 +90,14 @@ class Received:
 
 def parse_result(msg: Msg) -> Received:
     """Decode a message from a reply subject or the RESULTS stream."""
-    headers = msg.headers or {}
-    pos = Position(int(headers.get(Header.ATTEMPT, 1)), int(headers.get(Header.SEQ, 0)))
-    return Received(pos, decode_event(msg.data), headers.get(Header.OWNER))
+    return received_from(msg.headers, msg.data)
+
+
+def received_from(headers: dict[str, str] | None, data: bytes | None) -> Received:
+    """Decode one result event from its headers and payload; ValueError when malformed."""
+    h = headers or {}
+    pos = Position(int(h.get(Header.ATTEMPT, 1)), int(h.get(Header.SEQ, 0)))
+    return Received(pos, decode_event(data or b""), h.get(Header.OWNER))
 
 
 class JobClient:
@@ -109,8 +118,12 @@ class JobClient:
         publish_timeout_s: float = 2.0,
         backoff_s: float = 0.05,
         silence_s: float = 10.0,
+        user: str | None = None,
     ) -> None:
         self.nc = nc
+        # A native client's NATS user: its jobs reply on results.<user>.<job id>, the only
+        # results its permissions let it read (schemas/permissions.py). None: results.<job id>.
+        self.user = user
         self.js = nc.jetstream(timeout=publish_timeout_s)
         self.publish_attempts = publish_attempts
         self.backoff_s = backoff_s
@@ -126,7 +139,7 @@ class JobClient:
         headers: dict[str, str] | None = None,
     ) -> JobStream:
         """Subscribe to the job's reply subject, then publish the job; returns its event stream."""
-        reply = reply or results_subject(job.id)
+        reply = reply or results_subject(job.id, self.user)
         stream = await self.watch(job.id, reply=reply, deadline_ms=job.deadline_ms)
         try:
             ack = await self.publish(job, reply=reply, headers=headers)
@@ -154,9 +167,14 @@ class JobClient:
             except ValueError:
                 log.warning("job %s: dropped a malformed result event", job_id)
 
-        sub = await self.nc.subscribe(reply or results_subject(job_id), cb=deliver)
+        sub = await self.nc.subscribe(reply or results_subject(job_id, self.user), cb=deliver)
         # Interest must reach the server before the job can produce anything.
-        await self.nc.flush()
+        try:
+            await self.nc.flush()
+        except (nats.errors.Error, TimeoutError) as e:  # between two servers (a reconnect)
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+            raise Unavailable("NATS did not confirm the subscription in time; retry") from e
         stream = JobStream(self, job_id, sub, queue, deadline_ms)
         self.open.add(stream)
         if replay or after != START:
@@ -174,7 +192,7 @@ class JobClient:
         hdrs = {
             **(headers or {}),
             Header.MSG_ID: job.id,
-            Header.REPLY: reply or results_subject(job.id),
+            Header.REPLY: reply or results_subject(job.id, self.user),
         }
         if job.deadline_ms is not None:
             hdrs[Header.DEADLINE] = str(job.deadline_ms)
@@ -188,8 +206,14 @@ class JobClient:
                 if e.err_code in _LIMIT_ERR_CODES:
                     raise QueueFull(f"the job queue is full ({e.description})") from e
                 raise Unavailable(f"JetStream refused the job ({e.description})") from e
-            except (nats.errors.NoRespondersError, nats.errors.TimeoutError) as e:
-                # Safe to repeat: the duplicate window drops a copy that did land.
+            except (
+                nats.errors.NoRespondersError,
+                nats.js.errors.NoStreamResponseError,  # nats-py's name for no responders
+                nats.errors.TimeoutError,
+            ) as e:
+                # Safe to repeat: the duplicate window drops a copy that did land. No responders
+                # also means a clustered stream between leaders, for the second or so of an
+                # election.
                 if attempt == self.publish_attempts:
                     raise Unavailable("JetStream did not accept the job in time") from e
                 log.debug("publish of job %s failed (%s), retrying", job.id, type(e).__name__)
@@ -212,29 +236,58 @@ class JobClient:
         )
         try:
             psub = await self.js.pull_subscribe(
-                results_subject(job_id), stream=RESULTS_STREAM, config=config
+                results_subject(job_id, self.user), stream=RESULTS_STREAM, config=config
             )
-        except (nats.js.errors.NotFoundError, nats.js.errors.ServiceUnavailableError):
+        except nats.js.errors.NotFoundError:
             return []  # RESULTS is gone (a server that lost its state) or not back yet
+        except (
+            nats.js.errors.ServiceUnavailableError,
+            nats.errors.NoRespondersError,
+            nats.errors.TimeoutError,
+        ):
+            # A consumer needs the cluster's meta leader, elected for seconds after a node
+            # dies; any replica of RESULTS answers a direct get meanwhile (allow_direct). Not
+            # for a native client: a direct get cannot be narrowed to its own results, so its
+            # permissions leave it out.
+            if self.user is not None:
+                raise
+            return await self._direct_history(job_id)
         out: list[Received] = []
         try:
             while True:
                 try:
                     msgs = await psub.fetch(256, timeout=timeout_s)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either
                     break
                 out.extend(parse_result(m) for m in msgs)
                 if msgs[-1].metadata.num_pending == 0:
                     break
         finally:
-            await psub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                await psub.unsubscribe()
+        return out
+
+    async def _direct_history(self, job_id: str, limit: int = 10_000) -> list[Received]:
+        """The job's events by direct gets, one message at a time (no consumer needed)."""
+        out: list[Received] = []
+        seq = 1
+        while len(out) < limit:
+            try:
+                msg = await self.js.get_msg(
+                    RESULTS_STREAM, seq, subject=results_subject(job_id), direct=True, next=True
+                )
+            except (nats.js.errors.NotFoundError, nats.errors.Error):
+                break  # no more (or nothing answers at all: what we have is all there is)
+            with contextlib.suppress(ValueError):  # a malformed event is skipped, as live
+                out.append(received_from(msg.headers, msg.data))
+            seq = (msg.seq or seq) + 1
         return out
 
     async def recover(self) -> None:
         """After a reconnect: each followed job catches up from RESULTS (in the background)."""
         for stream in list(self.open):
             if not stream.finished:
-                task = asyncio.create_task(stream.recover())
+                task = asyncio.create_task(_logged(stream.recover(), stream.job_id))
                 self._recovering.add(task)
                 task.add_done_callback(self._recovering.discard)
 
@@ -245,6 +298,14 @@ class JobClient:
         except nats.js.errors.NotFoundError:
             return False
         return (msg.headers or {}).get(Header.MSG_ID) == job_id
+
+
+async def _logged(recovery: Coroutine[Any, Any, None], job_id: str) -> None:
+    """Run a stream's recovery; a failure is logged (the stream's deadline still holds)."""
+    try:
+        await recovery
+    except (nats.errors.Error, TimeoutError) as e:
+        log.warning("job %s: catching up after a reconnect failed (%s)", job_id, type(e).__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,15 +423,21 @@ class JobStream:
         """
         first = after.seq + 1 if after.attempt == before.attempt else 1
         needed = {Position(before.attempt, seq) for seq in range(first, before.seq)}
+        # RESULTS stores what it captures a moment after the live delivery; and when a stream
+        # leader is being elected (seconds), the worker stores the events again before its
+        # final one (workers.emitter): worth waiting for, up to FILL_TIMEOUT_S.
+        deadline = time.monotonic() + FILL_TIMEOUT_S
         delay = 0.02
-        for _ in range(8):  # RESULTS stores what it captures a moment after the live delivery
+        while True:
             history = await self.client.history(self.job_id)
             found = {r.pos: r for r in history if after < r.pos < before}  # copies: once
             if needed <= found.keys():
                 self._ready.extend(found[pos] for pos in sorted(found))
                 return
+            if time.monotonic() + delay > deadline:
+                break
             await asyncio.sleep(delay)
-            delay *= 2
+            delay = min(delay * 2, 1.0)
         log.warning("job %s: events between %s and %s are lost", self.job_id, after, before)
         raise Unavailable("some of this job's results were lost; retry the request")
 
@@ -382,6 +449,10 @@ class JobStream:
             self._queue.put_nowait(received)  # what was already seen is dropped as a duplicate
         placed = self.placed
         if self.finished or placed is None or any(r.final for r in history):
+            return
+        if self.client.user is not None:
+            # A native client may not read JOBS (every job's prompt is there): it cannot tell
+            # a lost job from a queued one, and its deadline bounds the wait instead.
             return
         if await self.client.queued(self.job_id, placed.seq):
             return  # waiting for a worker, or running: its events will come

@@ -8,6 +8,7 @@ edge builds ``info`` with it and the diffusion engine writes the PNG chunk.
 from __future__ import annotations
 
 import json
+import re
 
 from schemas.jobs import ImageParams
 from schemas.samplers import canonical_sampler
@@ -33,6 +34,50 @@ def infotext(params: ImageParams, seed: int, model: str) -> str:
         lines.append(f"Negative prompt: {params.negative_prompt}")
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in settings.items()))
     return "\n".join(lines)
+
+
+# One "Key: value," of the settings line; a value is JSON-quoted or runs to the next comma
+# (A1111's modules/infotext_utils.py, re_param).
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """A "parameters" text read back as A1111's ``parse_generation_parameters`` reads it:
+    ``Prompt``, ``Negative prompt``, then each setting as a string, ``Size`` split into
+    ``Size-1`` and ``Size-2``. A last line with fewer than three settings is prompt text."""
+    *lines, last = text.strip().split("\n")
+    if len(_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    for raw in lines:
+        line = raw.strip()
+        if line.startswith("Negative prompt:"):
+            negative.append(line.removeprefix("Negative prompt:").strip())
+        elif negative:
+            negative.append(line)
+        else:
+            prompt.append(line)
+    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _PARAM.findall(last):
+        value = _unquote(value)
+        if (size := _SIZE.match(value)) is not None:
+            out[f"{key}-1"], out[f"{key}-2"] = size.group(1), size.group(2)
+        else:
+            out[key] = value
+    return out
+
+
+def _unquote(value: str) -> str:
+    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
+        return value
+    try:
+        unquoted = json.loads(value)
+    except ValueError:
+        return value
+    return unquoted if isinstance(unquoted, str) else value
 
 
 def _quote(value: str) -> str:

@@ -166,3 +166,37 @@ class ImageJob(JobBase):
 
 
 Job = Annotated[TextJob | ImageJob, Field(discriminator="kind")]
+
+_ID = r"[A-Za-z0-9_-]{16,64}"
+
+
+class JobHeaders(BaseModel):
+    """The headers of a job message: its JSON Schema tells NATS-native clients what to send
+    (``schemas.subjects.Header`` spells the names)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    msg_id: str = Field(
+        alias="Nats-Msg-Id",
+        pattern=f"^{_ID}$",
+        description="the job's id: JetStream drops a copy published again within the "
+        "JOBS stream's duplicate window",
+    )
+    reply: str = Field(
+        alias="Headrace-Reply",
+        pattern=rf"^results\.([a-z][a-z0-9_-]{{0,31}}\.)?{_ID}$",
+        description="where the worker publishes the job's events: results.<job id> (the "
+        "edge), or results.<user>.<job id> for a NATS-native client, where <user> is its NATS "
+        "user: its permissions let it read results.<user>.> and nothing else. The last token "
+        "is the job's id; a worker dead-letters a job whose reply has any other shape",
+    )
+    deadline: str | None = Field(
+        default=None,
+        alias="Headrace-Deadline",
+        pattern=r"^[0-9]+$",
+        description="milliseconds since the epoch after which the job is not worth running",
+    )
+    request_id: str | None = Field(
+        default=None, alias="Headrace-Request-Id", description="for log lines"
+    )
+    traceparent: str | None = Field(default=None, description="W3C trace context")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -14,9 +17,62 @@ class CommonSettings(BaseSettings):
     nats_url: str = Field(
         default="nats://127.0.0.1:4222", description="NATS server URL(s), comma-separated"
     )
+    nats_user: str | None = Field(default=None, description="NATS user (none: anonymous)")
+    nats_password: SecretStr | None = Field(default=None, description="the NATS user's password")
+    nats_creds: Path | None = Field(
+        default=None,
+        description="a <user>.env file (HEADRACE_NATS_USER=, HEADRACE_NATS_PASSWORD=) as "
+        "`headrace auth` writes it; user and password given directly win",
+    )
+    nats_tls_ca: Path | None = Field(
+        default=None, description="CA certificate(s) that verify the NATS server (PEM)"
+    )
+    nats_tls_cert: Path | None = Field(
+        default=None, description="client certificate for servers that verify clients (PEM)"
+    )
+    nats_tls_key: Path | None = Field(default=None, description="the client certificate's key")
     region: str = Field(default="local", min_length=1, description="region this process runs in")
+    replicas: int | None = Field(
+        default=None,
+        ge=1,
+        le=5,
+        description="copies of each stream and bucket this process re-creates when a server "
+        "lacks them (3 on a 3-node cluster); None: 1",
+    )
     log_level: str = Field(default="INFO", description="logging level")
+
+    @model_validator(mode="after")
+    def _read_creds(self) -> Self:
+        """Fill user and password from ``nats_creds`` once, at start-up."""
+        if self.nats_creds is None or (self.nats_user and self.nats_password):
+            return self
+        values = _env_file(self.nats_creds)
+        self.nats_user = self.nats_user or values.get("HEADRACE_NATS_USER")
+        if self.nats_password is None and "HEADRACE_NATS_PASSWORD" in values:
+            self.nats_password = SecretStr(values["HEADRACE_NATS_PASSWORD"])
+        if not self.nats_user or self.nats_password is None:
+            raise ValueError(f"{self.nats_creds} names no HEADRACE_NATS_USER and PASSWORD")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Self:
+        if (self.nats_tls_cert is None) != (self.nats_tls_key is None):
+            raise ValueError("nats_tls_cert and nats_tls_key go together")
+        return self
 
     def nats_servers(self) -> list[str]:
         """The NATS URLs as a list, for ``nats.connect(servers=...)``."""
         return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines (blank lines and ``#`` comments skipped)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise ValueError(f"{path}: a line is not KEY=VALUE")
+            out[key.strip()] = value.strip()
+    return out

@@ -73,9 +73,42 @@ def consumer_name(kind: JobKind, model: str) -> str:
     return f"{kind}-{model_slug(model)}"
 
 
-def results_subject(job_id: str) -> str:
-    """The default reply subject of a job."""
-    return f"{RESULTS_PREFIX}.{job_id}"
+_NATS_USER = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+def is_nats_user(name: str) -> bool:
+    """True when ``name`` can be a NATS user: one lower-case subject token (it prefixes the
+    user's reply subjects and inboxes)."""
+    return bool(_NATS_USER.match(name))
+
+
+def results_subject(job_id: str, user: str | None = None) -> str:
+    """A job's reply subject: ``results.<job id>`` (the edge), or ``results.<user>.<job id>``
+    for a NATS-native client, whose permissions allow only its own prefix."""
+    if user is None:
+        return f"{RESULTS_PREFIX}.{job_id}"
+    if not is_nats_user(user):
+        raise ValueError(f"{user!r} cannot be a NATS user (one lower-case subject token)")
+    return f"{RESULTS_PREFIX}.{user}.{job_id}"
+
+
+def is_reply_subject(reply: str, job_id: str) -> bool:
+    """True when ``reply`` is one of ``results_subject``'s shapes for this job id.
+
+    Workers publish only there: a reply naming any other subject would have a worker publish,
+    with its own permissions, wherever a job's submitter chose.
+    """
+    head, _, last = reply.rpartition(".")
+    if last != job_id or not is_job_id(job_id):
+        return False
+    prefix, _, user = head.partition(".")
+    return prefix == RESULTS_PREFIX and (not user or is_nats_user(user))
+
+
+def inbox_prefix(user: str) -> str:
+    """Where a NATS user's request replies arrive (``_INBOX.<user>.>``): its permissions let
+    it subscribe to its own inboxes only, so nobody reads another user's replies."""
+    return f"_INBOX.{user}"
 
 
 def cancel_subject(job_id: str) -> str:

@@ -67,6 +67,15 @@ class Limits(BaseModel):
     max_deliver: int | None = Field(default=None, ge=1)
     max_ack_pending: int | None = Field(default=None, ge=1)
     workers_ttl_s: float | None = Field(default=None, gt=0)
+    # A deployment's property, not the app's: the files in nats/ name no replica count. On one
+    # node it must stay 1 (a standalone server refuses R3); on a 3-node cluster it is 3.
+    replicas: int | None = Field(
+        default=None,
+        ge=1,
+        le=5,  # JetStream's most (https://docs.nats.io/nats-concepts/jetstream/streams)
+        description="copies of every stream, KV bucket and object store; None: new ones get 1 "
+        "and existing ones keep theirs",
+    )
 
 
 def _set(target: dict[str, Any], key: str, value: float | None, scale: int = 1) -> None:
@@ -83,11 +92,17 @@ def stream_definitions(limits: Limits) -> dict[str, dict[str, Any]]:
     _set(defs[JOBS_STREAM], "max_bytes", limits.jobs_max_bytes)
     _set(defs[JOBS_STREAM], "max_age", limits.jobs_max_age_s, _NS)
     _set(defs[RESULTS_STREAM], "max_age", limits.results_max_age_s, _NS)
+    for definition in defs.values():
+        _set(definition, "num_replicas", limits.replicas)
     return defs
 
 
 def consumer_definition(kind: JobKind, model: str, limits: Limits) -> dict[str, Any]:
-    """The durable pull consumer of one model, in the server's JSON format."""
+    """The durable pull consumer of one model, in the server's JSON format.
+
+    It names no replica count: a durable consumer with ``num_replicas`` 0 takes its stream's,
+    so it is R3 on an R3 ``JOBS`` and follows the stream when that is scaled.
+    """
     template = copy.deepcopy(_load("consumers/model.json"))
     template.pop("description", None)
     template["durable_name"] = consumer_name(kind, model)
@@ -141,6 +156,10 @@ async def ensure_stream(
         if not (diff := [k for k in diff if k not in _IMMUTABLE]):
             return "unchanged"
     log.info("stream %s: updating %s", definition["name"], ", ".join(diff))
+    if wanted.num_replicas is None:
+        # An update is a whole config, and a missing count means 1: keep the stream's own, or an
+        # update of a limit would scale an R3 stream down.
+        wanted.num_replicas = current.get("num_replicas")
     await js.update_stream(wanted)
     return "updated"
 
@@ -168,7 +187,8 @@ async def ensure_buckets(
     js: JetStreamContext, limits: Limits, *, update: bool = True
 ) -> dict[str, Change]:
     """Create the ``workers`` and ``options`` KV buckets and the ``images`` object store; apply a
-    changed TTL (with ``update``)."""
+    changed TTL or replica count (with ``update``)."""
+    replicas = limits.replicas or 1
     workers = _load("buckets/workers.json")
     ttl_s = limits.workers_ttl_s or workers["ttl"] / _NS
     out: dict[str, Change] = {}
@@ -180,6 +200,7 @@ async def ensure_buckets(
             history=workers["history"],
             ttl=ttl_s,
             storage=workers["storage"],
+            replicas=replicas,
         )
         out[WORKERS_BUCKET] = "created"
     elif update and current.get("max_age") != int(ttl_s * _NS):
@@ -198,6 +219,7 @@ async def ensure_buckets(
             history=options["history"],
             max_value_size=options["max_value_size"],
             storage=options["storage"],
+            replicas=replicas,
         )
         out[OPTIONS_BUCKET] = "created"
     else:
@@ -205,13 +227,35 @@ async def ensure_buckets(
     images = _load("buckets/images.json")
     if await _stream_json(js, f"OBJ_{IMAGES_BUCKET}") is None:
         cfg_obj = ObjectStoreConfig(
-            description=images["description"], ttl=images["ttl"] / _NS, storage=images["storage"]
+            description=images["description"],
+            ttl=images["ttl"] / _NS,
+            storage=images["storage"],
+            replicas=replicas,
         )
         await js.create_object_store(IMAGES_BUCKET, config=cfg_obj)
         out[IMAGES_BUCKET] = "created"
     else:
         out[IMAGES_BUCKET] = "unchanged"
+    if update and limits.replicas is not None:
+        await _apply_replicas(js, limits.replicas, out)
     return out
+
+
+async def _apply_replicas(js: JetStreamContext, replicas: int, changes: dict[str, Change]) -> None:
+    """Scale the buckets that exist with another replica count (a KV bucket or object store is a
+    stream, ``KV_<bucket>`` / ``OBJ_<bucket>``, and scales like one)."""
+    streams = {
+        WORKERS_BUCKET: f"KV_{WORKERS_BUCKET}",
+        OPTIONS_BUCKET: f"KV_{OPTIONS_BUCKET}",
+        IMAGES_BUCKET: f"OBJ_{IMAGES_BUCKET}",
+    }
+    for bucket, stream in streams.items():
+        current = await _stream_json(js, stream)
+        if current is None or current.get("num_replicas") == replicas:
+            continue
+        log.info("bucket %s: %s -> %d replicas", bucket, current.get("num_replicas"), replicas)
+        await js.update_stream(StreamConfig.from_response({**current, "num_replicas": replicas}))
+        changes[bucket] = "updated"
 
 
 async def provision(

@@ -1,9 +1,17 @@
-"""Fixtures: a real nats-server (and valkey) per test, on free ports, with their own store dirs."""
+"""Fixtures: a real nats-server (and valkey) per test, on free ports, with their own store dirs.
+
+Every test server refuses anonymous clients and runs the users and permissions
+``headrace up`` generates (``headrace/credentials.py``): workers connect as ``worker``,
+edges as ``edge``, so the whole suite checks that each role's permissions are enough. Test
+code itself (submitting jobs, reading streams) connects as ``test``, a user of test servers
+only that may do anything.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -12,12 +20,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from headrace.servers import NatsServer, ValkeyServer, free_port
+from headrace.credentials import Credentials
+from headrace.servers import NatsCluster, NatsServer, ValkeyServer, free_port
 from schemas.client import JobClient
 from schemas.jobs import ChatMessage, TextJob, TextParams
 from schemas.subjects import WORKERS_BUCKET, new_job_id, worker_key
@@ -36,12 +46,59 @@ os.environ.setdefault("HEADRACE_LLM_THREADS", "1")
 TEST_LIMITS = Limits(ack_wait_s=2.0, max_deliver=3)
 
 
+# Native clients of every test server, and a superuser for test code.
+NATIVE_CLIENTS = {"alice": ["echo"], "bob": ["echo", "other"]}
+TEST_USER, TEST_PASSWORD = "test", "test-only-password"
+TEST_LOGIN = {"user": TEST_USER, "password": TEST_PASSWORD}
+
+
+@functools.cache
+def _test_user_hash() -> str:
+    return bcrypt.hashpw(TEST_PASSWORD.encode(), bcrypt.gensalt(4)).decode()
+
+
+class AuthNatsServer(NatsServer):
+    """A test nats-server with generated credentials (cheap bcrypt: tests connect often)."""
+
+    def __init__(self, data_dir: Path, credentials: Credentials, **kwargs: Any) -> None:
+        self.credentials = credentials
+        test_user = {"user": TEST_USER, "password": _test_user_hash()}
+        conf = credentials.authorization([test_user])
+        super().__init__(data_dir, extra_conf=conf, **kwargs)
+
+    def login(self, user: str) -> dict[str, Any]:
+        """Settings fields of ``user``."""
+        return self.credentials.login(user)
+
+    def env(self, user: str) -> dict[str, str]:
+        """Environment variables of ``user``."""
+        return self.credentials.env(user)
+
+    def creds_file(self, user: str) -> Path:
+        """The ``<user>.env`` file, for ``--nats-creds``."""
+        return self.credentials.directory / f"{user}.env"
+
+
 @pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats", log_path=tmp_path / "nats.log")
+def nats_credentials(tmp_path: Path) -> Credentials:
+    return Credentials.ensure(tmp_path / "auth", NATIVE_CLIENTS, cost=4)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path, nats_credentials: Credentials) -> Iterator[AuthNatsServer]:
+    server = AuthNatsServer(tmp_path / "nats", nats_credentials, log_path=tmp_path / "nats.log")
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """Three nats-server nodes on loopback routed into one JetStream cluster, own stores each."""
+    cluster = NatsCluster(tmp_path / "cluster", 3, log_dir=tmp_path)
+    cluster.start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture
@@ -55,7 +112,9 @@ def valkey(tmp_path: Path) -> Iterator[ValkeyServer]:
 
 @pytest.fixture
 async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
-    conn = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    conn = await nats.connect(
+        nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, **TEST_LOGIN
+    )
     yield conn
     await conn.close()
 
@@ -74,9 +133,10 @@ def client(nc: NATS, js: JetStreamContext) -> JobClient:
 
 
 @pytest.fixture
-def worker_settings(nats_server: NatsServer) -> WorkerSettings:
+def worker_settings(nats_server: AuthNatsServer) -> WorkerSettings:
     return WorkerSettings(
         nats_url=nats_server.url,
+        **nats_server.login("worker"),
         worker_id="w1",
         heartbeat_s=0.3,
         fetch_timeout_s=0.5,
@@ -112,7 +172,7 @@ async def running(
     """A worker runtime in this event loop, registered before the block starts."""
     runtime = Runtime(settings, engine or EchoEngine())
     task = asyncio.create_task(runtime.run())
-    nc = await nats.connect(settings.nats_url)
+    nc = await nats.connect(settings.nats_servers(), **TEST_LOGIN)
     try:
         await wait_registered(nc.jetstream(), settings.worker_id)
         yield runtime
@@ -134,11 +194,14 @@ async def wait_registered(js: JetStreamContext, worker_id: str, timeout_s: float
     raise TimeoutError(f"worker {worker_id} did not register")
 
 
-def spawn_worker(nats_url: str, worker_id: str, *extra: str, log: Path) -> subprocess.Popen[bytes]:
+def spawn_worker(
+    server: AuthNatsServer, worker_id: str, *extra: str, log: Path
+) -> subprocess.Popen[bytes]:
     """A worker as a separate process, for kill and signal tests."""
     env = dict(
         os.environ,
-        HEADRACE_NATS_URL=nats_url,
+        **server.env("worker"),
+        HEADRACE_NATS_URL=server.url,
         HEADRACE_HEARTBEAT_S="0.3",
         HEADRACE_FETCH_TIMEOUT_S="0.5",
         HEADRACE_IN_PROGRESS_S="0.5",
@@ -185,11 +248,12 @@ OTHER_KEY = "sk-test-bob"
 
 
 @pytest.fixture
-def edge_settings(nats_server: NatsServer) -> Any:
+def edge_settings(nats_server: AuthNatsServer) -> Any:
     from edge.settings import EdgeSettings
 
     return EdgeSettings(
         nats_url=nats_server.url,
+        **nats_server.login("edge"),
         port=free_port(),
         api_keys=f"{API_KEY},{OTHER_KEY}",
         first_event_wait_s=0.5,

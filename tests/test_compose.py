@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import shlex
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import yaml
 from headrace.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
+NATS_NODES = ("nats-1", "nats-2", "nats-3")
 
 
 def compose() -> dict[str, Any]:
@@ -29,8 +32,8 @@ def dockerfile() -> list[list[str]]:
 
 def test_compose_runs_nats_valkey_edge_and_a_worker_from_official_images() -> None:
     services = compose()["services"]
-    assert {"nats", "valkey", "provision", "edge", "worker"} <= set(services)
-    assert services["nats"]["image"].startswith("nats:")
+    assert {*NATS_NODES, "valkey", "provision", "edge", "worker"} <= set(services)
+    assert all(services[n]["image"].startswith("nats:") for n in NATS_NODES)
     assert services["valkey"]["image"].startswith(("valkey/valkey:", "redis:"))
     for name in ("provision", "edge", "worker"):
         build = services[name]["build"]
@@ -39,14 +42,86 @@ def test_compose_runs_nats_valkey_edge_and_a_worker_from_official_images() -> No
         assert set(service.get("depends_on", {})) <= set(services), name
 
 
-def test_nats_has_jetstream_and_listens_beyond_localhost() -> None:
-    nats = compose()["services"]["nats"]
-    (mount,) = [v for v in nats["volumes"] if v.startswith("./")]
+def node_config(service: dict[str, Any]) -> str:
+    """The nats-server config file a compose service mounts and starts with."""
+    (mount,) = [v for v in service["volumes"] if v.split(":")[1] in service["command"]]
     source, target, _ = mount.split(":")
-    assert target in nats["command"]
-    conf = (ROOT / source).read_text()
-    assert "jetstream" in conf
-    assert "listen: 0.0.0.0:4222" in conf
+    assert target in service["command"]
+    return (ROOT / source).read_text()
+
+
+def test_nats_has_jetstream_and_listens_beyond_localhost() -> None:
+    for name in NATS_NODES:
+        conf = node_config(compose()["services"][name])
+        assert "jetstream" in conf
+        assert "listen: 0.0.0.0:4222" in conf
+        assert "http: 127.0.0.1:8222" in conf  # monitoring only inside the container
+
+
+def test_three_nats_services_form_one_cluster_each_with_its_own_store() -> None:
+    services = compose()["services"]
+    names, stores = set(), set()
+    for name in NATS_NODES:
+        service = services[name]
+        conf = node_config(service)
+        # Each node is named after its service (the routes reach it by that name) ...
+        assert "server_name: $SERVER_NAME" in conf
+        names.add(service["environment"]["SERVER_NAME"])
+        stores |= {v.split(":")[0] for v in service["volumes"] if v.endswith(":/data")}
+        # ... in one named cluster, with a route to every node.
+        cluster = re.search(r"^cluster \{(.*?)^\}", conf, re.S | re.M)
+        assert cluster is not None
+        assert re.search(r"^\s*name: headrace$", cluster.group(1), re.M)
+        assert "listen: 0.0.0.0:6222" in cluster.group(1)
+        routes = set(re.findall(r"nats-route://([\w-]+):6222", cluster.group(1)))
+        assert routes == set(NATS_NODES)
+        assert "healthz" in " ".join(service["healthcheck"]["test"])
+        assert "js-enabled-only" not in " ".join(service["healthcheck"]["test"])
+    assert names == set(NATS_NODES)
+    assert len(stores) == 3
+    assert stores <= set(compose()["volumes"])
+    # Provisioning waits for all three, at R3.
+    provision = services["provision"]
+    assert {n: provision["depends_on"][n]["condition"] for n in NATS_NODES} == dict.fromkeys(
+        NATS_NODES, "service_healthy"
+    )
+    assert provision["environment"]["HEADRACE_REPLICAS"] == "3"
+
+
+def test_nats_refuses_anonymous_clients_and_keeps_monitoring_inside() -> None:
+    services = compose()["services"]
+    conf = (ROOT / "nats" / "cluster" / "node.conf").read_text()
+    assert "http: 127.0.0.1:8222" in conf
+    assert "no_auth_user" not in conf
+    (include,) = [line.split()[1] for line in conf.splitlines() if line.startswith("include ")]
+    for name in NATS_NODES:
+        mounts = dict(v.split(":")[:2] for v in services[name]["volumes"] if v.startswith("./"))
+        # nats-server resolves an include next to the including file.
+        assert mounts["./nats-auth/nats-users.conf"] == f"/etc/nats/{Path(include).name}"
+        healthcheck = " ".join(services[name]["healthcheck"]["test"])
+        assert "http://127.0.0.1:8222/" in healthcheck
+    roles = {"provision": "admin", "edge": "edge", "worker": "worker", "sd-worker": "worker"}
+    for name, role in roles.items():
+        assert services[name]["env_file"] == f"nats-auth/{role}.env", name
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert "nats-auth" in ignored  # passwords never enter an image
+
+
+def test_node_conf_and_the_generated_users_are_valid_for_nats_server(tmp_path: Path) -> None:
+    from headrace.credentials import SERVER_CONF, Credentials
+    from headrace.servers import nats_server_binary
+
+    creds = Credentials.ensure(tmp_path / "nats-auth", {"unity": ["SmolLM2-135M-Instruct"]}, cost=4)
+    (tmp_path / "node.conf").write_text((ROOT / "nats" / "cluster" / "node.conf").read_text())
+    (tmp_path / SERVER_CONF).write_text((creds.directory / SERVER_CONF).read_text())
+    out = subprocess.run(
+        [nats_server_binary(), "-t", "-c", str(tmp_path / "node.conf")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"SERVER_NAME": "nats-1", "PATH": "/usr/bin:/bin"},
+    )
+    assert out.returncode == 0, out.stderr
 
 
 def test_the_edge_is_wired_to_nats_and_valkey() -> None:
@@ -56,8 +131,11 @@ def test_the_edge_is_wired_to_nats_and_valkey() -> None:
     assert redis.scheme == "redis"
     assert redis.hostname == "valkey"
     assert redis.port == 6379
-    for name in ("edge", "worker", "provision"):
-        assert urlsplit(services[name]["environment"]["HEADRACE_NATS_URL"]).hostname == "nats"
+    for name in ("edge", "worker", "sd-worker", "provision"):
+        urls = services[name]["environment"]["HEADRACE_NATS_URL"].split(",")
+        assert [(urlsplit(u).hostname, urlsplit(u).port) for u in urls] == [
+            (n, 4222) for n in NATS_NODES
+        ]
     assert env["HEADRACE_KEYS_FILE"] == "/run/secrets/keys.toml"
     assert services["edge"]["secrets"][0]["target"] == "keys.toml"
     assert "service_healthy" in str(services["edge"]["depends_on"]["valkey"])

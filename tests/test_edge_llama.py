@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from tests.conftest import API_KEY, running
+from tests.llmunity import convert_content, multi_chat_content
 from workers.settings import WorkerSettings
 
 pytest.importorskip("llama_cpp", reason="the llm extra is not installed (make install-llm)")
@@ -92,6 +93,21 @@ async def test_completion_stream_in_llamacpp_shape(
     assert chunks[-1]["timings"]["predicted_n"] == 6
     assert all(c["stop"] is False for c in chunks[:-1])
     assert "".join(c["content"] for c in chunks)
+
+
+async def test_llmunity_reads_a_real_completion_stream(
+    edge: str, worker_settings: WorkerSettings, engine: LlamaEngine
+) -> None:
+    body = {"prompt": "Once upon a time", "n_predict": 8, "seed": 4, "temperature": 0.7}
+    async with running(worker_settings, engine), aiohttp.ClientSession(headers=AUTH) as http:
+        async with http.post(f"{edge}/completion", json=body) as resp:
+            whole = (await resp.json())["content"]
+        async with http.post(f"{edge}/completion", json={**body, "stream": True}) as resp:
+            raw = (await resp.read()).decode()
+    assert raw.startswith("data: ")
+    chunks = convert_content(raw)  # LLMUnity's parse, from its LLMCaller.ConvertContent
+    assert chunks[-1]["stop"] is True
+    assert multi_chat_content(raw) == whole.strip()
 
 
 async def test_tokenize_detokenize_round_trip_through_the_edge(

@@ -9,11 +9,17 @@ from pathlib import Path
 import pytest
 from nats.js import JetStreamContext
 
-from headrace.servers import NatsServer
 from schemas.client import JobClient
 from schemas.events import Started
 from schemas.subjects import JOBS_STREAM
-from tests.conftest import collect, running, spawn_worker, text_job, wait_registered
+from tests.conftest import (
+    AuthNatsServer,
+    collect,
+    running,
+    spawn_worker,
+    text_job,
+    wait_registered,
+)
 from workers.engines.echo import EchoEngine
 from workers.settings import WorkerSettings
 
@@ -21,10 +27,10 @@ pytestmark = pytest.mark.slow
 
 
 async def test_killed_worker_job_is_redelivered_to_another(
-    client: JobClient, js: JetStreamContext, nats_server: NatsServer, tmp_path: Path
+    client: JobClient, js: JetStreamContext, nats_server: AuthNatsServer, tmp_path: Path
 ) -> None:
     first = spawn_worker(
-        nats_server.url, "doomed", "--echo-token-delay-s", "0.05", log=tmp_path / "w1.log"
+        nats_server, "doomed", "--echo-token-delay-s", "0.05", log=tmp_path / "w1.log"
     )
     try:
         await wait_registered(js, "doomed")
@@ -33,7 +39,7 @@ async def test_killed_worker_job_is_redelivered_to_another(
         first.send_signal(signal.SIGKILL)
         first.wait()
         second = spawn_worker(
-            nats_server.url, "rescuer", "--echo-token-delay-s", "0.01", log=tmp_path / "w2.log"
+            nats_server, "rescuer", "--echo-token-delay-s", "0.01", log=tmp_path / "w2.log"
         )
         try:
             rest = await collect(stream, timeout_s=30)
@@ -58,10 +64,10 @@ async def test_killed_worker_job_is_redelivered_to_another(
 
 
 async def test_sigterm_finishes_held_job_and_loses_nothing(
-    client: JobClient, js: JetStreamContext, nats_server: NatsServer, tmp_path: Path
+    client: JobClient, js: JetStreamContext, nats_server: AuthNatsServer, tmp_path: Path
 ) -> None:
     worker = spawn_worker(
-        nats_server.url, "leaving", "--echo-token-delay-s", "0.03", log=tmp_path / "w.log"
+        nats_server, "leaving", "--echo-token-delay-s", "0.03", log=tmp_path / "w.log"
     )
     await wait_registered(js, "leaving")
     held = await client.submit(text_job(max_tokens=30))
@@ -75,14 +81,19 @@ async def test_sigterm_finishes_held_job_and_loses_nothing(
     # The queued job was never fetched (or was nak'ed): it is still there for the next worker.
     info = await js.consumer_info(JOBS_STREAM, "llm-echo")
     assert (info.num_pending or 0) + (info.num_ack_pending or 0) == 1
-    settings = WorkerSettings(nats_url=nats_server.url, worker_id="next", fetch_timeout_s=0.5)
+    settings = WorkerSettings(
+        nats_url=nats_server.url,
+        worker_id="next",
+        fetch_timeout_s=0.5,
+        **nats_server.login("worker"),
+    )
     async with running(settings):
         rest = await collect(queued)
     assert rest[-1].event.type == "done"
 
 
 async def test_worker_survives_nats_server_restart(
-    client: JobClient, nats_server: NatsServer, worker_settings: WorkerSettings
+    client: JobClient, nats_server: AuthNatsServer, worker_settings: WorkerSettings
 ) -> None:
     async with running(worker_settings, EchoEngine()):
         before = await collect(await client.submit(text_job(max_tokens=2)))
@@ -96,7 +107,7 @@ async def test_worker_survives_nats_server_restart(
 
 
 async def test_stream_continues_without_repeats_when_its_worker_dies(
-    edge: str, js: JetStreamContext, nats_server: NatsServer, tmp_path: Path
+    edge: str, js: JetStreamContext, nats_server: AuthNatsServer, tmp_path: Path
 ) -> None:
     import openai
 
@@ -104,7 +115,7 @@ async def test_stream_continues_without_repeats_when_its_worker_dies(
 
     chat = [{"role": "user", "content": "alpha beta gamma delta epsilon zeta eta theta"}]
     doomed = spawn_worker(
-        nats_server.url, "doomed", "--echo-token-delay-s", "0.05", log=tmp_path / "w1.log"
+        nats_server, "doomed", "--echo-token-delay-s", "0.05", log=tmp_path / "w1.log"
     )
     rescuer = None
     try:
@@ -115,7 +126,7 @@ async def test_stream_continues_without_repeats_when_its_worker_dies(
             )
             chunks = [await stream.__anext__() for _ in range(6)]  # the role chunk and 5 tokens
             doomed.send_signal(signal.SIGKILL)
-            rescuer = spawn_worker(nats_server.url, "rescuer", log=tmp_path / "w2.log")
+            rescuer = spawn_worker(nats_server, "rescuer", log=tmp_path / "w2.log")
             chunks += [c async for c in stream]
             whole = await oai.chat.completions.create(
                 model="echo", messages=chat, max_tokens=30, seed=9

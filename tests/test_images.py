@@ -333,7 +333,12 @@ async def test_image_requests_are_charged_megapixel_steps(
     keys.write_text(f'[[keys]]\nname = "painter"\nsha256 = "{sha}"\nimage_budget = 2\n')
     port = free_port()
     settings = EdgeSettings(
-        nats_url=nats_server.url, port=port, api_keys="", keys_file=keys, redis_url=valkey.url
+        nats_url=nats_server.url,
+        **nats_server.login("edge"),
+        port=port,
+        api_keys="",
+        keys_file=keys,
+        redis_url=valkey.url,
     )
     runner = await start(settings, CollectorRegistry())
     headers = {"Authorization": "Bearer sk-painter"}

@@ -305,11 +305,17 @@ async def test_unknown_model_is_model_not_found(engine: LlamaEngine) -> None:
         await engine.close()
 
 
-def spawn_llm_worker(nats_url: str, worker_id: str, log: Path) -> subprocess.Popen[bytes]:
+def spawn_llm_worker(
+    settings: WorkerSettings, worker_id: str, log: Path
+) -> subprocess.Popen[bytes]:
     """``headrace worker llm`` as its own process, configured by flags and HEADRACE_ variables."""
+    assert settings.nats_user is not None
+    assert settings.nats_password is not None
     env = dict(
         os.environ,
-        HEADRACE_NATS_URL=nats_url,
+        HEADRACE_NATS_URL=settings.nats_url,
+        HEADRACE_NATS_USER=settings.nats_user,
+        HEADRACE_NATS_PASSWORD=settings.nats_password.get_secret_value(),
         HEADRACE_HEARTBEAT_S="0.3",
         HEADRACE_FETCH_TIMEOUT_S="0.5",
         HEADRACE_LLM_N_CTX="512",
@@ -325,7 +331,7 @@ async def test_worker_process_serves_llm_and_stops_on_sigterm(
     client: JobClient, js: JetStreamContext, worker_settings: WorkerSettings, tmp_path: Path
 ) -> None:
     log = tmp_path / "worker.log"
-    proc = spawn_llm_worker(worker_settings.nats_url, "llm-1", log)
+    proc = spawn_llm_worker(worker_settings, "llm-1", log)
     try:
         await wait_registered(js, "llm-1", timeout_s=30)
         events = await collect(await client.submit(chat(max_tokens=3, ignore_eos=True)))

@@ -7,9 +7,9 @@ import sys
 
 from nats.js import JetStreamContext
 
-from headrace.servers import NatsServer
 from schemas.subjects import JOBS_STREAM
 from schemas.topology import Limits, provision
+from tests.conftest import AuthNatsServer
 
 
 async def test_provision_twice_changes_nothing(js: JetStreamContext) -> None:
@@ -29,7 +29,7 @@ async def test_changed_limit_is_applied(js: JetStreamContext) -> None:
     assert (await js.consumer_info(JOBS_STREAM, "llm-echo")).config.ack_wait == 5.0
 
 
-def test_provision_command(nats_server: NatsServer) -> None:
+def test_provision_command(nats_server: AuthNatsServer) -> None:
     def run() -> str:
         out = subprocess.run(
             [
@@ -39,6 +39,8 @@ def test_provision_command(nats_server: NatsServer) -> None:
                 "provision",
                 "--nats-url",
                 nats_server.url,
+                "--nats-creds",
+                str(nats_server.creds_file("admin")),
                 "--model",
                 "llm=SmolLM2",
             ],
@@ -57,7 +59,7 @@ def test_provision_command(nats_server: NatsServer) -> None:
     assert "updated" not in second
 
 
-def test_provision_command_rejects_bad_model_spec(nats_server: NatsServer) -> None:
+def test_provision_command_rejects_bad_model_spec(nats_server: AuthNatsServer) -> None:
     out = subprocess.run(
         [
             sys.executable,
@@ -66,6 +68,8 @@ def test_provision_command_rejects_bad_model_spec(nats_server: NatsServer) -> No
             "provision",
             "--nats-url",
             nats_server.url,
+            "--nats-creds",
+            str(nats_server.creds_file("admin")),
             "--model",
             "gpu=x",
         ],

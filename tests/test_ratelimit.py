@@ -25,9 +25,9 @@ from edge.app import start
 from edge.auth import digest
 from edge.ratelimit.scripts import keys_of
 from edge.settings import EdgeSettings
-from headrace.servers import NatsServer, ValkeyServer, free_port
+from headrace.servers import ValkeyServer, free_port
 from schemas.client import JobClient
-from tests.conftest import finished_history, running
+from tests.conftest import AuthNatsServer, finished_history, running
 from workers.engines.echo import EchoEngine
 from workers.settings import WorkerSettings
 
@@ -75,7 +75,7 @@ def keys_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def start_edge(
-    js: JetStreamContext, nats_server: NatsServer, valkey: ValkeyServer, keys_file: Path
+    js: JetStreamContext, nats_server: AuthNatsServer, valkey: ValkeyServer, keys_file: Path
 ) -> AsyncIterator[StartEdge]:
     """Edges in this event loop on free ports, sharing the test's valkey; yields a starter."""
     runners = []
@@ -84,6 +84,7 @@ async def start_edge(
         port = free_port()
         settings = EdgeSettings(
             nats_url=nats_server.url,
+            **nats_server.login("edge"),
             port=port,
             api_keys="",
             keys_file=keys_file,
@@ -103,7 +104,12 @@ async def start_edge(
 
 @contextlib.contextmanager
 def edge_processes(
-    count: int, nats_url: str, valkey: ValkeyServer, keys_file: Path, log: Path, **env: str
+    count: int,
+    server: AuthNatsServer,
+    valkey: ValkeyServer,
+    keys_file: Path,
+    log: Path,
+    **env: str,
 ) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
     """``headrace edge`` processes on free ports; yields (base URL, process) of each."""
     procs = []
@@ -114,7 +120,8 @@ def edge_processes(
                 environ = dict(
                     os.environ,
                     HEADRACE_PORT=str(port),
-                    HEADRACE_NATS_URL=nats_url,
+                    HEADRACE_NATS_URL=server.url,
+                    **server.env("edge"),
                     HEADRACE_REDIS_URL=valkey.url,
                     HEADRACE_KEYS_FILE=str(keys_file),
                     HEADRACE_API_KEYS="",
@@ -163,7 +170,7 @@ async def tokens_charged(valkey: ValkeyServer, name: str) -> int:
 @pytest.mark.slow
 async def test_three_edges_admit_exactly_the_limit(
     js: JetStreamContext,
-    nats_server: NatsServer,
+    nats_server: AuthNatsServer,
     valkey: ValkeyServer,
     keys_file: Path,
     worker_settings: WorkerSettings,
@@ -171,7 +178,7 @@ async def test_three_edges_admit_exactly_the_limit(
 ) -> None:
     # A generous Redis timeout: on 2 loaded cores a slow answer must not fail open and over-admit.
     with edge_processes(
-        3, nats_server.url, valkey, keys_file, tmp_path / "edges.log", HEADRACE_REDIS_TIMEOUT_S="5"
+        3, nats_server, valkey, keys_file, tmp_path / "edges.log", HEADRACE_REDIS_TIMEOUT_S="5"
     ) as edges:
         for base, proc in edges:
             await wait_ready(base, proc)
@@ -322,7 +329,7 @@ async def test_allowed_models(start_edge: StartEdge, worker_settings: WorkerSett
 
 async def test_parallel_limit_refuses_one_more_and_frees_when_one_ends(
     start_edge: StartEdge,
-    nats_server: NatsServer,
+    nats_server: AuthNatsServer,
     valkey: ValkeyServer,
     keys_file: Path,
     worker_settings: WorkerSettings,
@@ -347,7 +354,7 @@ async def test_parallel_limit_refuses_one_more_and_frees_when_one_ends(
 
         # An edge killed while it holds a lease: the lease expires after its TTL.
         with edge_processes(
-            1, nats_server.url, valkey, keys_file, tmp_path / "edge.log",
+            1, nats_server, valkey, keys_file, tmp_path / "edge.log",
             HEADRACE_RATELIMIT_LEASE_TTL_S="1",
         ) as [(doomed, proc)]:  # fmt: skip
             await wait_ready(doomed, proc)

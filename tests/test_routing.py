@@ -23,6 +23,8 @@ def test_generation_routes_are_charged_by_their_session(edge_settings: Any) -> N
     assert by_session == {
         "/v1/chat/completions",
         "/v1/completions",
+        "/chat/completions",  # llama.cpp's unversioned paths, the same handlers
+        "/completions",
         "/completion",
         "/api/chat",
         "/api/generate",
@@ -41,6 +43,10 @@ def test_each_family_speaks_its_own_error_shape(edge_settings: Any) -> None:
         "/api/chat",
         "/api/generate",
         "/api/tags",
+        "/api/show",
+        "/api/ps",
+        "/api/version",
     }
     assert apis["/completion"] == "llamacpp"
     assert apis["/v1/chat/completions"] == apis["/sdapi/v1/txt2img"] == "openai"
+    assert apis["/chat/completions"] == apis["/v1/models/{model}"] == "openai"

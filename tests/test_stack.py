@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -73,18 +74,35 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path, sig: signal.Sign
     assert _listening(valkey_port)
     assert _alive(worker_pid)
 
+    nats_url, auth = f"nats://127.0.0.1:{nats_port}", tmp_path / "data" / "auth"
     status = subprocess.run(
-        [sys.executable, "-m", "headrace", "status", "--nats-url", f"nats://127.0.0.1:{nats_port}"],
+        [sys.executable, "-m", "headrace", "status", "--nats-url", nats_url,
+         "--nats-creds", str(auth / "observer.env")],
         capture_output=True,
         text=True,
         timeout=60,
-    )
+    )  # fmt: skip
     assert "local-echo-1" in status.stdout
     assert "local-llm-1" in status.stdout
     assert "SmolLM2-135M-Instruct" in status.stdout
     assert "llm-echo" in status.stdout
     assert "local-sd-1" in status.stdout
     assert "tiny-sd" in status.stdout
+
+    # NATS refuses anonymous clients: one line names the server, the exit status is not 0.
+    anonymous = subprocess.run(
+        [sys.executable, "-m", "headrace", "status", "--nats-url", nats_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in env.items() if not k.startswith("HEADRACE_NATS_")},
+    )
+    assert anonymous.returncode == 2
+    assert f"{nats_url} refused an anonymous connection" in anonymous.stderr
+    # The generated credentials are readable by their owner only.
+    assert auth.stat().st_mode & 0o777 == 0o700
+    assert {p.stat().st_mode & 0o777 for p in auth.iterdir()} == {0o600}
+    assert "observer.env" in output
 
     # The printed development key works, and so does the printed curl example's request.
     key = re.search(r"API key: (\S+)", output).group(1)  # type: ignore[union-attr]
@@ -142,3 +160,103 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path, sig: signal.Sign
     assert not _listening(valkey_port)
     assert not _listening(port)
     assert not _alive(worker_pid)
+
+
+def _pids_with(fragment: str) -> list[int]:
+    """Processes whose command line contains ``fragment``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if fragment in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _chat(port: int, key: str) -> tuple[int, dict[str, object]]:
+    """A non-streamed echo chat request: its status and body."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=orjson.dumps(
+            {"model": "echo", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+        ),
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return resp.status, orjson.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, orjson.loads(e.read())
+
+
+@pytest.mark.timeout(120)
+def test_up_cluster_runs_three_nodes_at_r3_and_survives_one(tmp_path: Path) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    argv = [sys.executable, "-m", "headrace", "up", "--cluster", "3", "--data-dir", str(data)]
+    argv += ["--port", str(port), "--valkey-port", str(free_port())]
+    argv += ["--llm-workers", "0", "--sd-workers", "0"]
+    env = {k: v for k, v in os.environ.items() if k not in ("HEADRACE_API_KEYS", "API_TOKENS")}
+    # 0: every node's client, route and monitoring port is a free one.
+    env.update(HEADRACE_NATS_PORT="0", HEADRACE_NATS_CLUSTER_PORT="0", HEADRACE_NATS_HTTP_PORT="0")
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "Press Ctrl-C" in line or not line:
+            break
+    output = "".join(lines)
+    try:
+        assert "cluster headrace of 3 formed" in output, output
+        assert "streams at R3" in output
+        urls = re.search(r"\(NATS (\S+),", output).group(1)  # type: ignore[union-attr]
+        assert len(urls.split(",")) == 3
+        key = (data / "dev-api-key").read_text().strip()
+        code, answer = _chat(port, key)
+        assert code == 200, answer
+        assert answer["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+        status = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "headrace",
+                "status",
+                "--nats-url",
+                urls,
+                "--nats-creds",
+                str(data / "auth" / "observer.env"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "CLUSTER headrace" in status.stdout, status.stdout + status.stderr
+        jobs = re.search(r"^JOBS +(\S+) +(.+)$", status.stdout, re.M)
+        assert jobs is not None, status.stdout
+        leader, followers = jobs.groups()
+        assert len(followers.split(", ")) == 2
+
+        # The JOBS leader dies: the stack goes on, and requests succeed again once the two
+        # nodes left have elected a new one (4-9 s: the raft election timeout).
+        (pid,) = _pids_with(f"--server_name {leader} ")
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        while (answer := _chat(port, key))[0] != 200:
+            assert answer[0] == 503, answer  # a clear error while JOBS has no leader
+            assert time.monotonic() - t0 < 30
+            time.sleep(0.5)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    assert "the cluster goes on with 2 of 3 nodes" in rest
+    assert proc.returncode == 0, rest
+    assert "headrace is down" in rest
+    assert _pids_with(str(data)) == []

@@ -15,7 +15,7 @@ from nats.js import JetStreamContext
 from schemas.codec import encode
 from schemas.fleet import WorkerInfo
 from schemas.subjects import WORKERS_BUCKET, worker_key
-from schemas.topology import ensure_present
+from schemas.topology import Limits, ensure_present
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +24,14 @@ class Heartbeat:
     """Puts this worker's record every ``interval_s``; the bucket's TTL removes it if we die."""
 
     def __init__(
-        self, js: JetStreamContext, describe: Callable[[], WorkerInfo], interval_s: float
+        self,
+        js: JetStreamContext,
+        describe: Callable[[], WorkerInfo],
+        interval_s: float,
+        limits: Limits | None = None,
     ) -> None:
         self.js = js
+        self.limits = limits or Limits()
         self.describe = describe
         self.interval_s = interval_s
         self._failing = False
@@ -41,7 +46,7 @@ class Heartbeat:
             # Deleted, or a server that lost its state: bring it back; the next beat lands.
             log.warning("the %s bucket is missing: re-creating it", WORKERS_BUCKET)
             with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await ensure_present(self.js, timeout_s=self.interval_s)
+                await ensure_present(self.js, limits=self.limits, timeout_s=self.interval_s)
             return
         except (nats.errors.Error, TimeoutError) as e:
             if not self._failing:

@@ -34,12 +34,13 @@ from schemas.subjects import (
     JobKind,
     consumer_name,
     dlq_subject,
+    is_reply_subject,
     model_slug,
     results_subject,
     rpc_subject,
     trace_id,
 )
-from schemas.topology import ensure_present
+from schemas.topology import Limits, ensure_present
 from workers.cancels import CancelBook
 from workers.emitter import Emitter
 from workers.engines.abilities import AnswersRpc, ReportsGpuMemory
@@ -51,6 +52,8 @@ from workers.settings import WorkerSettings
 from workers.slots import SlotPool
 
 log = logging.getLogger(__name__)
+
+_ACK_ATTEMPTS = 5  # about 12 s of retries: longer than a consumer leader election
 
 
 @dataclass
@@ -80,6 +83,7 @@ class Runtime:
         self._images: ImageStore | None = None
         self._heartbeat: Heartbeat | None = None
         self._emitters: set[Emitter] = set()  # of the jobs held now, for resend()
+        self._limits = Limits(replicas=settings.replicas)  # for what it re-creates
         self.metrics = metrics or WorkerMetrics()
         self.metrics.slots.set(settings.slots)
         self.metrics.busy_slots.set_function(lambda: len(self._held))
@@ -125,7 +129,9 @@ class Runtime:
         )
         js = self.nc.jetstream()
         self._images = ImageStore(js, self.settings.image_inline_chars)
-        self._heartbeat = heartbeat = Heartbeat(js, self.describe, self.settings.heartbeat_s)
+        self._heartbeat = heartbeat = Heartbeat(
+            js, self.describe, self.settings.heartbeat_s, self._limits
+        )
         if not await self._ensure_topology(js):  # stopped while NATS could not provide it
             await self._disconnect()
             return
@@ -167,7 +173,7 @@ class Runtime:
         waiting = False
         while not self._stopping.is_set():
             try:
-                await ensure_present(js, self._needs())
+                await ensure_present(js, self._needs(), limits=self._limits)
                 return True
             except (nats.errors.Error, TimeoutError) as e:
                 if not waiting:
@@ -295,15 +301,21 @@ class Runtime:
             job = decode_job(msg.data)
         except Poison as e:
             self.metrics.ended(b.model, "dead_lettered", 0, None)
-            await self._dead_letter(msg, e, headers.get(Header.REPLY), attempt)
+            await self._dead_letter(msg, e, _results_reply(headers), attempt)
             return
         reply = headers.get(Header.REPLY) or results_subject(job.id)
+        if not is_reply_subject(reply, job.id):
+            self.metrics.ended(b.model, "dead_lettered", 0, None)
+            bad = Poison(f"{Header.REPLY} must be results.<job id> or results.<user>.<job id>")
+            await self._dead_letter(msg, bad, None, attempt)
+            return
         emitter = Emitter(self.nc, job.id, reply, attempt, headers.get(Header.OWNER))
         self._emitters.add(emitter)
         try:
             await self._start(b, msg, job, emitter, attempt, headers)
         finally:
             self._emitters.discard(emitter)
+            emitter.close()
 
     async def _start(
         self,
@@ -375,6 +387,10 @@ class Runtime:
                 await emitter.emit(Error.of(e))
                 await msg.term()
                 outcome = "failed"
+        except nats.errors.Error:
+            # NATS, not the engine: the outcome cannot be reported now (a restart, an
+            # election). No nak either: the job comes back after ack_wait (see _hold).
+            raise
         except Exception as e:  # an engine bug: another attempt (maybe elsewhere) may fare better
             log.error("job %s: engine failed with %s", job.id, type(e).__name__)
             log.debug("engine failure", exc_info=True)
@@ -453,9 +469,22 @@ class Runtime:
                 await msg.in_progress()
 
     async def _settle(self, msg: Msg) -> None:
-        """Ack and wait for the server's confirmation (a lost ack would rerun the job)."""
-        with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
-            await msg.ack_sync(timeout=5.0)
+        """Ack and wait for the server's confirmation (a lost ack would rerun the job).
+
+        While a cluster elects the consumer's leader (seconds after a node dies) an ack finds
+        no responder: asked again for a while rather than leaving a finished job to rerun.
+        """
+        delay = 0.25
+        for attempt in range(1, _ACK_ATTEMPTS + 1):
+            try:
+                with contextlib.suppress(nats.errors.MsgAlreadyAckdError):
+                    await msg.ack_sync(timeout=5.0)
+                return
+            except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                if attempt == _ACK_ATTEMPTS:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 4.0)
 
     async def _retry(
         self, b: Binding, msg: Msg, emitter: Emitter, attempt: int, e: Retry
@@ -491,3 +520,10 @@ def _deadline_ms(job: TextJob | ImageJob, headers: dict[str, str]) -> int | None
     if raw is not None and raw.isdigit():
         return int(raw)
     return job.deadline_ms
+
+
+def _results_reply(headers: dict[str, str]) -> str | None:
+    """The reply of a job that could not be decoded, when it has a results subject's shape
+    (its id is unknown, so this is all that can be checked)."""
+    reply = headers.get(Header.REPLY)
+    return reply if reply and is_reply_subject(reply, reply.rpartition(".")[2]) else None

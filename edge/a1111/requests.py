@@ -33,6 +33,9 @@ class Txt2ImgRequest(Lenient):
     override_settings: dict[str, Any] = Field(default_factory=dict)
     force_task_id: str | None = Field(default=None, max_length=MAX_TASK_ID_CHARS)
     enable_hr: StrictBool = False
+    # A1111 takes it on txt2img too (its hires-fix strength, default 0.75) and reports it in
+    # ``info``; the worker uses it only with an init image.
+    denoising_strength: float = Field(default=0.75, ge=0.0, le=1.0)
 
     @field_validator("width", "height")
     @classmethod
@@ -79,26 +82,25 @@ class Txt2ImgRequest(Lenient):
             sampler=self.sampler(),
             batch_size=self.batch_size,
             n_iter=self.n_iter,
-            denoising_strength=self._denoising_strength(),
+            denoising_strength=self.denoising_strength,
             preview_every=preview_every,
         )
-
-    def _denoising_strength(self) -> float:
-        return 0.75  # A1111's default; txt2img has no init image for it to act on
 
 
 class Img2ImgRequest(Txt2ImgRequest):
     """``POST /sdapi/v1/img2img``: init images as base64 or data URIs (the first one is used)."""
 
     init_images: list[str] = Field(min_length=1, max_length=MAX_INIT_IMAGES)
-    denoising_strength: float = Field(default=0.75, ge=0.0, le=1.0)
     mask: str | None = None
-
-    def _denoising_strength(self) -> float:
-        return self.denoising_strength
 
     def refuse_unsupported(self) -> None:
         """Inpainting (``mask``) is not supported either."""
         super().refuse_unsupported()
         if self.mask:
             raise InvalidRequest("inpainting (mask) is not supported", param="mask")
+
+
+class PngInfoRequest(Lenient):
+    """``POST /sdapi/v1/png-info``: one image, base64 or a data URI."""
+
+    image: str = Field(min_length=1)

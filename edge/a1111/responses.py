@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -12,7 +14,7 @@ from edge.a1111.requests import Img2ImgRequest, Txt2ImgRequest
 from edge.imaging import ImageResult
 from edge.tasks import Task
 from schemas.fleet import ModelInfo
-from schemas.infotext import infotext
+from schemas.infotext import infotext, parse_infotext
 from schemas.jobs import ImageParams
 from schemas.samplers import SAMPLERS
 
@@ -43,9 +45,9 @@ def generation(
         "restore_faces": False,
         "sd_model_name": model,
         "sd_model_hash": None,
-        "denoising_strength": params.denoising_strength
-        if isinstance(req, Img2ImgRequest)
-        else None,
+        # A number on txt2img too, as A1111 sends it (its txt2img default is 0.75): the Unity
+        # integration reads it into a float and fails on null.
+        "denoising_strength": params.denoising_strength,
         "index_of_first_image": 0,
         "infotexts": [infotext(params, s, model) for s in seeds[: len(result.images)]],
         "styles": [],
@@ -85,7 +87,7 @@ def progress(task: Task | None) -> dict[str, Any]:
 
 def _state(task: Task | None) -> dict[str, Any]:
     return {
-        "skipped": False,
+        "skipped": task.skipped if task else False,
         "interrupted": task.interrupted if task else False,
         "job": task.id if task else "",
         "job_count": 1 if task else 0,
@@ -116,3 +118,26 @@ def sd_models(models: list[ModelInfo]) -> list[dict[str, Any]]:
 def samplers() -> list[dict[str, Any]]:
     """``GET /sdapi/v1/samplers``."""
     return [{"name": n, "aliases": list(a), "options": {}} for n, a in SAMPLERS.items()]
+
+
+def png_info(texts: dict[str, str]) -> dict[str, Any]:
+    """``POST /sdapi/v1/png-info``: the ``parameters`` text as ``info`` and parsed, the image's
+    other text chunks as ``items``."""
+    info = texts.get("parameters", "")
+    items = {k: v for k, v in texts.items() if k != "parameters"}
+    return {"info": info, "items": items, "parameters": parse_infotext(info) if info else {}}
+
+
+def memory() -> dict[str, Any]:
+    """``GET /sdapi/v1/memory`` in A1111's ``{ram, cuda}`` shape, of the edge process: it holds
+    no GPU (workers report theirs in their Prometheus metrics)."""
+    ram: dict[str, Any]
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        total = os.sysconf("SC_PHYS_PAGES") * page
+        used = int(Path("/proc/self/statm").read_text().split()[1]) * page  # resident pages
+        ram = {"free": total - used, "used": used, "total": total}  # A1111's free: total - rss
+    except (OSError, ValueError, IndexError) as e:
+        ram = {"error": str(e) or type(e).__name__}
+    cuda = {"error": "the edge holds no GPU; workers report their GPU memory in their metrics"}
+    return {"ram": ram, "cuda": cuda}

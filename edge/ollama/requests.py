@@ -17,6 +17,7 @@ from edge.sampling import (
     TopP,
     TypicalP,
 )
+from schemas.errors import InvalidRequest
 from schemas.jobs import MAX_MESSAGES, SEED_MAX, ChatMessage, SchemaDepth, Stops, TextParams
 
 
@@ -125,3 +126,18 @@ class GenerateRequest(Common):
         system = [ChatMessage(role="system", content=self.system)] if self.system else []
         user = ChatMessage(role="user", content=self.prompt)
         return self._params(seed, messages=[*system, user])
+
+
+class ShowRequest(Lenient):
+    """``POST /api/show``: ``model``, or ``name`` as older clients send it."""
+
+    model: str | None = Field(default=None, max_length=256)
+    name: str | None = Field(default=None, max_length=256)
+    verbose: bool = False
+
+    def asked(self) -> str:
+        """The model asked about; none is a 400, as in Ollama."""
+        asked = self.model or self.name
+        if not asked:
+            raise InvalidRequest("model is required", param="model")
+        return asked

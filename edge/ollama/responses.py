@@ -7,11 +7,69 @@ from datetime import UTC, datetime
 from typing import Any
 
 from schemas.events import Done
+from schemas.fleet import ModelInfo
 
 
 def now() -> str:
     """Ollama's ``created_at``."""
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    return timestamp(time.time())
+
+
+def timestamp(s: float) -> str:
+    """Seconds since the epoch as Ollama writes times (RFC 3339, UTC)."""
+    return datetime.fromtimestamp(s, UTC).isoformat().replace("+00:00", "Z")
+
+
+def details() -> dict[str, Any]:
+    """Ollama's ``details`` of a model; headrace knows only that workers load GGUF files."""
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": "",
+        "families": None,
+        "parameter_size": "",
+        "quantization_level": "",
+    }
+
+
+def listed(m: ModelInfo) -> dict[str, Any]:
+    """One model of ``/api/tags`` (size and digest unknown at the edge: 0 and empty)."""
+    return {
+        "name": m.id,
+        "model": m.id,
+        "modified_at": timestamp(m.created),
+        "size": 0,
+        "digest": "",
+        "details": details(),
+    }
+
+
+def show(m: ModelInfo, template: str) -> dict[str, Any]:
+    """``/api/show``: what the edge and the model's workers know (its chat template)."""
+    model_info: dict[str, Any] = {"general.name": m.id}
+    if m.context_length is not None:
+        model_info["general.context_length"] = m.context_length  # the workers' n_ctx
+    return {
+        "license": "",
+        "modelfile": "",
+        "parameters": "",
+        "template": template,
+        "details": details(),
+        "model_info": model_info,
+        "capabilities": ["completion"],
+        "modified_at": timestamp(m.created),
+    }
+
+
+def running(m: ModelInfo, expires_s: float) -> dict[str, Any]:
+    """One model of ``/api/ps``: loaded while a worker of it lives, so it "expires" when the
+    last heartbeat would go stale."""
+    return {
+        **listed(m),
+        "expires_at": timestamp(expires_s),
+        "size_vram": 0,
+        "context_length": m.context_length,
+    }
 
 
 def piece(model: str, text: str, *, chat: bool) -> dict[str, Any]:

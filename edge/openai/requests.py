@@ -96,6 +96,7 @@ class Sampling(Lenient):
     typical_p: TypicalP = 1.0
     repeat_penalty: RepeatPenalty = 1.0
     grammar: Grammar | None = None
+    ignore_eos: bool = False  # benchmark clients send it to get exactly max_tokens tokens
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> Sampling:
@@ -160,6 +161,7 @@ class ChatCompletionRequest(Sampling):
             grammar=self.grammar,
             json_schema=schema.schema_ if schema is not None else None,
             response_format=fmt.type,
+            ignore_eos=self.ignore_eos,
         )
 
 
@@ -209,4 +211,5 @@ class CompletionRequest(Sampling):
             logprobs=self.logprobs is not None,
             top_logprobs=self.logprobs,
             grammar=self.grammar,
+            ignore_eos=self.ignore_eos,
         )

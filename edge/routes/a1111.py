@@ -8,8 +8,9 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from edge.a1111 import responses
-from edge.a1111.requests import MAX_TASK_ID_CHARS, Img2ImgRequest, Txt2ImgRequest
-from edge.body import invalid, read_object
+from edge.a1111.pnginfo import PNG_SIGNATURE, text_chunks
+from edge.a1111.requests import MAX_TASK_ID_CHARS, Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
+from edge.body import invalid, parse, read_object
 from edge.context import caller, ctx
 from edge.errors import OPENAI, json_response
 from edge.imaging import answer, check_image_bounds, decode_image, pick_model
@@ -124,6 +125,58 @@ async def interrupt(request: web.Request) -> web.Response:
     """Stop the caller's running image tasks, on every edge; other keys' tasks go on."""
     await ctx(request).tasks.interrupt(caller(request).id)
     return json_response({})
+
+
+@routes.post("/sdapi/v1/skip")
+async def skip(request: web.Request) -> web.Response:
+    """Stop the caller's current task only (the one progress reports); null, as A1111 answers."""
+    await ctx(request).tasks.skip(caller(request).id)
+    return json_response(None)
+
+
+@routes.post("/sdapi/v1/png-info")
+async def png_info(request: web.Request) -> web.Response:
+    """The ``parameters`` text of a PNG, as written and parsed; other images have none here."""
+    req = await parse(request, PngInfoRequest)
+    image = decode_image(req.image, "image", max_pixels=None)  # its text is read, no pixels
+    texts = text_chunks(image) if image.startswith(PNG_SIGNATURE) else {}
+    return json_response(responses.png_info(texts))
+
+
+@routes.get("/sdapi/v1/upscalers")
+async def upscalers(request: web.Request) -> web.Response:
+    """None: headrace runs no upscaler (hires fix is refused)."""
+    return json_response([])
+
+
+@routes.get("/sdapi/v1/loras")
+async def loras(request: web.Request) -> web.Response:
+    """None: workers load no LoRA networks."""
+    return json_response([])
+
+
+@routes.get("/sdapi/v1/scripts")
+async def scripts(request: web.Request) -> web.Response:
+    """No scripts on either route (webuiapi looks here for ControlNet and ADetailer)."""
+    return json_response({"txt2img": [], "img2img": []})
+
+
+@routes.get("/sdapi/v1/cmd-flags")
+async def cmd_flags(request: web.Request) -> web.Response:
+    """None: headrace is not started with A1111's command-line flags."""
+    return json_response({})
+
+
+@routes.get("/sdapi/v1/memory")
+async def memory(request: web.Request) -> web.Response:
+    """The edge process's memory in A1111's shape (the GPUs are on the workers)."""
+    return json_response(responses.memory())
+
+
+@routes.post("/sdapi/v1/refresh-checkpoints")
+async def refresh_checkpoints(request: web.Request) -> web.Response:
+    """Nothing to do: sd-models is always the live fleet. Null, as A1111 answers."""
+    return json_response(None)
 
 
 @routes.get("/sdapi/v1/sd-models")

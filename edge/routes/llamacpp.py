@@ -16,6 +16,7 @@ from edge.llamacpp.responses import chunk, final
 from edge.respond import StreamFormat, collect, stream
 from edge.routing import Routes
 from edge.session import Session
+from edge.sse import DataOnlyStream
 from schemas.errors import InvalidRequest
 from schemas.jobs import TextParams
 
@@ -29,7 +30,7 @@ def _params(req: CompletionRequest) -> TextParams:
 
 @routes.generation("/completion")
 async def completion(request: web.Request, session: Session) -> web.StreamResponse:
-    """llama.cpp's completion: ``{content, stop}`` chunks, the last with timings; no ``[DONE]``."""
+    """llama.cpp's completion: ``data: {content, stop}`` events only, the last with timings."""
     req = await parse(request, CompletionRequest)
     chars = len(req.prompt) if isinstance(req.prompt, str) else 4 * len(req.prompt)
     max_tokens = None if req.n_predict == -1 else req.n_predict
@@ -42,6 +43,7 @@ async def completion(request: web.Request, session: Session) -> web.StreamRespon
         fmt = StreamFormat(
             text=lambda out: chunk(out.text),
             finished=lambda out: final(model, "", out.done),
+            framing=DataOnlyStream,  # what LLMUnity can parse: no ids, no keep-alives
             end=b"",
             headers=session.headers,
         )

@@ -19,8 +19,9 @@ from edge.session import Session
 from edge.sse import Bounds, EventStream, SlowClient
 from schemas.client import START, Position
 from schemas.codec import encode
-from schemas.errors import InvalidRequest
+from schemas.errors import InvalidRequest, ModelNotFound
 from schemas.events import Done
+from schemas.fleet import ModelInfo
 from schemas.image_store import ImageStore
 from schemas.jobs import TextParams
 from schemas.subjects import is_job_id
@@ -59,6 +60,7 @@ async def _answer(session: Session, req: Sampling, *, chat: bool) -> web.StreamR
     return json_response(body, headers=session.headers)
 
 
+@routes.generation("/chat/completions")  # llama.cpp's server serves both paths
 @routes.generation("/v1/chat/completions")
 async def chat_completions(request: web.Request, session: Session) -> web.StreamResponse:
     """OpenAI chat completions, streamed (SSE) or not."""
@@ -70,6 +72,7 @@ async def chat_completions(request: web.Request, session: Session) -> web.Stream
     return await _answer(session, req, chat=True)
 
 
+@routes.generation("/completions")
 @routes.generation("/v1/completions")
 async def completions(request: web.Request, session: Session) -> web.StreamResponse:
     """OpenAI legacy completions, streamed (SSE) or not."""
@@ -85,24 +88,36 @@ async def completions(request: web.Request, session: Session) -> web.StreamRespo
     return await _answer(session, req, chat=False)
 
 
+def _model(m: ModelInfo) -> dict[str, object]:
+    """OpenAI's model object, with the context length llama.cpp's server adds."""
+    entry: dict[str, object] = {
+        "id": m.id,
+        "object": "model",
+        "created": m.created,
+        "owned_by": m.owned_by,
+    }
+    if m.context_length is not None:
+        entry["context_length"] = m.context_length
+    return entry
+
+
+@routes.get("/models")
 @routes.get("/v1/models")
 async def models(request: web.Request) -> web.Response:
     """Models with at least one live worker (that this key may use)."""
-    data = []
     key = caller(request)
-    for m in ctx(request).fleet.models().values():
-        if not key.allows(m.id):
-            continue
-        entry: dict[str, object] = {
-            "id": m.id,
-            "object": "model",
-            "created": m.created,
-            "owned_by": m.owned_by,
-        }
-        if m.context_length is not None:
-            entry["context_length"] = m.context_length
-        data.append(entry)
+    data = [_model(m) for m in ctx(request).fleet.models().values() if key.allows(m.id)]
     return json_response({"object": "list", "data": sorted(data, key=lambda d: str(d["id"]))})
+
+
+@routes.get("/v1/models/{model:.+}")  # ids may hold slashes (org/name)
+async def model(request: web.Request) -> web.Response:
+    """One live model (``client.models.retrieve``); 404 ``model_not_found`` like any unknown one."""
+    asked = request.match_info["model"]
+    m = ctx(request).fleet.models().get(asked)
+    if m is None or not caller(request).allows(m.id):
+        raise ModelNotFound(f"The model '{asked}' does not exist", param="model")
+    return json_response(_model(m))
 
 
 async def _inline(store: ImageStore, done: Done) -> Done:

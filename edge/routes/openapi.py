@@ -7,8 +7,9 @@ from typing import Any
 from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
-from edge.a1111.requests import Img2ImgRequest, Txt2ImgRequest
+from edge.a1111.requests import Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
 from edge.errors import json_response
+from edge.ollama.requests import ShowRequest
 from edge.openai.image_generation import ImageGenerationRequest
 from edge.openai.requests import ChatCompletionRequest, CompletionRequest
 from edge.routing import Routes
@@ -39,7 +40,7 @@ def _operation(summary: str, body: str | None, streams: bool) -> dict[str, Any]:
         ok["text/event-stream"] = {"schema": {"type": "string"}}
     op: dict[str, Any] = {
         "summary": summary,
-        "security": [{"bearer": []}],
+        "security": [{"bearer": []}, {"basic": []}],
         "responses": {
             "200": {"description": "OK", "content": ok},
             **{
@@ -57,6 +58,12 @@ def _operation(summary: str, body: str | None, streams: bool) -> dict[str, Any]:
     return op
 
 
+def _with_path(op: dict[str, Any], name: str) -> dict[str, Any]:
+    """``op`` with one string path parameter."""
+    parameter = {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+    return {**op, "parameters": [parameter]}
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI 3.1 document of the edge."""
     _, defs = models_json_schema(
@@ -68,6 +75,8 @@ def document() -> dict[str, Any]:
                 ImageGenerationRequest,
                 Txt2ImgRequest,
                 Img2ImgRequest,
+                PngInfoRequest,
+                ShowRequest,
             )
         ],
         ref_template="#/components/schemas/{model}",
@@ -78,7 +87,11 @@ def document() -> dict[str, Any]:
         "info": {"title": "headrace edge", "version": "1"},
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            # The key as a Bearer token, or as the password of HTTP Basic (any user name).
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "basic": {"type": "http", "scheme": "basic"},
+            },
         },
         "paths": {
             "/v1/chat/completions": {
@@ -86,6 +99,25 @@ def document() -> dict[str, Any]:
             },
             "/v1/completions": {"post": _operation("Text completion", "CompletionRequest", True)},
             "/v1/models": {"get": _operation("Models with a live worker", None, False)},
+            "/v1/models/{model}": {
+                "get": _with_path(_operation("One live model", None, False), "model")
+            },
+            "/chat/completions": {
+                "post": _operation(
+                    "Chat completion (llama.cpp's unversioned path)", "ChatCompletionRequest", True
+                )
+            },
+            "/completions": {
+                "post": _operation(
+                    "Text completion (llama.cpp's unversioned path)", "CompletionRequest", True
+                )
+            },
+            "/models": {"get": _operation("Models (llama.cpp's unversioned path)", None, False)},
+            "/api/show": {
+                "post": _operation("Ollama: a live model's details", "ShowRequest", False)
+            },
+            "/api/ps": {"get": _operation("Ollama: the models loaded now", None, False)},
+            "/api/version": {"get": _operation("Ollama: the server's version", None, False)},
             "/v1/images/generations": {
                 "post": _operation("Images (b64_json)", "ImageGenerationRequest", True)
             },
@@ -93,18 +125,29 @@ def document() -> dict[str, Any]:
             "/sdapi/v1/img2img": {"post": _operation("A1111 img2img", "Img2ImgRequest", True)},
             "/sdapi/v1/progress": {"get": _operation("The caller's image task", None, False)},
             "/sdapi/v1/interrupt": {"post": _operation("Stop the caller's tasks", None, False)},
+            "/sdapi/v1/skip": {"post": _operation("Stop the caller's current task", None, False)},
+            "/sdapi/v1/png-info": {
+                "post": _operation("A PNG's parameters text", "PngInfoRequest", False)
+            },
+            **{
+                f"/sdapi/v1/{name}": {method: _operation(summary, None, False)}
+                for name, method, summary in (
+                    ("upscalers", "get", "Upscalers (none)"),
+                    ("loras", "get", "LoRA networks (none)"),
+                    ("scripts", "get", "Scripts (none)"),
+                    ("cmd-flags", "get", "A1111 command-line flags (none)"),
+                    ("memory", "get", "The edge's memory"),
+                    (
+                        "refresh-checkpoints",
+                        "post",
+                        "Nothing to refresh: models are the live fleet",
+                    ),
+                )
+            },
             "/v1/jobs/{job_id}/events": {
-                "get": {
-                    **_operation("A job's events; Last-Event-ID resumes", None, True),
-                    "parameters": [
-                        {
-                            "name": "job_id",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        }
-                    ],
-                }
+                "get": _with_path(
+                    _operation("A job's events; Last-Event-ID resumes", None, True), "job_id"
+                )
             },
         },
     }

@@ -28,8 +28,9 @@ TOKENS = 40
 PROMPT = "a river runs over stones and under bridges to the sea"
 
 
-async def _ask(http: aiohttp.ClientSession, base: str, i: int, *, stream: bool) -> tuple[str, str]:
-    """One chat request: ("ok", text), ("error", code), ("cut", text) or ("http <n>", code)."""
+async def ask(http: aiohttp.ClientSession, base: str, i: int, *, stream: bool) -> tuple[str, str]:
+    """One chat request: ("ok", text), ("error", code) for an error event inside a stream,
+    ("cut", text) for a stream without its end, ("http <n>", code), or ("dropped", why)."""
     body = {
         "model": "echo",
         "messages": [{"role": "user", "content": PROMPT}],
@@ -68,7 +69,7 @@ async def _round(
     in_flight: int,
     hang_s: float,
 ) -> dict[str, Any]:
-    asks = [asyncio.create_task(_ask(http, base, i, stream=i % 2 == 0)) for i in range(in_flight)]
+    asks = [asyncio.create_task(ask(http, base, i, stream=i % 2 == 0)) for i in range(in_flight)]
     await asyncio.sleep(0.6)  # accepted and generating
     down = time.monotonic()
     if signal_name == "SIGKILL":
@@ -104,12 +105,12 @@ async def _measure(
     connector = aiohttp.TCPConnector(limit=256)
     async with aiohttp.ClientSession(headers=headers, connector=connector) as http:
         for _ in range(300):  # the worker registers, the edge sees it
-            if (await _ask(http, base, 0, stream=False))[0] == "ok":
+            if (await ask(http, base, 0, stream=False))[0] == "ok":
                 break
             await asyncio.sleep(0.1)
         expected = {}
         for i in range(in_flight):
-            kind, text = await _ask(http, base, i, stream=False)
+            kind, text = await ask(http, base, i, stream=False)
             assert kind == "ok", f"the undisturbed run failed: {kind} {text}"
             expected[i] = text
         rounds = []

@@ -1,0 +1,222 @@
+"""What each NATS user may publish and subscribe to: least privilege per role.
+
+One account holds every user (all roles share the same streams; separate accounts would
+need an export and an import per subject and give nothing that subject permissions do not).
+The roles:
+
+* ``admin``: the JetStream API, nothing else (``headrace provision``, ``headrace up``).
+* ``edge``: publishes jobs, cancels, interrupts and rpc requests; reads the results of
+  edge jobs (``results.<job id>``), the ``workers`` and ``options`` buckets and images.
+* ``worker``: fetches from and acks the JOBS consumers, publishes results, dead letters and
+  heartbeats, answers rpc requests. It can read no result: it holds no subscribe permission
+  on ``results.>`` and may not create consumers on RESULTS.
+* ``observer``: read-only JetStream information and the ``workers`` bucket (``headrace
+  status``, dashboards).
+* a native client ``<user>``: publishes jobs for its allowed models and reads only
+  ``results.<user>.>``, live or from RESULTS (see ``schemas.subjects.results_subject``).
+
+Every user subscribes to its own inboxes only (``_INBOX.<user>.>``, set by
+``schemas.connection.connect``), so no user reads another's request replies. Subjects come
+from the nats-server JetStream API reference: a pull consumer needs
+``$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>`` and ``$JS.ACK.<stream>.<consumer>.>``;
+a KV get ``$JS.API.DIRECT.GET.KV_<bucket>.>`` (or ``STREAM.MSG.GET``), a KV put a publish
+to ``$KV.<bucket>.<key>``; an object store ``$O.<bucket>.>`` and its stream's API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from schemas.subjects import (
+    CANCEL_PREFIX,
+    DLQ_PREFIX,
+    DLQ_STREAM,
+    IMAGES_BUCKET,
+    INTERRUPT_PREFIX,
+    JOBS_PREFIX,
+    JOBS_STREAM,
+    OPTIONS_BUCKET,
+    RESULTS_PREFIX,
+    RESULTS_STREAM,
+    RPC_PREFIX,
+    WORKERS_BUCKET,
+    inbox_prefix,
+    is_nats_user,
+    model_slug,
+)
+
+ADMIN, EDGE, WORKER, OBSERVER = "admin", "edge", "worker", "observer"
+ROLES = (ADMIN, EDGE, WORKER, OBSERVER)
+ALL_MODELS = "*"
+
+API = "$JS.API"
+_KV_WORKERS = f"KV_{WORKERS_BUCKET}"
+_KV_OPTIONS = f"KV_{OPTIONS_BUCKET}"
+_OBJ_IMAGES = f"OBJ_{IMAGES_BUCKET}"
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """Subjects a user may publish and subscribe to (everything else is denied)."""
+
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    allow_responses: bool = False  # may publish one reply to a request it received
+
+    def as_config(self) -> dict[str, object]:
+        """The ``permissions`` map of a user in nats-server's configuration."""
+        out: dict[str, object] = {
+            "publish": {"allow": list(self.publish)},
+            "subscribe": {"allow": list(self.subscribe)},
+        }
+        if self.allow_responses:
+            out["allow_responses"] = True
+        return out
+
+
+def _kv_read(stream: str) -> list[str]:
+    """Get and watch a KV bucket: its stream's info, direct and stored gets, an ordered
+    consumer (nats-py creates it unnamed, so the filter is in the body: any consumer on this
+    one stream) and its flow control replies."""
+    return [
+        f"{API}.STREAM.INFO.{stream}",
+        f"{API}.DIRECT.GET.{stream}.>",
+        f"{API}.STREAM.MSG.GET.{stream}",
+        f"{API}.CONSUMER.CREATE.{stream}",
+        f"{API}.CONSUMER.CREATE.{stream}.>",
+        f"{API}.CONSUMER.INFO.{stream}.*",
+        f"{API}.CONSUMER.DELETE.{stream}.*",
+        f"$JS.FC.{stream}.>",
+    ]
+
+
+def _images() -> list[str]:
+    """Read and write the ``images`` object store: chunks and metadata under ``$O.images.>``,
+    the purge a put does when it replaces an object, and stream names: nats-py looks the
+    chunks' stream up by subject (this lists names only, no configuration or message)."""
+    return [
+        f"$O.{IMAGES_BUCKET}.>",
+        f"{API}.STREAM.PURGE.{_OBJ_IMAGES}",
+        f"{API}.STREAM.NAMES",
+        *_kv_read(_OBJ_IMAGES),
+    ]
+
+
+def _history(results: str) -> list[str]:
+    """Read a job's events back from RESULTS. The consumer's filter is part of the create
+    subject (``CONSUMER.CREATE.<stream>.<name>.<filter>``, which nats-py uses for named
+    consumers), so the permission bounds what the consumer can read. Fetching and deleting
+    name the consumer only: its name is a random NUID nobody else learns."""
+    return [
+        f"{API}.CONSUMER.CREATE.{RESULTS_STREAM}.*.{results}",
+        f"{API}.CONSUMER.MSG.NEXT.{RESULTS_STREAM}.*",
+        f"{API}.CONSUMER.DELETE.{RESULTS_STREAM}.*",
+    ]
+
+
+def _topology() -> list[str]:
+    """Look up and create the streams and buckets (``schemas.topology.ensure_present``): the
+    edge and workers re-create what a restarted or replaced server lacks. Broader than serving
+    needs, but bounded: these names only, no update, purge or delete, and the server refuses a
+    create whose configuration differs from an existing stream's, so an operator's limits
+    stand."""
+    names = (JOBS_STREAM, RESULTS_STREAM, DLQ_STREAM, _KV_WORKERS, _KV_OPTIONS, _OBJ_IMAGES)
+    return [f"{API}.STREAM.{verb}.{name}" for name in names for verb in ("INFO", "CREATE")]
+
+
+def admin() -> Permissions:
+    """Provisioning: the whole JetStream API (streams, consumers, buckets), no data subjects."""
+    return Permissions(publish=(f"{API}.>",), subscribe=(f"{inbox_prefix(ADMIN)}.>",))
+
+
+def edge() -> Permissions:
+    """The HTTP edge."""
+    publish = [
+        f"{JOBS_PREFIX}.>",
+        f"{CANCEL_PREFIX}.*",
+        f"{INTERRUPT_PREFIX}.*",
+        f"{RPC_PREFIX}.>",
+        f"$KV.{OPTIONS_BUCKET}.>",
+        *_topology(),
+        # readiness, queue depth and the fleet's check that a model's consumer exists
+        f"{API}.CONSUMER.INFO.{JOBS_STREAM}.*",
+        # After a reconnect, JobClient.queued reads a job back by sequence to see whether the
+        # broker still holds it. Broader than that: any job in JOBS, by sequence (the edge
+        # wrote most of them; native clients' jobs too). Native clients do not get it.
+        f"{API}.STREAM.MSG.GET.{JOBS_STREAM}",
+        f"{API}.CONSUMER.LIST.{JOBS_STREAM}",
+        *_history(f"{RESULTS_PREFIX}.*"),
+        *_kv_read(_KV_WORKERS),
+        *_kv_read(_KV_OPTIONS),
+        *_images(),
+    ]
+    subscribe = [
+        # Edge jobs reply on results.<job id>: one token, so native clients' results
+        # (results.<user>.<job id>) stay out of the edge's reach.
+        f"{RESULTS_PREFIX}.*",
+        f"{INTERRUPT_PREFIX}.*",
+        f"{inbox_prefix(EDGE)}.>",
+    ]
+    return Permissions(publish=tuple(publish), subscribe=tuple(subscribe))
+
+
+def worker() -> Permissions:
+    """A worker of any engine."""
+    publish = [
+        f"{RESULTS_PREFIX}.>",
+        f"{DLQ_PREFIX}.>",
+        f"$KV.{WORKERS_BUCKET}.*",
+        # A worker creates its model's consumer when it is missing (never updates it), binds
+        # it, fetches from it and acks: JOBS only.
+        f"{API}.CONSUMER.CREATE.{JOBS_STREAM}.*.{JOBS_PREFIX}.>",
+        f"{API}.CONSUMER.INFO.{JOBS_STREAM}.*",
+        f"{API}.CONSUMER.MSG.NEXT.{JOBS_STREAM}.*",
+        f"$JS.ACK.{JOBS_STREAM}.>",
+        *_topology(),
+        *_images(),
+    ]
+    subscribe = [f"{CANCEL_PREFIX}.*", f"{RPC_PREFIX}.>", f"{inbox_prefix(WORKER)}.>"]
+    # allow_responses: the rpc answer goes to the requester's inbox, which no grant names.
+    return Permissions(publish=tuple(publish), subscribe=tuple(subscribe), allow_responses=True)
+
+
+def observer() -> Permissions:
+    """``headrace status`` and dashboards: stream, consumer and account information, and the
+    worker registry. Stream info can list a stream's subjects (job ids among them) but no
+    message: the observer reads no job, result or image."""
+    publish = [
+        f"{API}.INFO",
+        f"{API}.STREAM.NAMES",
+        f"{API}.STREAM.LIST",
+        f"{API}.STREAM.INFO.*",
+        f"{API}.CONSUMER.NAMES.*",
+        f"{API}.CONSUMER.LIST.*",
+        f"{API}.CONSUMER.INFO.*.*",
+        *_kv_read(_KV_WORKERS),
+    ]
+    return Permissions(publish=tuple(publish), subscribe=(f"{inbox_prefix(OBSERVER)}.>",))
+
+
+def native_client(user: str, models: Iterable[str]) -> Permissions:
+    """A NATS-native client: jobs for ``models`` (``*``: every model), its own results only.
+
+    Cancels are ``cancel.<job id>`` for any id: a job id is 128 random bits that only its
+    submitter (and the workers) ever see. Images above the inline limit travel through the
+    object store, whose API cannot be narrowed to one client's objects: native clients get
+    none of it and must keep images inline.
+    """
+    if not is_nats_user(user) or user in ROLES:
+        raise ValueError(f"{user!r} cannot name a native client (one lower-case token, no role)")
+    jobs = sorted({f"{JOBS_PREFIX}.>" if m == ALL_MODELS else f"{JOBS_PREFIX}.*.{model_slug(m)}"
+                   for m in models})  # fmt: skip
+    if not jobs:
+        raise ValueError(f"native client {user!r} is allowed no model")
+    own = f"{RESULTS_PREFIX}.{user}.>"
+    publish = [*jobs, f"{CANCEL_PREFIX}.*", *_history(own)]
+    return Permissions(publish=tuple(publish), subscribe=(own, f"{inbox_prefix(user)}.>"))
+
+
+def for_role(role: str) -> Permissions:
+    """The permissions of one of ``ROLES``."""
+    return {ADMIN: admin, EDGE: edge, WORKER: worker, OBSERVER: observer}[role]()
