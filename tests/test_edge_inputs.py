@@ -212,6 +212,12 @@ async def test_an_empty_post_needs_no_content_type(
         ("/v1/completions", {"model": "echo", "prompt": "hi", "echo": "false"}, "echo"),
         ("/api/chat", {"model": "echo", "messages": CHAT, "stream": "true"}, "stream"),
         ("/api/generate", {"model": "echo", "prompt": "hi", "raw": 0}, "raw"),
+        (
+            "/v1/chat/completions",
+            {"model": "echo", "messages": CHAT, "ignore_eos": 1},
+            "ignore_eos",
+        ),
+        ("/api/show", {"model": "echo", "verbose": "true"}, "verbose"),
         ("/completion", {"prompt": "hi", "stream": "yes"}, "stream"),
         ("/completion", {"prompt": "hi", "logit_bias": {"5": "false"}}, "logit_bias"),
         ("/sdapi/v1/txt2img", {"prompt": "x", "enable_hr": "no"}, "enable_hr"),

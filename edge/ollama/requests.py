@@ -133,7 +133,7 @@ class ShowRequest(Lenient):
 
     model: str | None = Field(default=None, max_length=256)
     name: str | None = Field(default=None, max_length=256)
-    verbose: bool = False
+    verbose: StrictBool = False
 
     def asked(self) -> str:
         """The model asked about; none is a 400, as in Ollama."""

@@ -96,7 +96,7 @@ class Sampling(Lenient):
     typical_p: TypicalP = 1.0
     repeat_penalty: RepeatPenalty = 1.0
     grammar: Grammar | None = None
-    ignore_eos: bool = False  # benchmark clients send it to get exactly max_tokens tokens
+    ignore_eos: StrictBool = False  # benchmark clients send it to get exactly max_tokens tokens
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> Sampling:
