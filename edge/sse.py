@@ -76,7 +76,8 @@ class Framing:
         await self._bounded(self.response.prepare(self.request))
         if (transport := self.request.transport) is not None:
             # aiohttp's write waits (drain) once the transport holds 64 KiB. Here the cap
-            # decides instead: the buffer stays under it plus one event, below this mark.
+            # decides instead: a write past it raises, so the buffer holds at most the cap
+            # plus one event, and only an event larger than the cap reaches this mark.
             transport.set_write_buffer_limits(high=2 * self.bounds.max_buffer_bytes)
 
     async def send(self, data: bytes, *, id: str | None = None, event: str | None = None) -> None:
