@@ -130,8 +130,15 @@ async def _disconnect(app: web.Application) -> None:
 async def start(settings: EdgeSettings, registry: CollectorRegistry | None = None) -> web.AppRunner:
     """Start serving on the configured address; the caller cleans the runner up."""
     # handler_cancellation: a client that disconnects cancels its handler, which cancels its jobs.
+    # max_line_size: aiohttp answers a request line longer than this itself, in plain text,
+    # before any middleware runs (its parser errors have no hook: aiohttp#3287), so the bound
+    # is set well above any real URL and what the routes accept is bounded by the routes, in
+    # their own error shape (``id_task``: 128 characters).
     runner = web.AppRunner(
-        build_app(settings, registry), handler_cancellation=True, access_log=None
+        build_app(settings, registry),
+        handler_cancellation=True,
+        access_log=None,
+        max_line_size=settings.max_url_bytes,
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)

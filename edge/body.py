@@ -5,24 +5,60 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 from pydantic import BaseModel, ValidationError
 
 from schemas.errors import InvalidRequest
+from schemas.jobs import json_depth
 
 M = TypeVar("M", bound=BaseModel)
+# Levels of objects and arrays a body may nest (the body itself is 1). What a body holds
+# travels on in jobs, option records and echoed answers, and orjson writes at most 254
+# levels: past that bound a value would fail later, as a 500, instead of now as a 400.
+MAX_BODY_DEPTH = 128
+_TOO_DEEP = f"the request body may nest at most {MAX_BODY_DEPTH} levels of objects and arrays"
+_JSON_TYPES = {"application/json", "application/x-www-form-urlencoded"}
 _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart"}
 
 
+def check_json_type(request: web.Request) -> None:
+    """A body must be declared JSON (``application/json`` or ``application/*+json``); 415 if not.
+
+    Two other cases are read as JSON too, so that no real client breaks: no Content-Type at
+    all (Python's requests with ``data=``, httpx with ``content=``; FastAPI, and so A1111,
+    reads those as JSON) and ``application/x-www-form-urlencoded``, what ``curl -d`` and
+    Python's urllib send unless told otherwise, as in Ollama's examples and our own (Ollama
+    and llama.cpp's server ignore the header). LLMUnity sends ``application/json`` (LLMCaller's request headers), as do the
+    OpenAI SDKs. Everything else (``text/plain``, multipart forms, XML) is refused: a body we
+    would read as something its sender did not mean.
+    """
+    if hdrs.CONTENT_TYPE not in request.headers:
+        return
+    ctype = request.content_type  # lower-case, parameters (charset) removed
+    if ctype in _JSON_TYPES or (ctype.startswith("application/") and ctype.endswith("+json")):
+        return
+    raise web.HTTPUnsupportedMediaType(
+        text=f"the request body must be JSON (Content-Type: application/json), not {ctype}"
+    )
+
+
 async def read_object(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object; anything else raises InvalidRequest (400)."""
+    """The body as a JSON object; anything else raises InvalidRequest (400), or 415 when it
+    is declared as something other than JSON."""
+    if request.body_exists:  # an empty POST declares nothing worth refusing
+        check_json_type(request)
     raw = await request.read()  # bounded by client_max_size (413 past it)
     try:
         data = orjson.loads(raw or b"{}")
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as e:
+        if "depth limit" in str(e):  # orjson reads at most 1024 levels
+            raise InvalidRequest(_TOO_DEEP) from None
         raise InvalidRequest("the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    for key, value in data.items():
+        if json_depth(value, MAX_BODY_DEPTH - 1) >= MAX_BODY_DEPTH:
+            raise InvalidRequest(f"{_TOO_DEEP}; '{key}' nests deeper", param=key)
     return data
 
 

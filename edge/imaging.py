@@ -21,10 +21,11 @@ from edge.context import ctx
 from edge.errors import json_response
 from edge.relay import Failed, Finished, Idle, Stepped
 from edge.session import Session
-from edge.sse import EventStream
+from edge.sse import EventStream, SlowClient
 from edge.tasks import Task
 from schemas.errors import DeadlineExceeded, HeadraceError, InvalidRequest, NoWorker
 from schemas.events import Done, Progress
+from schemas.image_size import check_pixels
 from schemas.jobs import ImageJob
 
 # What an input image may be (the formats the diffusion engine decodes): PNG and JPEG here,
@@ -40,8 +41,10 @@ class ImageResult:
     images: list[bytes]
 
 
-def decode_image(value: str, param: str) -> bytes:
-    """An input image given as base64 or a data URI. URLs are refused: the edge fetches nothing."""
+def decode_image(value: str, param: str, *, max_pixels: int | None) -> bytes:
+    """An input image given as base64 or a data URI, of at most ``max_pixels`` as its header
+    declares them (it is not decoded here; None: nothing will decode its pixels). URLs are
+    refused: the edge fetches nothing."""
     text = value.strip()
     if text.lower().startswith(("http://", "https://", "ftp://", "file:")):
         raise InvalidRequest(
@@ -58,6 +61,8 @@ def decode_image(value: str, param: str) -> bytes:
     webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
     if not (webp or data.startswith(_MAGIC)):
         raise InvalidRequest("an image must be a PNG, JPEG or WebP", param=param)
+    if max_pixels is not None:
+        check_pixels(data, max_pixels, param)
     return data
 
 
@@ -140,7 +145,17 @@ async def answer(session: Session, job: ImageJob, render: Render) -> web.StreamR
     if not wants_events(session.request):
         result = await follow(session, job, _ignore)
         return json_response(render(result), headers=session.headers)
-    sse = EventStream(session.request, session.headers)
+    sse = EventStream(session.request, session.bounds, session.headers)
+    try:
+        await _events(session, job, render, sse)
+        await sse.finish()
+    except SlowClient as e:  # it stopped reading: its job is cancelled, its connection dropped
+        await session.drop(sse, e)
+    return sse.response
+
+
+async def _events(session: Session, job: ImageJob, render: Render, sse: EventStream) -> None:
+    """Progress events, then the result (or the error) as an event."""
 
     async def on_event(progress: Progress | None) -> None:
         await session.open(sse)  # at the first progress or the first idle tick
@@ -157,7 +172,6 @@ async def answer(session: Session, job: ImageJob, render: Render) -> web.StreamR
         if not sse.opened:
             raise  # nothing sent yet: a real HTTP status
         await sse.send(orjson.dumps(session.api.stream_error(e)), event="error")
-    return sse.response
 
 
 def progress_event(task: Task) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 
@@ -13,12 +14,19 @@ from schemas.errors import InvalidRequest
 from schemas.jobs import SEED_MAX
 from schemas.subjects import Header
 
-# Timeouts a client may send, in seconds: a plain header and the one the OpenAI SDK sends.
+# Timeouts a client may send, in seconds: a plain header and the one OpenAI's Node SDK sends.
+# That SDK truncates to whole seconds (``Math.trunc(timeout / 1000)``), so its "0" means
+# "under a second", not "no time at all": it is read as 1 s (the client hangs up before then).
 _TIMEOUT_HEADERS = ("Timeout", "X-Stainless-Timeout")
+_WHOLE_SECONDS = "X-Stainless-Timeout"
 
 
 def deadline_ms(request: web.Request) -> int:
-    """Now plus the configured deadline, or the client's timeout when it is shorter."""
+    """Now plus the configured deadline, or the client's timeout when it is shorter.
+
+    A timeout header that is not a finite, positive number of seconds is a 400 naming it:
+    ``nan``, ``inf``, ``1e400`` or ``-5`` would otherwise be ignored, or worse, obeyed.
+    """
     budget = ctx(request).settings.deadline_s
     for name in _TIMEOUT_HEADERS:
         raw = request.headers.get(name)
@@ -27,11 +35,15 @@ def deadline_ms(request: web.Request) -> int:
         try:
             asked = float(raw)
         except ValueError:
+            asked = math.nan
+        if name == _WHOLE_SECONDS and asked == 0:
+            asked = 1.0
+        if not (math.isfinite(asked) and asked > 0):
             raise InvalidRequest(
-                f"the {name} header must be a number of seconds", param=name
-            ) from None
-        if asked > 0:
-            budget = min(budget, asked)
+                f"the {name} header must be a positive number of seconds, not {raw[:32]!r}",
+                param=name,
+            )
+        budget = min(budget, asked)
     return int((time.time() + budget) * 1000)
 
 

@@ -75,14 +75,22 @@ async def _translated(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        message = e.reason if e.status != 413 else "the request body is too large"
         return api.response(
-            e.status, message, code=e.reason.lower().replace(" ", "_"), headers=_keep(e)
+            e.status, _message(e), code=e.reason.lower().replace(" ", "_"), headers=_keep(e)
         )
     except Exception as e:
         log.error("unhandled %s", type(e).__name__, extra={"request_id": request[REQUEST_ID]})
         log.debug("unhandled error", exc_info=True)
         return api.response(500, "internal error", "server_error", "internal_error")
+
+
+def _message(e: web.HTTPException) -> str:
+    """What the raiser said (``text=``), else the reason phrase; aiohttp's own 413 text names
+    sizes in bytes, ours says what happened."""
+    if e.status == 413:
+        return "the request body is too large"
+    given = e.text
+    return given if given and given != f"{e.status}: {e.reason}" else e.reason
 
 
 def _keep(e: web.HTTPException) -> dict[str, str]:

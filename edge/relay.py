@@ -18,6 +18,7 @@ from schemas.client import JobStream, Received
 from schemas.events import Delta, Done, Error, Progress, Started, TokenLogprob
 
 Tick = float | None
+_JOIN_EVERY = 256  # deltas of a choice's text kept apart before they are joined into one str
 
 
 @dataclass(slots=True)
@@ -81,8 +82,9 @@ class Choice:
     first_text_at: float | None = None
     last_text_at: float | None = None
     queue_ms: float | None = None  # from the started event of the attempt that ran it
-    parts: list[str] = field(default_factory=list)
+    parts: list[str] = field(default_factory=list)  # the text passed on: "".join(parts)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    loose: int = 0  # parts at the end of ``parts`` not yet joined into one
 
     def accept(self, received: Received) -> Out | None:
         """What this event means for the client, if anything."""
@@ -117,6 +119,12 @@ class Choice:
             self.first_text_at = self.last_text_at
         self.tokens += delta.tokens
         self.parts.append(text)
+        self.loose += 1
+        if self.loose == _JOIN_EVERY:
+            # A delta is a token or a few: kept one str each, a 32 768-token answer costs
+            # its length many times over (a str object is about 50 bytes), so join them.
+            self.parts[-_JOIN_EVERY:] = ["".join(self.parts[-_JOIN_EVERY:])]
+            self.loose = 0
         if delta.logprobs:
             self.logprobs.extend(delta.logprobs)
         return Text(self.index, event_id, text, delta.tokens, delta.logprobs)

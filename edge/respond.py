@@ -18,7 +18,7 @@ from aiohttp import web
 
 from edge.relay import Failed, Finished, Idle, Out, Relay, Stepped, Text
 from edge.session import Session
-from edge.sse import DONE, EventStream, Framing
+from edge.sse import DONE, EventStream, Framing, SlowClient
 from schemas.errors import DeadlineExceeded, HeadraceError
 from schemas.events import Done, TokenLogprob
 
@@ -85,8 +85,22 @@ async def collect(session: Session) -> Collected:
 
 async def stream(session: Session, fmt: StreamFormat) -> web.StreamResponse:
     """Relay as a stream. Headers wait briefly for the first event, so early errors get a real status."""
+    sse = fmt.framing(session.request, session.bounds, fmt.headers)
+    try:
+        measured = await _relay(session, sse, fmt)
+        await sse.finish()
+    except SlowClient as e:  # it stopped reading: its jobs are cancelled, its connection dropped
+        await session.drop(sse, e)
+        return sse.response
+    if measured:
+        _observe(session, session.following)
+    return sse.response
+
+
+async def _relay(session: Session, sse: Framing, fmt: StreamFormat) -> bool:
+    """Write the relay's events, then the end marker or an error event; False when a choice
+    failed mid-stream (such an answer is left out of the latency metrics)."""
     relay = session.following
-    sse = fmt.framing(session.request, fmt.headers)
     n = len(relay.choices)
     try:
         async for out in relay:
@@ -97,7 +111,7 @@ async def stream(session: Session, fmt: StreamFormat) -> web.StreamResponse:
             await _write(session, sse, fmt, out, n)
             if isinstance(out, Failed):
                 session.outcome = "failed"
-                return sse.response
+                return False
         # Ended before the end marker: a client that starts its next request on [DONE] finds
         # this one's lease released and its tokens settled.
         await session.end("finished")
@@ -111,8 +125,7 @@ async def stream(session: Session, fmt: StreamFormat) -> web.StreamResponse:
         await _send_error(session, sse, fmt, e)
     except (ConnectionResetError, asyncio.CancelledError):
         raise  # the client went away: the session cancels the jobs as it ends
-    _observe(session, relay)
-    return sse.response
+    return True
 
 
 async def _open(session: Session, sse: Framing, fmt: StreamFormat, n: int) -> None:

@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from types import TracebackType
 from typing import Literal
 
 from aiohttp import web
 
-from edge.context import JOB_IDS, caller, ctx
+from edge.context import JOB_IDS, REQUEST_ID, caller, ctx
 from edge.errors import Api
 from edge.jobs import deadline_ms, job_headers
 from edge.ratelimit.admission import prompt_estimate, token_estimate
 from edge.ratelimit.charge import charge_of
 from edge.ratelimit.limits import megapixel_steps
 from edge.relay import Relay
-from edge.sse import Framing
+from edge.sse import Bounds, Framing, SlowClient
 from edge.tasks import Task
 from schemas.client import JobStream
 from schemas.errors import ModelNotFound
@@ -37,11 +38,13 @@ from schemas.fleet import ModelInfo
 from schemas.jobs import ImageInput, ImageJob, ImageParams, TextJob, TextParams
 from schemas.subjects import new_job_id
 
+log = logging.getLogger(__name__)
+
 # How long a request that ended early (client gone, deadline) waits for its cancelled jobs'
 # ``done`` to learn their real usage; a cancelled job stops within one token.
 SETTLE_WAIT_S = 10.0
 
-Outcome = Literal["finished", "failed", "deadline", "client_gone"]
+Outcome = Literal["finished", "failed", "deadline", "client_gone", "slow_client"]
 
 
 class Session:
@@ -54,6 +57,9 @@ class Session:
         self.api = api  # the shape of its errors
         self.started = time.perf_counter()
         self.charge = charge_of(request)
+        # From the request's arrival, not from admission: the client's timeout started then.
+        # A malformed timeout header is a 400 here, before anything is charged or published.
+        self.deadline_ms = deadline_ms(request)
         self.outcome: Outcome = "client_gone"  # until the answer says otherwise
         self.model: ModelInfo | None = None
         self.job_ids: list[str] = []
@@ -140,7 +146,7 @@ class Session:
             id=job_id,
             model=model,
             created_ms=int(time.time() * 1000),
-            deadline_ms=deadline_ms(self.request),
+            deadline_ms=self.deadline_ms,
             params=params.model_copy(update={"init_images": inputs}),
         )
         streams = await self._publish([job])
@@ -154,7 +160,7 @@ class Session:
             id=new_job_id(),
             model=model,
             created_ms=int(time.time() * 1000),
-            deadline_ms=deadline_ms(self.request),
+            deadline_ms=self.deadline_ms,
             stream=stream,
             params=params,
         )
@@ -187,6 +193,18 @@ class Session:
         """The relay of the submitted jobs' events (only after a submit)."""
         assert self.relay is not None, "nothing was submitted"
         return self.relay
+
+    @property
+    def bounds(self) -> Bounds:
+        """How far the client of its streamed answer may fall behind."""
+        return Bounds(self.edge.settings.stream_buffer_bytes, self.deadline_ms)
+
+    async def drop(self, framing: Framing, e: SlowClient) -> None:
+        """A client too far behind: end (its jobs are cancelled), then drop its connection."""
+        extra = {"request_id": self.request[REQUEST_ID], "job_ids": self.job_ids}
+        log.warning("dropping a client that stopped reading: %s", e, extra=extra)
+        await self.end("deadline" if e.deadline else "slow_client")
+        framing.abort()
 
     async def open(self, framing: Framing) -> None:
         """Send a streamed answer's headers, once (counted in the open-streams gauge)."""

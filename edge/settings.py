@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AliasChoices, BeforeValidator, Field
 
+from schemas.image_size import DEFAULT_MAX_INPUT_PIXELS
 from schemas.settings import CommonSettings
 
 
@@ -40,6 +41,12 @@ class EdgeSettings(CommonSettings):
         description="browser origins allowed by CORS, comma-separated (* for any; empty: off)",
     )
     keepalive_s: float = Field(default=15.0, gt=0, description="SSE ': keep-alive' interval")
+    stream_buffer_bytes: int = Field(
+        default=1024 * 1024,
+        ge=64 * 1024,
+        description="a stream's output waiting for its client: past it the client is "
+        "dropped and its jobs cancelled",
+    )
     first_event_wait_s: float = Field(
         default=1.0,
         ge=0,
@@ -54,6 +61,12 @@ class EdgeSettings(CommonSettings):
         description="deadline of a request (a shorter client timeout header wins)",
     )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_url_bytes: int = Field(
+        default=64 * 1024,
+        ge=8190,
+        description="longest request line (method, path and query) taken in; aiohttp's own "
+        "default is 8190, and what it refuses never reaches the edge's error shapes",
+    )
     max_prompt_chars: int = Field(default=200_000, ge=1)
     max_tokens: int = Field(default=32_768, ge=1, description="largest max_tokens accepted")
     max_n: int = Field(default=8, ge=1, le=128, description="largest n accepted")
@@ -76,6 +89,11 @@ class EdgeSettings(CommonSettings):
     image_max_steps: int = Field(default=150, ge=1, le=150, description="most diffusion steps")
     image_max_count: int = Field(
         default=16, ge=1, le=256, description="most images per request (batch_size x n_iter, n)"
+    )
+    image_max_input_pixels: int = Field(
+        default=DEFAULT_MAX_INPUT_PIXELS,
+        ge=64 * 64,
+        description="largest input image (img2img), in pixels as its header declares them",
     )
     openai_image_steps: int = Field(
         default=20, ge=1, le=150, description="diffusion steps of /v1/images/generations"

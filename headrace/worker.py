@@ -102,7 +102,8 @@ def diffusion_engine(settings: WorkerSettings) -> DiffusionEngine:
                 id=model_id, source=source, device=settings.sd_device, threads=settings.sd_threads
             )
             for model_id, source in sources.items()
-        ]
+        ],
+        max_input_pixels=settings.image_max_input_pixels,
     )
 
 

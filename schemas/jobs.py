@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 # Bounds every producer must respect; the edge rejects requests outside them
 # before anything is enqueued, and a worker treats a job outside them as poison.
@@ -16,6 +16,35 @@ MAX_TOKENS_LIMIT = 1_000_000
 SEED_MAX = 2**32 - 1
 MAX_INIT_IMAGES = 16
 MAX_INLINE_IMAGE_CHARS = 8 * 1024 * 1024  # an inline image must also fit one NATS message
+# Levels of objects and arrays in a JSON schema (``{"type": "string"}`` is 1; each nested
+# ``{"properties": {"x": ...}}`` adds 2). Real schemas stay far below it; what it guards is
+# the job itself: orjson refuses to write more than 254 levels, and the envelope adds 2.
+MAX_SCHEMA_DEPTH = 64
+
+
+def json_depth(value: object, limit: int) -> int:
+    """How deeply dicts and lists nest in ``value`` (a scalar is 0), counted up to ``limit + 1``.
+
+    Level by level rather than recursively: a hostile body may nest a thousand levels.
+    """
+    depth, level = 0, [value]
+    while depth <= limit:
+        containers = [v for v in level if isinstance(v, dict | list)]
+        if not containers:
+            break
+        depth += 1
+        level = [c for v in containers for c in (v.values() if isinstance(v, dict) else v)]
+    return depth
+
+
+def _shallow_schema(value: Any) -> Any:
+    if isinstance(value, dict) and json_depth(value, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"a JSON schema may nest at most {MAX_SCHEMA_DEPTH} levels deep")
+    return value
+
+
+# On a field that holds a JSON schema (alone or in a union): at most MAX_SCHEMA_DEPTH levels.
+SchemaDepth = AfterValidator(_shallow_schema)
 
 
 class Contract(BaseModel):
@@ -76,7 +105,7 @@ class TextParams(Params):
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     grammar: str | None = None
-    json_schema: dict[str, Any] | None = None
+    json_schema: Annotated[dict[str, Any] | None, SchemaDepth] = None
     response_format: Literal["text", "json_object", "json_schema"] = "text"
     ignore_eos: bool = False
 

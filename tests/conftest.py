@@ -289,3 +289,20 @@ def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from headrace.tiny_sd import build_tiny_sd
 
     return build_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
+
+
+def huge_png(width: int = 12_000, height: int = 12_000) -> bytes:
+    """A 1-bit PNG of one colour: about 17 KB that declares ``width`` x ``height`` pixels
+    (a decompression bomb), built row by row so the test never holds it decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1 bit, greyscale
+    packer = zlib.compressobj(9)
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte, then the packed bits
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")

@@ -26,6 +26,7 @@ from workers.settings import WorkerSettings
 ollama = pytest.importorskip("ollama")
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+JSON = {"Content-Type": "application/json"}  # raw bytes go out as application/octet-stream
 CHAT = [{"role": "user", "content": "red green blue"}]
 
 
@@ -120,7 +121,7 @@ async def test_ollama_version_and_bad_show_bodies(edge: str) -> None:
         async with http.get("/api/version") as r:
             assert await r.json() == {"version": VERSION}
         for body, status in ((b"{}", 400), (b"[1]", 400), (b"{not json", 400)):
-            async with http.post("/api/show", data=body) as r:
+            async with http.post("/api/show", data=body, headers=JSON) as r:
                 answer = await r.json()
                 assert r.status == status
                 assert set(answer) == {"error"}, answer  # Ollama's shape
@@ -134,7 +135,7 @@ async def test_unknown_models_on_the_new_openai_routes_are_404s(edge: str) -> No
             async with http.get(path) as r:
                 assert r.status == 404
                 assert orjson.loads(await r.read())["error"]["code"] == "model_not_found"
-        async with http.post("/chat/completions", data=b"{oops") as r:
+        async with http.post("/chat/completions", data=b"{oops", headers=JSON) as r:
             assert r.status == 400
             assert (await r.json())["error"]["type"] == "invalid_request_error"
         bad = {"model": "echo", "messages": CHAT, "ignore_eos": [1]}

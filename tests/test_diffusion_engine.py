@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -24,6 +25,7 @@ from schemas.infotext import infotext
 from schemas.jobs import ImageJob, ImageParams
 from schemas.samplers import SAMPLERS
 from schemas.subjects import new_job_id
+from tests.conftest import huge_png
 from workers.engines.abilities import AnswersRpc, ReportsGpuMemory
 from workers.engines.diffusion import DiffusionEngine, ImageModelConfig
 
@@ -241,6 +243,21 @@ async def test_undecodable_init_image_is_invalid(
     with pytest.raises(InvalidRequest) as raised:
         await run_job(engine, image_job(init_images=[item]))
     assert raised.value.param == "init_images"
+
+
+async def test_an_init_image_past_the_pixel_budget_is_refused_before_decoding(
+    engine: DiffusionEngine,
+) -> None:
+    """A NATS-native job skips the edge: 17 KB declaring 144 megapixels (1.2 GB of worker
+    memory once decoded, before this check) is an invalid request, and nothing is decoded."""
+    assert Image.MAX_IMAGE_PIXELS == engine.max_input_pixels == 4096 * 4096
+    bomb = {"b64": base64.b64encode(huge_png()).decode()}
+    process = psutil.Process()
+    before = process.memory_info().rss
+    with pytest.raises(InvalidRequest, match="12000 x 12000 pixels") as raised:
+        await run_job(engine, image_job(init_images=[bomb]))
+    assert raised.value.param == "init_images"
+    assert process.memory_info().rss - before < 50 * 1024 * 1024
 
 
 async def test_unknown_model(engine: DiffusionEngine) -> None:

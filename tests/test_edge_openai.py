@@ -332,7 +332,7 @@ async def test_malformed_bodies(edge: str, data: bytes, status: int, fragment: s
         http.post(
             f"{edge}/v1/chat/completions",
             data=io.BytesIO(data),
-            headers={"Authorization": f"Bearer {API_KEY}"},
+            headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
         ) as resp,
     ):
         assert resp.status == status

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import Field
 
+from schemas.image_size import DEFAULT_MAX_INPUT_PIXELS
 from schemas.image_store import DEFAULT_INLINE_CHARS
 from schemas.settings import CommonSettings
 
@@ -69,6 +70,11 @@ class WorkerSettings(CommonSettings):
         default=DEFAULT_INLINE_CHARS,
         ge=0,
         description="sd: results above this many base64 characters go to the images object store",
+    )
+    image_max_input_pixels: int = Field(
+        default=DEFAULT_MAX_INPUT_PIXELS,
+        ge=64 * 64,
+        description="sd: largest init image, in pixels as its header declares them",
     )
     sd_models: str = Field(
         default="",

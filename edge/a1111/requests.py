@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, StrictBool, field_validator
 
 from edge.openai.requests import Lenient
 from schemas.errors import InvalidRequest
 from schemas.jobs import MAX_INIT_IMAGES, MAX_PROMPT_CHARS, SEED_MAX, ImageParams
 from schemas.samplers import SAMPLERS, canonical_sampler, with_schedule
+
+MAX_TASK_ID_CHARS = 128  # a client-chosen task id (force_task_id, id_task)
 
 
 class Txt2ImgRequest(Lenient):
@@ -29,8 +31,8 @@ class Txt2ImgRequest(Lenient):
     batch_size: int = Field(default=1, ge=1, le=16)
     n_iter: int = Field(default=1, ge=1, le=16)
     override_settings: dict[str, Any] = Field(default_factory=dict)
-    force_task_id: str | None = Field(default=None, max_length=128)
-    enable_hr: bool = False
+    force_task_id: str | None = Field(default=None, max_length=MAX_TASK_ID_CHARS)
+    enable_hr: StrictBool = False
     # A1111 takes it on txt2img too (its hires-fix strength, default 0.75) and reports it in
     # ``info``; the worker uses it only with an init image.
     denoising_strength: float = Field(default=0.75, ge=0.0, le=1.0)

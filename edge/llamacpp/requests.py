@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from edge.sampling import (
     Grammar,
@@ -19,7 +19,7 @@ from edge.sampling import (
     TypicalP,
 )
 from schemas.errors import InvalidRequest
-from schemas.jobs import SEED_MAX, Stops, TextParams
+from schemas.jobs import SEED_MAX, SchemaDepth, Stops, TextParams
 
 # llama.cpp treats these seeds as "pick one at random".
 RANDOM_SEEDS = {-1, 0xFFFFFFFF}
@@ -46,13 +46,13 @@ class CompletionRequest(BaseModel):
     mirostat_tau: MirostatRate = 5.0
     mirostat_eta: MirostatRate = 0.1
     grammar: Grammar | None = None
-    json_schema: dict[str, Any] | None = None
+    json_schema: Annotated[dict[str, Any] | None, SchemaDepth] = None
     seed: int = Field(default=-1, ge=-1, le=SEED_MAX)
     stop: Stops = []
-    ignore_eos: bool = False
-    logit_bias: list[list[Any]] | dict[str, float | bool] | None = None
+    ignore_eos: StrictBool = False
+    logit_bias: list[list[Any]] | dict[str, float | StrictBool] | None = None
     n_probs: int = Field(default=0, ge=0, le=20)
-    stream: bool = False
+    stream: StrictBool = False
 
     @field_validator("n_predict")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from edge.sampling import (
     MinP,
@@ -18,7 +18,7 @@ from edge.sampling import (
     TypicalP,
 )
 from schemas.errors import InvalidRequest
-from schemas.jobs import MAX_MESSAGES, SEED_MAX, ChatMessage, Stops, TextParams
+from schemas.jobs import MAX_MESSAGES, SEED_MAX, ChatMessage, SchemaDepth, Stops, TextParams
 
 
 class Lenient(BaseModel):
@@ -66,8 +66,8 @@ class Common(Lenient):
     """Fields of both routes."""
 
     model: str = Field(min_length=1, max_length=256)
-    stream: bool = True
-    format: Literal["json"] | dict[str, Any] | None = None
+    stream: StrictBool = True
+    format: Annotated[Literal["json"] | dict[str, Any] | None, SchemaDepth] = None
     options: Options = Options()
 
     def _params(
@@ -116,7 +116,7 @@ class GenerateRequest(Common):
 
     prompt: str
     system: str | None = None
-    raw: bool = False
+    raw: StrictBool = False
 
     def job_params(self, seed: int) -> TextParams:
         """The job parameters, generated with ``seed``: a ``raw`` prompt as is, else the prompt
@@ -133,7 +133,7 @@ class ShowRequest(Lenient):
 
     model: str | None = Field(default=None, max_length=256)
     name: str | None = Field(default=None, max_length=256)
-    verbose: bool = False
+    verbose: StrictBool = False
 
     def asked(self) -> str:
         """The model asked about; none is a 400, as in Ollama."""

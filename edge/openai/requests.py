@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from edge.sampling import Grammar, MinP, Penalty, RepeatPenalty, Temperature, TopK, TopP, TypicalP
-from schemas.jobs import MAX_MESSAGES, SEED_MAX, ChatMessage, Stops, TextParams
+from schemas.jobs import MAX_MESSAGES, SEED_MAX, ChatMessage, SchemaDepth, Stops, TextParams
 
 
 class Lenient(BaseModel):
-    """Ignore fields we do not know, as OpenAI-compatible servers are expected to."""
+    """Ignore fields we do not know, as OpenAI-compatible servers are expected to.
+
+    Known booleans are ``StrictBool`` here and in every API's request models: pydantic's
+    lax mode would read ``"yes"``, ``"on"`` or ``1`` as true, which no client means.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
@@ -40,15 +44,15 @@ class Message(Lenient):
 class StreamOptions(Lenient):
     """``stream_options``: only ``include_usage`` means anything here."""
 
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class JsonSchemaFormat(Lenient):
     """``response_format.json_schema``."""
 
     name: str = Field(default="response", max_length=64)
-    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
+    schema_: Annotated[dict[str, Any], SchemaDepth] = Field(default_factory=dict, alias="schema")
+    strict: StrictBool | None = None
 
 
 class ResponseFormat(Lenient):
@@ -83,7 +87,7 @@ class Sampling(Lenient):
         Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=1024)]
         | None
     ) = None
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)
     # llama.cpp extensions
@@ -92,7 +96,7 @@ class Sampling(Lenient):
     typical_p: TypicalP = 1.0
     repeat_penalty: RepeatPenalty = 1.0
     grammar: Grammar | None = None
-    ignore_eos: bool = False  # benchmark clients send it to get exactly max_tokens tokens
+    ignore_eos: StrictBool = False  # benchmark clients send it to get exactly max_tokens tokens
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> Sampling:
@@ -118,7 +122,7 @@ class ChatCompletionRequest(Sampling):
 
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
 
@@ -167,7 +171,7 @@ class CompletionRequest(Sampling):
     prompt: str | list[int] | list[str]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: bool = False
+    echo: StrictBool = False
     best_of: int | None = Field(default=None, ge=1, le=1)
 
     @model_validator(mode="after")

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from edge.a1111 import responses
 from edge.a1111.pnginfo import PNG_SIGNATURE, text_chunks
-from edge.a1111.requests import Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
+from edge.a1111.requests import MAX_TASK_ID_CHARS, Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
 from edge.body import invalid, parse, read_object
 from edge.context import caller, ctx
 from edge.errors import OPENAI, json_response
@@ -36,8 +36,9 @@ async def _generate(
     except ValidationError as e:
         raise invalid(e) from None
     req.refuse_unsupported()
+    budget = ctx(request).settings.image_max_input_pixels
     init = (
-        [decode_image(v, "init_images") for v in req.init_images]
+        [decode_image(v, "init_images", max_pixels=budget) for v in req.init_images]
         if isinstance(req, Img2ImgRequest)
         else []
     )
@@ -92,6 +93,11 @@ async def progress(request: web.Request) -> web.Response:
     task_id = request.query.get("id_task")
     if task_id is None:
         return json_response(responses.progress(c.tasks.current(key.id)))
+    if len(task_id) > MAX_TASK_ID_CHARS:
+        raise InvalidRequest(
+            f"id_task is at most {MAX_TASK_ID_CHARS} characters (a force_task_id or a job id)",
+            param="id_task",
+        )
     task = c.tasks.find(key.id, task_id)
     if task is None and is_job_id(task_id):
         return json_response(await _stored_progress(request, task_id))
@@ -132,7 +138,7 @@ async def skip(request: web.Request) -> web.Response:
 async def png_info(request: web.Request) -> web.Response:
     """The ``parameters`` text of a PNG, as written and parsed; other images have none here."""
     req = await parse(request, PngInfoRequest)
-    image = decode_image(req.image, "image")
+    image = decode_image(req.image, "image", max_pixels=None)  # its text is read, no pixels
     texts = text_chunks(image) if image.startswith(PNG_SIGNATURE) else {}
     return json_response(responses.png_info(texts))
 

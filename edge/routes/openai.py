@@ -10,13 +10,13 @@ from aiohttp import web
 from edge.body import parse
 from edge.context import caller, ctx
 from edge.errors import OPENAI, json_response
-from edge.jobs import check_bounds, fingerprint_of, seeds
+from edge.jobs import check_bounds, deadline_ms, fingerprint_of, seeds
 from edge.openai.requests import ChatCompletionRequest, CompletionRequest, Sampling
 from edge.openai.responses import ChunkMaker, chat_response, completion_response
 from edge.respond import StreamFormat, collect, stream
 from edge.routing import Routes
 from edge.session import Session
-from edge.sse import EventStream
+from edge.sse import Bounds, EventStream, SlowClient
 from schemas.client import START, Position
 from schemas.codec import encode
 from schemas.errors import InvalidRequest, ModelNotFound
@@ -147,11 +147,12 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                        "param": None, "code": "job_not_found"}},
             404,
         )  # fmt: skip
+    bounds = Bounds(c.settings.stream_buffer_bytes, deadline_ms(request))
     stream = await c.jobs.watch(job_id, after=after, replay=True)
-    sse = EventStream(request)
-    await sse.open()
+    sse = EventStream(request, bounds)
     c.metrics.open_streams.inc()
     try:
+        await sse.open()
         while not stream.finished:
             received = await stream.next(c.settings.keepalive_s)
             if received is None:
@@ -162,6 +163,9 @@ async def job_events(request: web.Request) -> web.StreamResponse:
                 event = await _inline(c.images, event)  # a browser cannot read the object store
             await sse.send(encode(event), id=received.pos.event_id(), event=event.type)
         await sse.raw(b"data: " + orjson.dumps({"type": "end"}) + b"\n\n")
+        await sse.finish()
+    except SlowClient:
+        sse.abort()  # a reader of events only: the job goes on for whoever submitted it
     finally:
         c.metrics.open_streams.dec()
         await stream.close()

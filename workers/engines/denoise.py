@@ -24,6 +24,7 @@ from PIL import Image
 
 from schemas.errors import Retry
 from schemas.events import Done, ImageRef, Progress, Timings
+from schemas.image_size import DEFAULT_MAX_INPUT_PIXELS
 from schemas.infotext import infotext
 from schemas.jobs import ImageJob
 from workers.engines.image_codec import decode_init_image, png_base64
@@ -92,8 +93,11 @@ def generate(
     job: ImageJob,
     emit: Callable[[Progress], None],
     stop: Callable[[], bool],
+    *,
+    max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
 ) -> Done:
-    """Run every iteration of the job; ``Done(cancelled)`` as soon as ``stop()`` says so."""
+    """Run every iteration of the job; ``Done(cancelled)`` as soon as ``stop()`` says so.
+    An init image may declare at most ``max_input_pixels``."""
     p = job.params
     if stop():  # cancelled while queued behind another job
         return Done(finish_reason="cancelled", seed=p.seed)
@@ -103,7 +107,7 @@ def generate(
     images: list[ImageRef] = []
     try:
         with _library_warnings_silenced():
-            pipe, inputs = _pipeline(pipes, job)
+            pipe, inputs = _pipeline(pipes, job, max_input_pixels)
             for k in range(p.n_iter):
                 seeds = [p.seed + k * p.batch_size + j for j in range(p.batch_size)]
                 steps.start_iteration()
@@ -122,7 +126,7 @@ def generate(
     return Done(finish_reason="stop", seed=p.seed, images=images, timings=timings)
 
 
-def _pipeline(pipes: Pipelines, job: ImageJob) -> tuple[Any, dict[str, Any]]:
+def _pipeline(pipes: Pipelines, job: ImageJob, max_input_pixels: int) -> tuple[Any, dict[str, Any]]:
     """A per-job pipeline with the job's sampler, and the call's arguments but the generators.
 
     The pipeline is a shallow copy of the loaded one: the same modules (weights), its own
@@ -140,7 +144,7 @@ def _pipeline(pipes: Pipelines, job: ImageJob) -> tuple[Any, dict[str, Any]]:
     }
     if p.init_images:
         base = pipes.image2image
-        inputs["image"] = decode_init_image(p.init_images[0], p.width, p.height)
+        inputs["image"] = decode_init_image(p.init_images[0], p.width, p.height, max_input_pixels)
         inputs["strength"] = p.denoising_strength
     else:
         base = pipes.text2image

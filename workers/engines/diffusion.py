@@ -37,10 +37,12 @@ from transformers.utils import logging as transformers_logging
 
 from schemas.events import Done, EngineEvent, Progress
 from schemas.fleet import ModelInfo
+from schemas.image_size import DEFAULT_MAX_INPUT_PIXELS
 from schemas.jobs import ImageJob
 from schemas.subjects import JobKind
 from workers.engines.base import by_id, loaded_model
 from workers.engines.denoise import Pipelines, generate
+from workers.engines.image_codec import limit_pixels
 from workers.engines.thread_stream import ThreadStream
 from workers.queue_time import queue_ms, with_queue_ms
 
@@ -67,8 +69,15 @@ class DiffusionEngine:
 
     kind: JobKind = "sd"
 
-    def __init__(self, configs: Sequence[ImageModelConfig]) -> None:
+    def __init__(
+        self,
+        configs: Sequence[ImageModelConfig],
+        *,
+        max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
+    ) -> None:
         self.configs = by_id(configs, "diffusion")
+        self.max_input_pixels = max_input_pixels  # of an init image, as its header declares
+        limit_pixels(max_input_pixels)
         self._pipes: dict[str, Pipelines] = {}
         self._thread: ThreadPoolExecutor | None = None
         self._aborts: set[threading.Event] = set()  # one per job not yet finished or abandoned
@@ -132,7 +141,9 @@ class DiffusionEngine:
         self._aborts.add(abort)
         # Submitted, not run_in_executor: an asyncio future would tie the job's bookkeeping
         # to this loop, and the thread may finish after the loop is gone.
-        self._executor().submit(stream.work(lambda send: generate(pipes, job, send, stop)))
+        budget = self.max_input_pixels
+        work = stream.work(lambda send: generate(pipes, job, send, stop, max_input_pixels=budget))
+        self._executor().submit(work)
         try:
             # Every step's progress, in order: a step takes far longer than sending its event.
             async with contextlib.aclosing(stream.batches()) as batches:
