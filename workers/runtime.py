@@ -189,11 +189,11 @@ class Runtime:
         so the edges see this worker again without waiting a heartbeat period, and publish
         the events of held jobs again (one written just before the server went down may
         never have reached it; followers drop the copies they already have)."""
+        for emitter in list(self._emitters):  # first: followers are waiting for these
+            await emitter.resend()
         await self._ensure_topology(self.nc.jetstream())
         if self._heartbeat is not None:
             await self._heartbeat.beat()
-        for emitter in list(self._emitters):
-            await emitter.resend()
 
     async def _bind(self, js: JetStreamContext, model: str) -> Binding:
         """Bind the model's durable consumer (created explicitly, never by pull_subscribe)."""
