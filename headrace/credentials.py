@@ -6,7 +6,7 @@ The directory (0700, every file 0600) holds:
   native client, the models it may use;
 * ``nats-users.conf``: the ``authorization`` block for nats-server, with bcrypt hashes only
   (nats-server compares a password against a ``$2...`` hash itself), included by the server
-  configuration of ``headrace up`` and by ``docker/nats.conf``;
+  configuration of ``headrace up`` and by compose's ``nats/cluster/node.conf``;
 * ``<user>.env``: ``HEADRACE_NATS_USER`` and ``HEADRACE_NATS_PASSWORD`` of one user, for a
   process of that role (compose's ``env_file``, ``--nats-creds``) or a native client.
 """
