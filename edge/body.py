@@ -6,10 +6,22 @@ from typing import Any, TypeVar
 
 import orjson
 from aiohttp import hdrs, web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from schemas.errors import InvalidRequest
 from schemas.jobs import json_depth
+
+
+class Lenient(BaseModel):
+    """Base of every API's request models: unknown fields are ignored, as OpenAI-compatible,
+    llama.cpp and Ollama servers do (keep_alive, think ...).
+
+    Known booleans are ``StrictBool`` in every request model: pydantic's lax mode would read
+    ``"yes"``, ``"on"`` or ``1`` as true, which no client means.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
 
 M = TypeVar("M", bound=BaseModel)
 # Levels of objects and arrays a body may nest (the body itself is 1). What a body holds

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field, StrictBool, field_validator
 
-from edge.openai.requests import Lenient
+from edge.body import Lenient
 from schemas.errors import InvalidRequest
 from schemas.jobs import MAX_INIT_IMAGES, MAX_PROMPT_CHARS, SEED_MAX, ImageParams
 from schemas.samplers import SAMPLERS, canonical_sampler, with_schedule

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import Field, StrictBool, field_validator
 
+from edge.body import Lenient
 from edge.sampling import (
     Grammar,
     MinP,
@@ -25,10 +26,8 @@ from schemas.jobs import SEED_MAX, SchemaDepth, Stops, TextParams
 RANDOM_SEEDS = {-1, 0xFFFFFFFF}
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(Lenient):
     """llama.cpp's completion fields (unknown ones ignored, as its server does)."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(default=None, max_length=256)
     prompt: str | list[int]

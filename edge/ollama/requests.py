@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import Field, StrictBool
 
+from edge.body import Lenient
 from edge.sampling import (
     MinP,
     MirostatRate,
@@ -19,12 +20,6 @@ from edge.sampling import (
 )
 from schemas.errors import InvalidRequest
 from schemas.jobs import MAX_MESSAGES, SEED_MAX, ChatMessage, SchemaDepth, Stops, TextParams
-
-
-class Lenient(BaseModel):
-    """Unknown fields (keep_alive, think, tools ...) are ignored."""
-
-    model_config = ConfigDict(extra="ignore")
 
 
 class Options(Lenient):

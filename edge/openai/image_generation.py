@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from edge.body import Lenient
 from edge.imaging import ImageResult
-from edge.openai.requests import Lenient
 from schemas.jobs import MAX_PROMPT_CHARS, ImageParams
 
 

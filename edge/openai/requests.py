@@ -4,20 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import Field, StrictBool, model_validator
 
+from edge.body import Lenient
 from edge.sampling import Grammar, MinP, Penalty, RepeatPenalty, Temperature, TopK, TopP, TypicalP
 from schemas.jobs import MAX_MESSAGES, SEED_MAX, ChatMessage, SchemaDepth, Stops, TextParams
-
-
-class Lenient(BaseModel):
-    """Ignore fields we do not know, as OpenAI-compatible servers are expected to.
-
-    Known booleans are ``StrictBool`` here and in every API's request models: pydantic's
-    lax mode would read ``"yes"``, ``"on"`` or ``1`` as true, which no client means.
-    """
-
-    model_config = ConfigDict(extra="ignore")
 
 
 class TextPart(Lenient):
