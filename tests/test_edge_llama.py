@@ -57,6 +57,7 @@ async def test_context_overflow_is_a_400(
         with pytest.raises(openai.BadRequestError) as e:
             await oai.chat.completions.create(model=MODEL, messages=long, max_tokens=4)
     assert e.value.code == "context_length_exceeded"
+    assert e.value.param == "messages"  # the engine's detail survives the error event
 
 
 async def test_json_object_through_the_edge_parses(
