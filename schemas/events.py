@@ -72,6 +72,9 @@ class Delta(Contract):
     text: str
     tokens: int = Field(ge=0)
     logprobs: list[TokenLogprob] | None = None
+    # The ids of the ``tokens`` tokens, from engines with a tokenizer: a continuation
+    # (``TextJob.resume``) replays them, and llama.cpp's API shows them.
+    token_ids: list[int] | None = None
 
 
 class Progress(Contract):
@@ -93,6 +96,8 @@ class Done(Contract):
     timings: Timings = Timings()
     seed: int | None = None
     images: list[ImageRef] = []
+    # The stop string that ended the text, when one did (finish_reason "stop").
+    stop_word: str | None = None
 
 
 class Error(Contract):

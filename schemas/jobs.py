@@ -151,11 +151,27 @@ class JobBase(Contract):
     stream: bool = True
 
 
+class Resume(Params):
+    """Where a continued text job picks up: what earlier attempts already delivered.
+
+    ``token_ids`` are the tokens of every delivered ``Delta`` in order and ``text``
+    the text those deltas carried (it can be shorter than the tokens' text: a
+    stop-string holdback may have kept a tail back). The engine evaluates the
+    prompt followed by ``token_ids``, counts them against ``max_tokens``, and
+    sends only text after ``text``: the client's stream goes on with nothing
+    repeated and nothing missing, whatever the hardware of either worker.
+    """
+
+    token_ids: Annotated[list[int], Field(max_length=MAX_TOKENS_LIMIT)]
+    text: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
 class TextJob(JobBase):
     """A text generation job (``jobs.llm.<model>``)."""
 
     kind: Literal["llm"] = "llm"
     params: TextParams
+    resume: Resume | None = None
 
 
 class ImageJob(JobBase):

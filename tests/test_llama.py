@@ -21,6 +21,7 @@ from schemas.client import JobClient, Received
 from schemas.codec import decode_worker
 from schemas.errors import ErrorCode, ModelNotFound
 from schemas.events import Delta, Done, Error, Started
+from schemas.jobs import Resume
 from schemas.subjects import WORKERS_BUCKET, rpc_subject, worker_key
 from tests.conftest import collect, running, text_job, wait_registered
 from workers.settings import WorkerSettings
@@ -131,7 +132,32 @@ async def test_stop_sequence_is_never_sent(
     assert text == free[: free.index(stop)]
     done = done_of(stopped)
     assert done.finish_reason == "stop"
+    assert done.stop_word == stop
     assert done.usage.completion_tokens >= sum(d.tokens for d in deltas(stopped))
+
+
+@pytest.mark.parametrize("cut", [1, 4, 9])
+async def test_a_continuation_goes_on_from_the_delivered_tokens(
+    client: JobClient, worker_settings: WorkerSettings, engine: LlamaEngine, cut: int
+) -> None:
+    """A job resumed from the first deltas of a run sends exactly the rest of that run's text,
+    with a stop string's holdback spanning the cut."""
+    greedy: dict[str, Any] = {"temperature": 0, "max_tokens": 24, "ignore_eos": True}
+    async with running(worker_settings, engine):
+        whole = await collect(await client.submit(chat(**greedy)))
+        free = text_of(whole)
+        stop = free[len(free) // 2 : len(free) // 2 + 4]
+        stopped = await collect(await client.submit(chat(**greedy, stop=[stop])))
+        first = deltas(stopped)[:cut]
+        ids = [t for d in first for t in d.token_ids or ()]
+        assert len(ids) == sum(d.tokens for d in first)
+        job = chat(**greedy, stop=[stop]).model_copy(
+            update={"resume": Resume(token_ids=ids, text="".join(d.text for d in first))}
+        )
+        rest = await collect(await client.submit(job))
+    assert "".join(d.text for d in first) + text_of(rest) == text_of(stopped)
+    assert done_of(rest).usage == done_of(stopped).usage
+    assert done_of(rest).stop_word == stop
 
 
 async def test_max_tokens_gives_length_and_that_many_tokens(

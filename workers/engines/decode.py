@@ -51,6 +51,7 @@ class Piece:
     text: str
     tokens: int
     logprobs: list[TokenLogprob] | None = None
+    token_ids: list[int] = field(default_factory=list)
 
 
 def merge(pieces: Sequence[Piece]) -> Delta:
@@ -60,6 +61,7 @@ def merge(pieces: Sequence[Piece]) -> Delta:
         text="".join(p.text for p in pieces),
         tokens=sum(p.tokens for p in pieces),
         logprobs=logprobs,
+        token_ids=[t for p in pieces for t in p.token_ids],
     )
 
 
@@ -171,11 +173,25 @@ class _Output:
         self.holdback = StopHoldback(stops)
         self.emit = emit
         self.tokens = 0
+        self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] | None = None
+        self.mute = 0  # characters of released text not to send (a continuation's delivered text)
 
-    def token(self, data: bytes, logprob: TokenLogprob | None) -> bool:
+    def replay(self, model: GgufModel, token_ids: Sequence[int], delivered: str) -> bool:
+        """Feed what an earlier attempt delivered, sending none of it; True when it had stopped.
+
+        The holdback and the UTF-8 decoder end up exactly as the first worker's were, so
+        the text that follows continues the client's text without repeating any of it.
+        """
+        self.mute = len(delivered)
+        stopped = any(self.token(model.piece(t), t, None) for t in token_ids)
+        self.tokens, self.token_ids, self.mute = 0, [], 0
+        return stopped
+
+    def token(self, data: bytes, token_id: int, logprob: TokenLogprob | None) -> bool:
         """Take one token; True when a stop string completed."""
         self.tokens += 1
+        self.token_ids.append(token_id)
         if logprob is not None:
             self.logprobs = self.logprobs or []
             self.logprobs.append(logprob)
@@ -187,9 +203,12 @@ class _Output:
         self._send(self.holdback.push(self.utf8.decode(b"", final=True)) + self.holdback.flush())
 
     def _send(self, text: str) -> None:
+        if self.mute:
+            muted = min(self.mute, len(text))
+            text, self.mute = text[muted:], self.mute - muted
         if text:
-            self.emit(Piece(text, self.tokens, self.logprobs))
-            self.tokens, self.logprobs = 0, None
+            self.emit(Piece(text, self.tokens, self.logprobs, self.token_ids))
+            self.tokens, self.token_ids, self.logprobs = 0, [], None
 
 
 def generate(
@@ -202,15 +221,30 @@ def generate(
     """Run one job to its ``Done`` on ``llm`` (which nobody else may touch meanwhile)."""
     p = job.params
     prompt = model.prompt_tokens(p)
+    resumed = job.resume.token_ids if job.resume else []
+    model.check_tokens(resumed)
     budget = token_budget(p.max_tokens, len(prompt), model.n_ctx, model.config.id)
     sampler = build_sampler(model, plan(p, n_vocab=model.n_vocab, n_ctx=model.n_ctx, eog=model.eog))
     top_n = (p.top_logprobs or 0) if p.logprobs else None
+    out = _Output(p.stop, emit)
     try:
+        # A continuation: the delivered tokens go through the sampler chain (penalties and
+        # grammars see them) and through the output (the holdback sees them), but none is sent.
+        for t in resumed:
+            llama_cpp.llama_sampler_accept(sampler.sampler, t)
+        stopped = out.replay(model, resumed, job.resume.text) if job.resume else False
         t0 = time.perf_counter()
         evaluated = _eval_prompt(llm, prompt, model.config.n_batch, signals)
+        evaluated = evaluated and _eval_replay(llm, resumed, signals)
         t1 = time.perf_counter()
-        loop = _Loop(model, llm, sampler, signals, _Output(p.stop, emit), top_n)
-        reason, n = loop.run(budget) if evaluated else ("cancelled", 0)
+        loop = _Loop(model, llm, sampler, signals, out, top_n)
+        if not evaluated:
+            reason, n = "cancelled", len(resumed)
+        elif stopped or len(resumed) >= budget:  # the first attempt had ended its text already
+            out.finish()
+            reason, n = ("stop" if stopped else "length"), len(resumed)
+        else:
+            reason, n = loop.run(budget, start=len(resumed))
         t2 = time.perf_counter()
     finally:
         sampler.close()
@@ -218,12 +252,13 @@ def generate(
         finish_reason=reason,
         usage=Usage(prompt_tokens=len(prompt), completion_tokens=n, total_tokens=len(prompt) + n),
         timings=Timings(
-            prompt_n=len(prompt),
+            prompt_n=len(prompt) + len(resumed),
             prompt_ms=(t1 - t0) * 1000,
-            predicted_n=n,
+            predicted_n=n - len(resumed),
             predicted_ms=(t2 - t1) * 1000,
         ),
         seed=p.seed,
+        stop_word=out.holdback.word,
     )
 
 
@@ -241,6 +276,21 @@ def _eval_prompt(llm: llama_cpp.Llama, prompt: list[int], n_batch: int, signals:
         if signals.is_set():
             return False
         llm.eval(prompt[i : i + n_batch])
+    return True
+
+
+def _eval_replay(llm: llama_cpp.Llama, tokens: list[int], signals: Signals) -> bool:
+    """Evaluate a continuation's delivered tokens one by one, as they were evaluated when they
+    were generated; False if cancelled.
+
+    One at a time, not as a batch: the logits of a batched evaluation differ in the last
+    bits from one token at a time (other kernels), enough to flip a greedy choice, and
+    a continuation at temperature 0 must go on as the interrupted run would have.
+    """
+    for t in tokens:
+        if signals.is_set():
+            return False
+        llm.eval([t])
     return True
 
 
@@ -263,9 +313,9 @@ class _Loop:
         self.out = out
         self.top_n = top_n
 
-    def run(self, budget: int) -> tuple[FinishReason, int]:
-        """The finish reason and the number of tokens generated."""
-        n = 0
+    def run(self, budget: int, start: int = 0) -> tuple[FinishReason, int]:
+        """The finish reason and the number of tokens generated (``start`` of them before)."""
+        n = start
         while True:
             if self.signals.is_set():  # checked before every token: a cancel costs at most one
                 self.out.finish()
@@ -278,7 +328,7 @@ class _Loop:
             lp = None
             if self.top_n is not None:
                 lp = token_logprob(self.model, self.llm, token, self.top_n)
-            if self.out.token(self.model.piece(token), lp):
+            if self.out.token(self.model.piece(token), token, lp):
                 return "stop", n
             if n >= budget:
                 self.out.finish()

@@ -77,23 +77,35 @@ class EchoEngine:
         return words, random.Random(int.from_bytes(digest, "big"))
 
     async def run(self, job: TextJob, cancel: threading.Event) -> AsyncGenerator[EngineEvent, None]:
-        """Emit max_tokens (or the default count of) pseudo-tokens, one per delta."""
+        """Emit max_tokens (or the default count of) pseudo-tokens, one per delta.
+
+        A token's id is its word's index in the prompt. A continuation draws the
+        delivered tokens again without sending them, so it goes on exactly as the
+        interrupted run would have.
+        """
         started = time.perf_counter()
         words, rng = self._words(job)
         prompt_tokens = len(words)
         limit = job.params.max_tokens or self.default_tokens
         text, n = "", 0
         reason: FinishReason = "length" if job.params.max_tokens else "stop"
-        while n < limit:
+        for _ in job.resume.token_ids if job.resume else ():
+            text += words[rng.randrange(len(words))] + " "
+            n += 1
+        stopped = any(s in text for s in job.params.stop)
+        if stopped:
+            reason = "stop"
+        while n < limit and not stopped:
             if cancel.is_set():
                 reason = "cancelled"
                 break
             if self.token_delay_s:
                 await asyncio.sleep(self.token_delay_s)
-            piece = rng.choice(words) + " "
+            index = rng.randrange(len(words))
+            piece = words[index] + " "
             n += 1
             text += piece
-            yield Delta(text=piece, tokens=1)
+            yield Delta(text=piece, tokens=1, token_ids=[index])
             if any(s in text for s in job.params.stop):
                 reason = "stop"
                 break

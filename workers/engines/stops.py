@@ -17,6 +17,7 @@ class StopHoldback:
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]  # an empty stop string would stop at once
         self.stopped = False
+        self.word: str | None = None  # the stop string that matched
         self._pending = ""
 
     @property
@@ -32,9 +33,10 @@ class StopHoldback:
         if not self.stops:
             out, self._pending = self._pending, ""
             return out
-        hits = [i for i in (self._pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s in self.stops if (i := self._pending.find(s)) >= 0]
         if hits:
-            out = self._pending[: min(hits)]
+            at, self.word = min(hits, key=lambda hit: hit[0])
+            out = self._pending[:at]
             self._pending = ""
             self.stopped = True
             return out
