@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -17,8 +19,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from schemas.subjects import check_region
 from schemas.topology import DEV_CONF
 
 log = logging.getLogger(__name__)
@@ -311,7 +315,9 @@ class NatsCluster:
             for i in range(1, size + 1)
         ]
         for node in self.nodes:
-            node.routes = [n.route_url for n in self.nodes if n is not node]
+            # A lone node routes to itself: JetStream in a super-cluster needs a configured
+            # route even where there is no peer (nats-server ignores a route to itself).
+            node.routes = [n.route_url for n in self.nodes if n is not node or size == 1]
 
     @property
     def urls(self) -> list[str]:
@@ -374,3 +380,266 @@ class NatsCluster:
         """Stop every node (SIGTERM, then SIGKILL)."""
         for n in self.nodes:
             n.stop(timeout_s)
+
+
+class GatewayError(RuntimeError):
+    """A region's gateways did not connect to the others: the super-cluster did not form."""
+
+
+def _monitor(http_port: int, path: str) -> dict[str, object]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/{path}", timeout=2) as r:
+        data: dict[str, object] = json.loads(r.read())
+        return data
+
+
+def _refusals(log_path: Path | None) -> str:
+    """The authorization errors a server logged (a wrong gateway or leaf password), if any."""
+    if log_path is None or not log_path.exists():
+        return ""
+    lines = [
+        line.split("] ", 2)[-1]
+        for line in log_path.read_text(errors="replace").splitlines()
+        if "uthorization" in line or "authentication" in line.lower()
+    ]
+    return f"; the log says: {lines[-1]}" if lines else ""
+
+
+def _system_account() -> str:
+    """nats-server requires a system account where gateways and leaf nodes meet. Nobody logs
+    in to it here (its one user has a random password, never written elsewhere); the
+    deployment's users stay in the global account, which the gateways and leaves join."""
+    system = {"SYS": {"users": [{"user": "system", "password": secrets.token_urlsafe(24)}]}}
+    return f"accounts: {json.dumps(system)}\nsystem_account: SYS"
+
+
+class SuperCluster:
+    """Regions on loopback, one :class:`NatsCluster` each (``nodes`` nodes), joined by gateways
+    into one super-cluster with one JetStream domain.
+
+    Every region's cluster and gateway are named after it: JetStream places a region's
+    streams with ``placement.cluster = <region>``. Gateway connections are authenticated
+    (``gateway_password``, the same in every region). ``gateway_urls`` overrides the URL one
+    region dials to reach another, ``{(from, to): "host:port"}``: the benchmark puts a delaying
+    proxy there, a test a port nothing listens on.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        regions: Sequence[str],
+        nodes: int = 1,
+        *,
+        gateway_password: str,
+        log_dir: Path | None = None,
+        config: Path = DEV_CONF,
+        extra_conf: str | None = None,  # users, the same in every region
+        leafnodes: bool = False,
+        gateway_urls: Mapping[tuple[str, str], str] | None = None,
+        advertise: Mapping[str, str] | None = None,
+    ) -> None:
+        if len(regions) < 2:
+            raise ValueError("a super-cluster needs at least two regions")
+        self.regions = tuple(check_region(r) for r in regions)
+        if len(set(self.regions)) != len(self.regions):
+            raise ValueError(f"regions repeat: {', '.join(regions)}")
+        data_dir = Path(data_dir)
+        self.clusters = {
+            r: NatsCluster(
+                data_dir / r,
+                nodes,
+                cluster_name=r,
+                log_dir=None if log_dir is None else log_dir / r,
+                config=config,
+            )
+            for r in self.regions
+        }
+        self.gateway_ports = {
+            n.server_name: free_port() for c in self.clusters.values() for n in c.nodes
+        }
+        self.leaf_ports = (
+            {n.server_name: free_port() for c in self.clusters.values() for n in c.nodes}
+            if leafnodes
+            else {}
+        )
+        overrides = dict(gateway_urls or {})
+        for region, cluster in self.clusters.items():
+            for node in cluster.nodes:
+                if node.log_path is not None:
+                    node.log_path.parent.mkdir(parents=True, exist_ok=True)
+                remotes = []
+                for other in self.regions:
+                    if other == region:
+                        continue
+                    hosts = (
+                        [overrides[(region, other)]]
+                        if (region, other) in overrides
+                        else [
+                            f"127.0.0.1:{self.gateway_ports[n.server_name]}"
+                            for n in self.clusters[other].nodes
+                        ]
+                    )
+                    urls = [f"nats://gateway:{gateway_password}@{h}" for h in hosts]
+                    remotes.append({"name": other, "urls": urls})
+                gateway: dict[str, object] = {
+                    "name": region,
+                    "listen": f"127.0.0.1:{self.gateway_ports[node.server_name]}",
+                    "authorization": {"user": "gateway", "password": gateway_password},
+                    "gateways": remotes,
+                }
+                if advertise and region in advertise:
+                    gateway["advertise"] = advertise[region]
+                # JSON is a subset of nats-server's configuration format.
+                parts = [f"gateway: {json.dumps(gateway)}", _system_account()]
+                if leafnodes:
+                    leaf = {"listen": f"127.0.0.1:{self.leaf_ports[node.server_name]}"}
+                    parts.append(f"leafnodes: {json.dumps(leaf)}")
+                if extra_conf:
+                    parts.append(extra_conf)
+                node.extra_conf = "\n".join(parts) + "\n"
+
+    def cluster(self, region: str) -> NatsCluster:
+        """The cluster of ``region``."""
+        return self.clusters[region]
+
+    def url(self, region: str) -> str:
+        """The client URLs of one region (what its edge and workers connect to)."""
+        return self.clusters[region].url
+
+    def leaf_url(self, region: str) -> str:
+        """Where a leaf node of ``region`` dials (its first node's leafnode port)."""
+        first = self.clusters[region].nodes[0]
+        return f"nats-leaf://127.0.0.1:{self.leaf_ports[first.server_name]}"
+
+    @property
+    def nodes(self) -> list[ClusterNode]:
+        """Every node of every region."""
+        return [n for c in self.clusters.values() for n in c.nodes]
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start every region, then wait until the gateways connect and JetStream is healthy.
+
+        Raises ``GatewayError`` naming the regions that did not reach each other (with the
+        authorization error a server logged, if one did): a region cut off from the rest
+        at start is an error, not a silent island.
+        """
+        for c in self.clusters.values():
+            for n in c.nodes:
+                n.start(timeout_s)
+        self.wait_gateways(timeout_s)
+        for c in self.clusters.values():
+            c.wait_healthy(timeout_s)
+
+    def wait_gateways(self, timeout_s: float = 30.0, regions: Sequence[str] | None = None) -> None:
+        """Block until every node of ``regions`` (default all) has an outbound gateway to
+        every other region."""
+        deadline = time.monotonic() + timeout_s
+        for region in regions or self.regions:
+            for node in self.clusters[region].nodes:
+                while True:
+                    missing = self._missing_gateways(region, node)
+                    if not missing:
+                        break
+                    if node.proc is not None and node.proc.poll() is not None:
+                        raise GatewayError(
+                            f"{node.server_name} exited with status {node.proc.returncode}"
+                        )
+                    if time.monotonic() > deadline:
+                        raise GatewayError(
+                            f"region {region} ({node.server_name}) has no gateway to "
+                            f"{', '.join(missing)} after {timeout_s:.0f} s"
+                            + _refusals(node.log_path)
+                            + "".join(
+                                _refusals(n.log_path)
+                                for m in missing
+                                for n in self.clusters[m].nodes
+                            )
+                        )
+                    time.sleep(0.05)
+
+    def _missing_gateways(self, region: str, node: ClusterNode) -> list[str]:
+        wanted = [r for r in self.regions if r != region]
+        if not node.http_port:
+            return wanted
+        try:
+            outbound = _monitor(node.http_port, "gatewayz").get("outbound_gateways") or {}
+        except OSError:
+            return wanted
+        assert isinstance(outbound, dict)
+        return [r for r in wanted if r not in outbound]
+
+    def kill_region(self, region: str) -> None:
+        """SIGKILL every server of ``region``, as a lost data centre would go."""
+        for n in self.clusters[region].nodes:
+            n.kill()
+
+    def restart_region(self, region: str, timeout_s: float = 30.0) -> None:
+        """Start a region's servers again on their stores and ports; wait until it rejoined."""
+        for n in self.clusters[region].nodes:
+            if n.proc is None or n.proc.poll() is not None:
+                n.start(timeout_s)
+        self.wait_gateways(timeout_s, [region])
+        self.clusters[region].wait_healthy(timeout_s)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop every server of every region."""
+        for c in self.clusters.values():
+            c.stop(timeout_s)
+
+
+class LeafNode(NatsServer):
+    """A nats-server that joins a region as a leaf node: an outbound connection only (a box
+    behind NAT), logged in as a user of the deployment (``worker``), so the hub holds the
+    leaf to that user's permissions. Local clients (the worker) log in with the same users;
+    the leaf runs no JetStream: its clients' JetStream calls go to the region's.
+    """
+
+    name = "nats-server leaf"
+
+    def __init__(
+        self,
+        data_dir: Path,
+        hub_url: str,
+        user: str,
+        password: str,
+        *,
+        users_conf: str,
+        log_path: Path | None = None,
+    ) -> None:
+        super().__init__(data_dir, log_path=log_path, http_port=free_port())
+        host = hub_url.split("://", 1)[-1]
+        scheme = hub_url.split("://", 1)[0] if "://" in hub_url else "nats-leaf"
+        remote = {"urls": [f"{scheme}://{user}:{password}@{host}"]}
+        self.extra_conf = f"leafnodes: {json.dumps({'remotes': [remote]})}\n{users_conf}"
+        self.hub_url = hub_url
+
+    def command(self) -> list[str]:
+        """No JetStream on the leaf: its clients use the hub's."""
+        cmd = [nats_server_binary(), "-c", str(self.config_path), "-a", "127.0.0.1"]
+        cmd += ["-p", str(self.port), "-m", str(self.http_port)]
+        cmd += ["--server_name", f"leaf-{self.port}"]
+        return cmd
+
+    def connected(self) -> bool:
+        """True while the leaf's link to the hub is up."""
+        assert self.http_port
+        try:
+            leafs = _monitor(self.http_port, "leafz").get("leafs") or []
+        except OSError:
+            return False
+        return bool(leafs)
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Start the leaf and wait until it is linked to its hub; a refused login (wrong user
+        or password) or a hub that never answers is an error naming the cause."""
+        super().start(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while not self.connected():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise GatewayError(f"the leaf node exited with status {self.proc.returncode}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise GatewayError(
+                    f"the leaf node did not connect to {self.hub_url} within {timeout_s:.0f} s"
+                    + _refusals(self.log_path)
+                )
+            time.sleep(0.05)

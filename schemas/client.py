@@ -34,11 +34,11 @@ from schemas.errors import DeadlineExceeded, QueueFull, Unavailable
 from schemas.events import Done, Error
 from schemas.jobs import ImageJob, TextJob
 from schemas.subjects import (
-    JOBS_STREAM,
-    RESULTS_STREAM,
     Header,
     cancel_subject,
     job_subject,
+    jobs_stream,
+    results_stream,
     results_subject,
 )
 
@@ -119,11 +119,17 @@ class JobClient:
         backoff_s: float = 0.05,
         silence_s: float = 10.0,
         user: str | None = None,
+        region: str | None = None,
     ) -> None:
         self.nc = nc
         # A native client's NATS user: its jobs reply on results.<user>.<job id>, the only
         # results its permissions let it read (schemas/permissions.py). None: results.<job id>.
         self.user = user
+        # In a super-cluster, the region this client submits from: its results are captured
+        # by RESULTS_<region> (results.<region>...), and jobs go to its queue unless placed
+        # elsewhere (``submit(place=)``). None: one region, JOBS and RESULTS.
+        self.region = region
+        self.results_stream = results_stream(region)
         self.js = nc.jetstream(timeout=publish_timeout_s)
         self.publish_attempts = publish_attempts
         self.backoff_s = backoff_s
@@ -137,17 +143,27 @@ class JobClient:
         *,
         reply: str | None = None,
         headers: dict[str, str] | None = None,
+        place: str | None = None,
     ) -> JobStream:
-        """Subscribe to the job's reply subject, then publish the job; returns its event stream."""
-        reply = reply or results_subject(job.id, self.user)
+        """Subscribe to the job's reply subject, then publish the job; returns its event stream.
+
+        ``place``: the region whose queue takes the job (a super-cluster; default this
+        client's region).
+        """
+        reply = reply or self.reply_subject(job.id)
         stream = await self.watch(job.id, reply=reply, deadline_ms=job.deadline_ms)
+        region = place or self.region
         try:
-            ack = await self.publish(job, reply=reply, headers=headers)
+            ack = await self.publish(job, reply=reply, headers=headers, place=region)
         except BaseException:
             await stream.close()
             raise
-        stream.placed = Placed(job, reply, headers or {}, ack.seq)
+        stream.placed = Placed(job, reply, headers or {}, ack.seq, region)
         return stream
+
+    def reply_subject(self, job_id: str) -> str:
+        """Where this client's jobs reply (``schemas.subjects.results_subject``)."""
+        return results_subject(job_id, self.user, self.region)
 
     async def watch(
         self,
@@ -167,7 +183,7 @@ class JobClient:
             except ValueError:
                 log.warning("job %s: dropped a malformed result event", job_id)
 
-        sub = await self.nc.subscribe(reply or results_subject(job_id, self.user), cb=deliver)
+        sub = await self.nc.subscribe(reply or self.reply_subject(job_id), cb=deliver)
         # Interest must reach the server before the job can produce anything.
         try:
             await self.nc.flush()
@@ -187,21 +203,30 @@ class JobClient:
         *,
         reply: str | None = None,
         headers: dict[str, str] | None = None,
+        place: str | None = None,
+        attempts: int | None = None,
     ) -> PubAck:
-        """Publish a job idempotently (``Nats-Msg-Id``), retrying while JetStream is unreachable."""
+        """Publish a job idempotently (``Nats-Msg-Id``), retrying while JetStream is unreachable.
+
+        ``place``: the region whose queue takes it (default this client's); ``attempts``
+        bounds the retries (default ``publish_attempts``).
+        """
         hdrs = {
             **(headers or {}),
             Header.MSG_ID: job.id,
-            Header.REPLY: reply or results_subject(job.id, self.user),
+            Header.REPLY: reply or self.reply_subject(job.id),
         }
         if job.deadline_ms is not None:
             hdrs[Header.DEADLINE] = str(job.deadline_ms)
-        subject = job_subject(job.kind, job.model)
+        region = place or self.region
+        subject = job_subject(job.kind, job.model, region)
+        stream = jobs_stream(region)
         payload = encode(job)
         delay = self.backoff_s
-        for attempt in range(1, self.publish_attempts + 1):
+        tries = attempts or self.publish_attempts
+        for attempt in range(1, tries + 1):
             try:
-                return await self.js.publish(subject, payload, stream=JOBS_STREAM, headers=hdrs)
+                return await self.js.publish(subject, payload, stream=stream, headers=hdrs)
             except nats.js.errors.APIError as e:
                 if e.err_code in _LIMIT_ERR_CODES:
                     raise QueueFull(f"the job queue is full ({e.description})") from e
@@ -214,7 +239,7 @@ class JobClient:
                 # Safe to repeat: the duplicate window drops a copy that did land. No responders
                 # also means a clustered stream between leaders, for the second or so of an
                 # election.
-                if attempt == self.publish_attempts:
+                if attempt == tries:
                     raise Unavailable("JetStream did not accept the job in time") from e
                 log.debug("publish of job %s failed (%s), retrying", job.id, type(e).__name__)
                 await asyncio.sleep(delay)
@@ -236,7 +261,7 @@ class JobClient:
         )
         try:
             psub = await self.js.pull_subscribe(
-                results_subject(job_id, self.user), stream=RESULTS_STREAM, config=config
+                self.reply_subject(job_id), stream=self.results_stream, config=config
             )
         except nats.js.errors.NotFoundError:
             return []  # RESULTS is gone (a server that lost its state) or not back yet
@@ -274,7 +299,11 @@ class JobClient:
         while len(out) < limit:
             try:
                 msg = await self.js.get_msg(
-                    RESULTS_STREAM, seq, subject=results_subject(job_id), direct=True, next=True
+                    self.results_stream,
+                    seq,
+                    subject=self.reply_subject(job_id),
+                    direct=True,
+                    next=True,
                 )
             except (nats.js.errors.NotFoundError, nats.errors.Error):
                 break  # no more (or nothing answers at all: what we have is all there is)
@@ -291,10 +320,11 @@ class JobClient:
                 self._recovering.add(task)
                 task.add_done_callback(self._recovering.discard)
 
-    async def queued(self, job_id: str, seq: int) -> bool:
-        """True while the job's message is still in JOBS (waiting, or held by a worker)."""
+    async def queued(self, job_id: str, seq: int, region: str | None = None) -> bool:
+        """True while the job's message is still in JOBS (of the region it was placed in:
+        waiting, or held by a worker)."""
         try:
-            msg = await self.js.get_msg(JOBS_STREAM, seq)
+            msg = await self.js.get_msg(jobs_stream(region or self.region), seq)
         except nats.js.errors.NotFoundError:
             return False
         return (msg.headers or {}).get(Header.MSG_ID) == job_id
@@ -316,6 +346,7 @@ class Placed:
     reply: str
     headers: dict[str, str]
     seq: int  # its sequence in JOBS
+    region: str | None = None  # whose queue holds it (a super-cluster)
 
 
 class Lost:
@@ -454,15 +485,17 @@ class JobStream:
             # A native client may not read JOBS (every job's prompt is there): it cannot tell
             # a lost job from a queued one, and its deadline bounds the wait instead.
             return
-        if await self.client.queued(self.job_id, placed.seq):
+        if await self.client.queued(self.job_id, placed.seq, placed.region):
             return  # waiting for a worker, or running: its events will come
         heard = self._heard
         if not history and heard == 0 and self._queue.empty():
             log.warning(
                 "job %s: the broker lost it before it ran; publishing it again", self.job_id
             )
-            ack = await self.client.publish(placed.job, reply=placed.reply, headers=placed.headers)
-            self.placed = Placed(placed.job, placed.reply, placed.headers, ack.seq)
+            ack = await self.client.publish(
+                placed.job, reply=placed.reply, headers=placed.headers, place=placed.region
+            )
+            self.placed = Placed(placed.job, placed.reply, placed.headers, ack.seq, placed.region)
             return
         # It ran, and the broker no longer holds it: a worker may still be finishing it (its
         # results flow live), so give it a while before calling it lost.

@@ -25,25 +25,28 @@ to ``$KV.<bucket>.<key>``; an object store ``$O.<bucket>.>`` and its stream's AP
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from schemas.subjects import (
     CANCEL_PREFIX,
     DLQ_PREFIX,
-    DLQ_STREAM,
     IMAGES_BUCKET,
     INTERRUPT_PREFIX,
     JOBS_PREFIX,
-    JOBS_STREAM,
     OPTIONS_BUCKET,
     RESULTS_PREFIX,
     RESULTS_STREAM,
     RPC_PREFIX,
     WORKERS_BUCKET,
+    dlq_stream,
     inbox_prefix,
     is_nats_user,
+    jobs_stream,
     model_slug,
+    parse_regions,
+    results_stream,
+    workers_bucket,
 )
 
 ADMIN, EDGE, WORKER, OBSERVER = "admin", "edge", "worker", "observer"
@@ -103,25 +106,35 @@ def _images() -> list[str]:
     ]
 
 
-def _history(results: str) -> list[str]:
+Regions = Sequence[str]  # a super-cluster's regions; empty: one region, the classic names
+
+
+def _scopes(regions: Regions) -> list[str | None]:
+    """The region of each set of names: ``[None]`` (JOBS, RESULTS ...) or every region's."""
+    return list(parse_regions(",".join(regions))) if regions else [None]
+
+
+def _history(results: str, stream: str = RESULTS_STREAM) -> list[str]:
     """Read a job's events back from RESULTS. The consumer's filter is part of the create
     subject (``CONSUMER.CREATE.<stream>.<name>.<filter>``, which nats-py uses for named
     consumers), so the permission bounds what the consumer can read. Fetching and deleting
     name the consumer only: its name is a random NUID nobody else learns."""
     return [
-        f"{API}.CONSUMER.CREATE.{RESULTS_STREAM}.*.{results}",
-        f"{API}.CONSUMER.MSG.NEXT.{RESULTS_STREAM}.*",
-        f"{API}.CONSUMER.DELETE.{RESULTS_STREAM}.*",
+        f"{API}.CONSUMER.CREATE.{stream}.*.{results}",
+        f"{API}.CONSUMER.MSG.NEXT.{stream}.*",
+        f"{API}.CONSUMER.DELETE.{stream}.*",
     ]
 
 
-def _topology() -> list[str]:
+def _topology(regions: Regions = ()) -> list[str]:
     """Look up and create the streams and buckets (``schemas.topology.ensure_present``): the
     edge and workers re-create what a restarted or replaced server lacks. Broader than serving
     needs, but bounded: these names only, no update, purge or delete, and the server refuses a
     create whose configuration differs from an existing stream's, so an operator's limits
     stand."""
-    names = (JOBS_STREAM, RESULTS_STREAM, DLQ_STREAM, _KV_WORKERS, _KV_OPTIONS, _OBJ_IMAGES)
+    names = [_KV_OPTIONS, _OBJ_IMAGES]
+    for r in _scopes(regions):
+        names += [jobs_stream(r), results_stream(r), dlq_stream(r), f"KV_{workers_bucket(r)}"]
     return [f"{API}.STREAM.{verb}.{name}" for name in names for verb in ("INFO", "CREATE")]
 
 
@@ -130,58 +143,69 @@ def admin() -> Permissions:
     return Permissions(publish=(f"{API}.>",), subscribe=(f"{inbox_prefix(ADMIN)}.>",))
 
 
-def edge() -> Permissions:
-    """The HTTP edge."""
+def edge(regions: Regions = ()) -> Permissions:
+    """The HTTP edge (in a super-cluster: of any region, placing jobs in every region)."""
     publish = [
         f"{JOBS_PREFIX}.>",
         f"{CANCEL_PREFIX}.*",
         f"{INTERRUPT_PREFIX}.*",
         f"{RPC_PREFIX}.>",
         f"$KV.{OPTIONS_BUCKET}.>",
-        *_topology(),
-        # readiness, queue depth and the fleet's check that a model's consumer exists
-        f"{API}.CONSUMER.INFO.{JOBS_STREAM}.*",
-        # After a reconnect, JobClient.queued reads a job back by sequence to see whether the
-        # broker still holds it. Broader than that: any job in JOBS, by sequence (the edge
-        # wrote most of them; native clients' jobs too). Native clients do not get it.
-        f"{API}.STREAM.MSG.GET.{JOBS_STREAM}",
-        f"{API}.CONSUMER.LIST.{JOBS_STREAM}",
-        *_history(f"{RESULTS_PREFIX}.*"),
-        *_kv_read(_KV_WORKERS),
+        *_topology(regions),
         *_kv_read(_KV_OPTIONS),
         *_images(),
     ]
-    subscribe = [
-        # Edge jobs reply on results.<job id>: one token, so native clients' results
-        # (results.<user>.<job id>) stay out of the edge's reach.
-        f"{RESULTS_PREFIX}.*",
-        f"{INTERRUPT_PREFIX}.*",
-        f"{inbox_prefix(EDGE)}.>",
-    ]
+    subscribe = [f"{INTERRUPT_PREFIX}.*", f"{inbox_prefix(EDGE)}.>"]
+    for r in _scopes(regions):
+        jobs = jobs_stream(r)
+        # Edge jobs reply on results.<job id> (results.<region>.<job id>): one token after
+        # the prefix, so native clients' results (results[.<region>].<user>.<job id>) stay
+        # out of the edge's reach.
+        own = f"{RESULTS_PREFIX}.*" if r is None else f"{RESULTS_PREFIX}.{r}.*"
+        publish += [
+            # readiness, queue depth and the fleet's check that a model's consumer exists
+            f"{API}.CONSUMER.INFO.{jobs}.*",
+            # After a reconnect, JobClient.queued reads a job back by sequence to see whether
+            # the broker still holds it. Broader than that: any job in JOBS, by sequence (the
+            # edge wrote most of them; native clients' jobs too). Native clients do not get it.
+            f"{API}.STREAM.MSG.GET.{jobs}",
+            f"{API}.CONSUMER.LIST.{jobs}",
+            *_history(own, results_stream(r)),
+            *_kv_read(f"KV_{workers_bucket(r)}"),
+        ]
+        if r is not None:
+            # A job re-placed away from a lost region is deleted from that region's queue
+            # once it is back, so it does not run twice (edge.placement).
+            publish.append(f"{API}.STREAM.MSG.DELETE.{jobs}")
+        subscribe.append(own)
     return Permissions(publish=tuple(publish), subscribe=tuple(subscribe))
 
 
-def worker() -> Permissions:
-    """A worker of any engine."""
+def worker(regions: Regions = ()) -> Permissions:
+    """A worker of any engine (in a super-cluster: of any region)."""
     publish = [
         f"{RESULTS_PREFIX}.>",
         f"{DLQ_PREFIX}.>",
-        f"$KV.{WORKERS_BUCKET}.*",
-        # A worker creates its model's consumer when it is missing (never updates it), binds
-        # it, fetches from it and acks: JOBS only.
-        f"{API}.CONSUMER.CREATE.{JOBS_STREAM}.*.{JOBS_PREFIX}.>",
-        f"{API}.CONSUMER.INFO.{JOBS_STREAM}.*",
-        f"{API}.CONSUMER.MSG.NEXT.{JOBS_STREAM}.*",
-        f"$JS.ACK.{JOBS_STREAM}.>",
-        *_topology(),
+        *_topology(regions),
         *_images(),
     ]
+    for r in _scopes(regions):
+        jobs = jobs_stream(r)
+        publish += [
+            f"$KV.{workers_bucket(r)}.*",
+            # A worker creates its model's consumer when it is missing (never updates it),
+            # binds it, fetches from it and acks: JOBS only.
+            f"{API}.CONSUMER.CREATE.{jobs}.*.{JOBS_PREFIX}.>",
+            f"{API}.CONSUMER.INFO.{jobs}.*",
+            f"{API}.CONSUMER.MSG.NEXT.{jobs}.*",
+            f"$JS.ACK.{jobs}.>",
+        ]
     subscribe = [f"{CANCEL_PREFIX}.*", f"{RPC_PREFIX}.>", f"{inbox_prefix(WORKER)}.>"]
     # allow_responses: the rpc answer goes to the requester's inbox, which no grant names.
     return Permissions(publish=tuple(publish), subscribe=tuple(subscribe), allow_responses=True)
 
 
-def observer() -> Permissions:
+def observer(regions: Regions = ()) -> Permissions:
     """``headrace status`` and dashboards: stream, consumer and account information, and the
     worker registry. Stream info can list a stream's subjects (job ids among them) but no
     message: the observer reads no job, result or image."""
@@ -193,12 +217,12 @@ def observer() -> Permissions:
         f"{API}.CONSUMER.NAMES.*",
         f"{API}.CONSUMER.LIST.*",
         f"{API}.CONSUMER.INFO.*.*",
-        *_kv_read(_KV_WORKERS),
+        *(p for r in _scopes(regions) for p in _kv_read(f"KV_{workers_bucket(r)}")),
     ]
     return Permissions(publish=tuple(publish), subscribe=(f"{inbox_prefix(OBSERVER)}.>",))
 
 
-def native_client(user: str, models: Iterable[str]) -> Permissions:
+def native_client(user: str, models: Iterable[str], regions: Regions = ()) -> Permissions:
     """A NATS-native client: jobs for ``models`` (``*``: every model), its own results only.
 
     Cancels are ``cancel.<job id>`` for any id: a job id is 128 random bits that only its
@@ -208,15 +232,23 @@ def native_client(user: str, models: Iterable[str]) -> Permissions:
     """
     if not is_nats_user(user) or user in ROLES:
         raise ValueError(f"{user!r} cannot name a native client (one lower-case token, no role)")
-    jobs = sorted({f"{JOBS_PREFIX}.>" if m == ALL_MODELS else f"{JOBS_PREFIX}.*.{model_slug(m)}"
+    # In a super-cluster a job subject ends with its region: jobs.<kind>.<model>.<region>.
+    tail = ".*" if regions else ""
+    jobs = sorted({f"{JOBS_PREFIX}.>" if m == ALL_MODELS else f"{JOBS_PREFIX}.*.{model_slug(m)}{tail}"
                    for m in models})  # fmt: skip
     if not jobs:
         raise ValueError(f"native client {user!r} is allowed no model")
-    own = f"{RESULTS_PREFIX}.{user}.>"
-    publish = [*jobs, f"{CANCEL_PREFIX}.*", *_history(own)]
-    return Permissions(publish=tuple(publish), subscribe=(own, f"{inbox_prefix(user)}.>"))
+    publish = [*jobs, f"{CANCEL_PREFIX}.*"]
+    subscribe = [f"{inbox_prefix(user)}.>"]
+    for r in _scopes(regions):
+        own = f"{RESULTS_PREFIX}.{user}.>" if r is None else f"{RESULTS_PREFIX}.{r}.{user}.>"
+        publish += _history(own, results_stream(r))
+        subscribe.append(own)
+    return Permissions(publish=tuple(publish), subscribe=tuple(subscribe))
 
 
-def for_role(role: str) -> Permissions:
-    """The permissions of one of ``ROLES``."""
-    return {ADMIN: admin, EDGE: edge, WORKER: worker, OBSERVER: observer}[role]()
+def for_role(role: str, regions: Regions = ()) -> Permissions:
+    """The permissions of one of ``ROLES`` (in a super-cluster of ``regions``)."""
+    if role == ADMIN:
+        return admin()
+    return {EDGE: edge, WORKER: worker, OBSERVER: observer}[role](regions)

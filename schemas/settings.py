@@ -8,6 +8,8 @@ from typing import Self
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.subjects import parse_regions
+
 
 class CommonSettings(BaseSettings):
     """Base of the per-process settings classes (edge, worker, stack)."""
@@ -32,6 +34,11 @@ class CommonSettings(BaseSettings):
     )
     nats_tls_key: Path | None = Field(default=None, description="the client certificate's key")
     region: str = Field(default="local", min_length=1, description="region this process runs in")
+    regions: str = Field(
+        default="",
+        description="the regions of a NATS super-cluster, comma-separated, the first holding "
+        "the shared buckets (empty: one region, the classic stream names)",
+    )
     replicas: int | None = Field(
         default=None,
         ge=1,
@@ -53,6 +60,32 @@ class CommonSettings(BaseSettings):
         if not self.nats_user or self.nats_password is None:
             raise ValueError(f"{self.nats_creds} names no HEADRACE_NATS_USER and PASSWORD")
         return self
+
+    @model_validator(mode="after")
+    def _region_known(self) -> Self:
+        """In a super-cluster, this process's region must be one of its regions."""
+        names = parse_regions(self.regions)
+        if names and self.region not in names:
+            raise ValueError(
+                f"region {self.region!r} is not one of the regions {', '.join(names)} "
+                "(HEADRACE_REGION must name one of HEADRACE_REGIONS)"
+            )
+        return self
+
+    def region_names(self) -> tuple[str, ...]:
+        """The super-cluster's regions (empty: one region)."""
+        return parse_regions(self.regions)
+
+    @property
+    def scope(self) -> str | None:
+        """This process's region for stream and subject names; None outside a super-cluster."""
+        return self.region if self.regions.strip() else None
+
+    @property
+    def home(self) -> str | None:
+        """The region that holds the shared buckets (options, images); None: one region."""
+        names = self.region_names()
+        return names[0] if names else None
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Self:

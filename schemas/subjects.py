@@ -37,6 +37,8 @@ class Header(StrEnum):
     ATTEMPT = "Headrace-Attempt"
     REASON = "Headrace-Reason"
     OWNER = "Headrace-Owner"  # id (never the secret) of the API key that submitted the job
+    # Attempts before this placement of the job (a region lost it): the worker adds it.
+    ATTEMPT_BASE = "Headrace-Attempt-Base"
 
 
 _UNSAFE = re.compile(r"[^a-z0-9_-]+")
@@ -63,9 +65,60 @@ def is_job_id(value: str) -> bool:
     return bool(_JOB_ID.match(value))
 
 
-def job_subject(kind: JobKind, model: str) -> str:
-    """Where jobs for ``model`` are published: ``jobs.<kind>.<slug>``."""
-    return f"{JOBS_PREFIX}.{kind}.{model_slug(model)}"
+def job_subject(kind: JobKind, model: str, region: str | None = None) -> str:
+    """Where jobs for ``model`` are published: ``jobs.<kind>.<slug>``, or in a super-cluster
+    ``jobs.<kind>.<slug>.<region>`` (captured by that region's ``JOBS_<region>``)."""
+    subject = f"{JOBS_PREFIX}.{kind}.{model_slug(model)}"
+    return subject if region is None else f"{subject}.{check_region(region)}"
+
+
+# A region is a NATS cluster of a super-cluster: its name is the cluster's and the gateway's,
+# and it suffixes stream names (JOBS_<region>) and ends job subjects: one lower-case token,
+# no underscore (so JOBS_<region> reads back unambiguously).
+_REGION = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
+
+
+def is_region(name: str) -> bool:
+    """True when ``name`` can name a region."""
+    return bool(_REGION.match(name))
+
+
+def check_region(name: str) -> str:
+    """``name`` when it can name a region; ValueError otherwise."""
+    if not is_region(name):
+        raise ValueError(
+            f"{name!r} cannot name a region (lower-case letters, digits and '-', "
+            "starting with a letter, at most 24)"
+        )
+    return name
+
+
+def parse_regions(text: str) -> tuple[str, ...]:
+    """A comma-separated region list (``HEADRACE_REGIONS``), checked, in order, no repeats."""
+    names = [check_region(n.strip()) for n in text.split(",") if n.strip()]
+    if len(set(names)) != len(names):
+        raise ValueError(f"regions repeat: {text!r}")
+    return tuple(names)
+
+
+def jobs_stream(region: str | None = None) -> str:
+    """The job queue: ``JOBS``, or a region's own ``JOBS_<region>`` (placed in its cluster)."""
+    return JOBS_STREAM if region is None else f"{JOBS_STREAM}_{check_region(region)}"
+
+
+def results_stream(region: str | None = None) -> str:
+    """The result replay buffer: ``RESULTS``, or ``RESULTS_<region>`` of the submitter's region."""
+    return RESULTS_STREAM if region is None else f"{RESULTS_STREAM}_{check_region(region)}"
+
+
+def dlq_stream(region: str | None = None) -> str:
+    """Dead letters: ``DLQ``, or ``DLQ_<region>`` of the region whose queue held the job."""
+    return DLQ_STREAM if region is None else f"{DLQ_STREAM}_{check_region(region)}"
+
+
+def workers_bucket(region: str | None = None) -> str:
+    """The worker registry: ``workers``, or ``workers_<region>`` of the region's workers."""
+    return WORKERS_BUCKET if region is None else f"{WORKERS_BUCKET}_{check_region(region)}"
 
 
 def consumer_name(kind: JobKind, model: str) -> str:
@@ -82,18 +135,25 @@ def is_nats_user(name: str) -> bool:
     return bool(_NATS_USER.match(name))
 
 
-def results_subject(job_id: str, user: str | None = None) -> str:
+def results_subject(job_id: str, user: str | None = None, region: str | None = None) -> str:
     """A job's reply subject: ``results.<job id>`` (the edge), or ``results.<user>.<job id>``
-    for a NATS-native client, whose permissions allow only its own prefix."""
+    for a NATS-native client, whose permissions allow only its own prefix.
+
+    In a super-cluster the submitter's region comes first, ``results.<region>.<job id>`` or
+    ``results.<region>.<user>.<job id>``: ``RESULTS_<region>`` captures them, in the region
+    that reads them back.
+    """
+    head = RESULTS_PREFIX if region is None else f"{RESULTS_PREFIX}.{check_region(region)}"
     if user is None:
-        return f"{RESULTS_PREFIX}.{job_id}"
+        return f"{head}.{job_id}"
     if not is_nats_user(user):
         raise ValueError(f"{user!r} cannot be a NATS user (one lower-case subject token)")
-    return f"{RESULTS_PREFIX}.{user}.{job_id}"
+    return f"{head}.{user}.{job_id}"
 
 
-def is_reply_subject(reply: str, job_id: str) -> bool:
-    """True when ``reply`` is one of ``results_subject``'s shapes for this job id.
+def is_reply_subject(reply: str, job_id: str, regions: bool = False) -> bool:
+    """True when ``reply`` is one of ``results_subject``'s shapes for this job id (with
+    ``regions``: a super-cluster's, which may add a region token).
 
     Workers publish only there: a reply naming any other subject would have a worker publish,
     with its own permissions, wherever a job's submitter chose.
@@ -101,8 +161,10 @@ def is_reply_subject(reply: str, job_id: str) -> bool:
     head, _, last = reply.rpartition(".")
     if last != job_id or not is_job_id(job_id):
         return False
-    prefix, _, user = head.partition(".")
-    return prefix == RESULTS_PREFIX and (not user or is_nats_user(user))
+    prefix, *middle = head.split(".")
+    # results.<id>, results.<user or region>.<id>, results.<region>.<user>.<id>
+    most = 2 if regions else 1
+    return prefix == RESULTS_PREFIX and len(middle) <= most and all(map(is_nats_user, middle))
 
 
 def inbox_prefix(user: str) -> str:

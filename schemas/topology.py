@@ -18,19 +18,34 @@ import nats.errors
 import nats.js.errors
 import orjson
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, ObjectStoreConfig, StreamConfig
+from nats.js.api import (
+    ConsumerConfig,
+    DiscardPolicy,
+    KeyValueConfig,
+    ObjectStoreConfig,
+    Placement,
+    StreamConfig,
+)
 from pydantic import BaseModel, Field
 
 from schemas.subjects import (
+    DLQ_PREFIX,
     DLQ_STREAM,
     IMAGES_BUCKET,
+    JOBS_PREFIX,
     JOBS_STREAM,
     OPTIONS_BUCKET,
+    RESULTS_PREFIX,
     RESULTS_STREAM,
     WORKERS_BUCKET,
     JobKind,
+    check_region,
     consumer_name,
+    dlq_stream,
     job_subject,
+    jobs_stream,
+    results_stream,
+    workers_bucket,
 )
 
 log = logging.getLogger(__name__)
@@ -83,30 +98,49 @@ def _set(target: dict[str, Any], key: str, value: float | None, scale: int = 1) 
         target[key] = int(value * scale)
 
 
-def stream_definitions(limits: Limits) -> dict[str, dict[str, Any]]:
-    """The stream configs in the server's JSON format, limits applied."""
-    defs = {
-        name: _load(f"streams/{name}.json") for name in (JOBS_STREAM, RESULTS_STREAM, DLQ_STREAM)
-    }
-    _set(defs[JOBS_STREAM], "max_msgs", limits.jobs_max_msgs)
-    _set(defs[JOBS_STREAM], "max_bytes", limits.jobs_max_bytes)
-    _set(defs[JOBS_STREAM], "max_age", limits.jobs_max_age_s, _NS)
-    _set(defs[RESULTS_STREAM], "max_age", limits.results_max_age_s, _NS)
+def stream_definitions(limits: Limits, region: str | None = None) -> dict[str, dict[str, Any]]:
+    """The stream configs in the server's JSON format, limits applied, by stream name.
+
+    With a ``region`` (a super-cluster): that region's own ``JOBS_<region>``,
+    ``RESULTS_<region>`` and ``DLQ_<region>``, each capturing only the region's subjects and
+    placed in the region's cluster (``placement.cluster``), so a region's queue, its result
+    replay and its dead letters live, and fail, with it.
+    """
+    jobs, results, dlq = (
+        _load(f"streams/{n}.json") for n in (JOBS_STREAM, RESULTS_STREAM, DLQ_STREAM)
+    )
+    _set(jobs, "max_msgs", limits.jobs_max_msgs)
+    _set(jobs, "max_bytes", limits.jobs_max_bytes)
+    _set(jobs, "max_age", limits.jobs_max_age_s, _NS)
+    _set(results, "max_age", limits.results_max_age_s, _NS)
+    if region is not None:
+        check_region(region)
+        jobs["subjects"] = [f"{JOBS_PREFIX}.*.*.{region}"]
+        results["subjects"] = [f"{RESULTS_PREFIX}.{region}.>"]
+        dlq["subjects"] = [f"{DLQ_PREFIX}.{JOBS_PREFIX}.*.*.{region}"]
+        for definition, name in ((jobs, jobs_stream), (results, results_stream), (dlq, dlq_stream)):
+            definition["name"] = name(region)
+            definition["placement"] = {"cluster": region}
+            definition["description"] += f" Region {region}."
+    defs = {d["name"]: d for d in (jobs, results, dlq)}
     for definition in defs.values():
         _set(definition, "num_replicas", limits.replicas)
     return defs
 
 
-def consumer_definition(kind: JobKind, model: str, limits: Limits) -> dict[str, Any]:
+def consumer_definition(
+    kind: JobKind, model: str, limits: Limits, region: str | None = None
+) -> dict[str, Any]:
     """The durable pull consumer of one model, in the server's JSON format.
 
     It names no replica count: a durable consumer with ``num_replicas`` 0 takes its stream's,
-    so it is R3 on an R3 ``JOBS`` and follows the stream when that is scaled.
+    so it is R3 on an R3 ``JOBS`` and follows the stream when that is scaled. With a
+    ``region`` it filters that region's subject (it lives on ``JOBS_<region>``).
     """
     template = copy.deepcopy(_load("consumers/model.json"))
     template.pop("description", None)
     template["durable_name"] = consumer_name(kind, model)
-    template["filter_subject"] = job_subject(kind, model)
+    template["filter_subject"] = job_subject(kind, model, region)
     _set(template, "ack_wait", limits.ack_wait_s, _NS)
     _set(template, "max_deliver", limits.max_deliver)
     _set(template, "max_ack_pending", limits.max_ack_pending)
@@ -165,90 +199,153 @@ async def ensure_stream(
 
 
 async def ensure_consumer(
-    js: JetStreamContext, definition: dict[str, Any], *, update: bool = True
+    js: JetStreamContext,
+    definition: dict[str, Any],
+    *,
+    update: bool = True,
+    stream: str = JOBS_STREAM,
 ) -> Change:
     """Create a model's consumer explicitly; update it only when ``update`` (provisioning)."""
     wanted = ConsumerConfig.from_response(copy.deepcopy(definition))
     wanted.name = wanted.durable_name
     try:
-        info = await js.consumer_info(JOBS_STREAM, definition["durable_name"])
+        info = await js.consumer_info(stream, definition["durable_name"])
     except nats.js.errors.NotFoundError:
-        await js.add_consumer(JOBS_STREAM, wanted)
+        await js.add_consumer(stream, wanted)
         return "created"
     diff = _differs(definition, wanted.as_dict(), info.config.as_dict())
     if not diff or not update:
         return "unchanged"
     log.info("consumer %s: updating %s", definition["durable_name"], ", ".join(diff))
-    await js.add_consumer(JOBS_STREAM, wanted)  # create-or-update on nats-server >= 2.10
+    await js.add_consumer(stream, wanted)  # create-or-update on nats-server >= 2.10
     return "updated"
 
 
 async def ensure_buckets(
-    js: JetStreamContext, limits: Limits, *, update: bool = True
+    js: JetStreamContext,
+    limits: Limits,
+    *,
+    update: bool = True,
+    region: str | None = None,
+    home: str | None = None,
 ) -> dict[str, Change]:
     """Create the ``workers`` and ``options`` KV buckets and the ``images`` object store; apply a
-    changed TTL or replica count (with ``update``)."""
+    changed TTL or replica count (with ``update``).
+
+    With a ``region``: its own registry ``workers_<region>``, placed in its cluster, and the
+    shared ``options`` and ``images`` only when ``home`` names the region they live in.
+    """
     replicas = limits.replicas or 1
     workers = _load("buckets/workers.json")
     ttl_s = limits.workers_ttl_s or workers["ttl"] / _NS
     out: dict[str, Change] = {}
-    current = await _stream_json(js, f"KV_{WORKERS_BUCKET}")
+    registry = workers_bucket(region)
+    here = None if region is None else Placement(cluster=region)
+    current = await _stream_json(js, f"KV_{registry}")
     if current is None:
-        await js.create_key_value(
-            bucket=WORKERS_BUCKET,
-            description=workers["description"],
-            history=workers["history"],
-            ttl=ttl_s,
-            storage=workers["storage"],
-            replicas=replicas,
+        await _create_kv(
+            js,
+            KeyValueConfig(
+                bucket=registry,
+                description=workers["description"],
+                history=workers["history"],
+                ttl=ttl_s,
+                storage=workers["storage"],
+                replicas=replicas,
+                placement=here,
+            ),
         )
-        out[WORKERS_BUCKET] = "created"
+        out[registry] = "created"
     elif update and current.get("max_age") != int(ttl_s * _NS):
         cfg = StreamConfig.from_response(dict(current))
         cfg.max_age = ttl_s
         cfg.duplicate_window = min(cfg.duplicate_window or ttl_s, ttl_s)
         await js.update_stream(cfg)
-        out[WORKERS_BUCKET] = "updated"
+        out[registry] = "updated"
     else:
-        out[WORKERS_BUCKET] = "unchanged"
-    options = _load("buckets/options.json")
-    if await _stream_json(js, f"KV_{OPTIONS_BUCKET}") is None:
-        await js.create_key_value(
-            bucket=OPTIONS_BUCKET,
-            description=options["description"],
-            history=options["history"],
-            max_value_size=options["max_value_size"],
-            storage=options["storage"],
-            replicas=replicas,
-        )
-        out[OPTIONS_BUCKET] = "created"
-    else:
-        out[OPTIONS_BUCKET] = "unchanged"
-    images = _load("buckets/images.json")
-    if await _stream_json(js, f"OBJ_{IMAGES_BUCKET}") is None:
-        cfg_obj = ObjectStoreConfig(
-            description=images["description"],
-            ttl=images["ttl"] / _NS,
-            storage=images["storage"],
-            replicas=replicas,
-        )
-        await js.create_object_store(IMAGES_BUCKET, config=cfg_obj)
-        out[IMAGES_BUCKET] = "created"
-    else:
-        out[IMAGES_BUCKET] = "unchanged"
+        out[registry] = "unchanged"
+    shared = region is None or home is not None
+    where = None if home is None else Placement(cluster=check_region(home))
+    if shared:
+        options = _load("buckets/options.json")
+        if await _stream_json(js, f"KV_{OPTIONS_BUCKET}") is None:
+            await _create_kv(
+                js,
+                KeyValueConfig(
+                    bucket=OPTIONS_BUCKET,
+                    description=options["description"],
+                    history=options["history"],
+                    max_value_size=options["max_value_size"],
+                    storage=options["storage"],
+                    replicas=replicas,
+                    placement=where,
+                ),
+            )
+            out[OPTIONS_BUCKET] = "created"
+        else:
+            out[OPTIONS_BUCKET] = "unchanged"
+        images = _load("buckets/images.json")
+        if await _stream_json(js, f"OBJ_{IMAGES_BUCKET}") is None:
+            cfg_obj = ObjectStoreConfig(
+                description=images["description"],
+                ttl=images["ttl"] / _NS,
+                storage=images["storage"],
+                replicas=replicas,
+                placement=where,
+            )
+            await js.create_object_store(IMAGES_BUCKET, config=cfg_obj)
+            out[IMAGES_BUCKET] = "created"
+        else:
+            out[IMAGES_BUCKET] = "unchanged"
     if update and limits.replicas is not None:
-        await _apply_replicas(js, limits.replicas, out)
+        await _apply_replicas(js, limits.replicas, out, registry, shared)
     return out
 
 
-async def _apply_replicas(js: JetStreamContext, replicas: int, changes: dict[str, Change]) -> None:
+async def _create_kv(js: JetStreamContext, config: KeyValueConfig) -> None:
+    """``js.create_key_value``, but placed: nats-py (2.x) drops ``placement`` from the stream
+    it makes, so an unplaced bucket is made its way and a placed one is made here, as the
+    same ``KV_<bucket>`` stream with the placement added."""
+    if config.placement is None:
+        await js.create_key_value(config)
+        return
+    ttl = config.ttl
+    await js.add_stream(
+        StreamConfig(
+            name=f"KV_{config.bucket}",
+            description=config.description,
+            subjects=[f"$KV.{config.bucket}.>"],
+            allow_direct=config.direct,
+            allow_rollup_hdrs=True,
+            allow_msg_ttl=True,
+            deny_delete=True,
+            discard=DiscardPolicy.NEW,
+            duplicate_window=min(120.0, ttl) if ttl else 120.0,
+            max_age=ttl,
+            max_bytes=config.max_bytes,
+            max_consumers=-1,
+            max_msg_size=config.max_value_size,
+            max_msgs=-1,
+            max_msgs_per_subject=config.history,
+            num_replicas=config.replicas,
+            storage=config.storage,
+            placement=config.placement,
+        )
+    )
+
+
+async def _apply_replicas(
+    js: JetStreamContext,
+    replicas: int,
+    changes: dict[str, Change],
+    registry: str = WORKERS_BUCKET,
+    shared: bool = True,
+) -> None:
     """Scale the buckets that exist with another replica count (a KV bucket or object store is a
     stream, ``KV_<bucket>`` / ``OBJ_<bucket>``, and scales like one)."""
-    streams = {
-        WORKERS_BUCKET: f"KV_{WORKERS_BUCKET}",
-        OPTIONS_BUCKET: f"KV_{OPTIONS_BUCKET}",
-        IMAGES_BUCKET: f"OBJ_{IMAGES_BUCKET}",
-    }
+    streams = {registry: f"KV_{registry}"}
+    if shared:
+        streams |= {OPTIONS_BUCKET: f"KV_{OPTIONS_BUCKET}", IMAGES_BUCKET: f"OBJ_{IMAGES_BUCKET}"}
     for bucket, stream in streams.items():
         current = await _stream_json(js, stream)
         if current is None or current.get("num_replicas") == replicas:
@@ -264,24 +361,52 @@ async def provision(
     models: Sequence[tuple[JobKind, str]] = (),
     *,
     update: bool = True,
+    region: str | None = None,
+    home: str | None = None,
 ) -> dict[str, Change]:
     """Create or update every stream, bucket and the given models' consumers.
 
     Without ``update`` only what is missing is created and nothing existing is touched:
     what a process does when it (re)connects to a server that may have lost its state
     (``ensure_present``), so an operator's changes are never clobbered.
+
+    With a ``region`` (a super-cluster) that region's streams, registry and consumers, and
+    with ``home`` the shared buckets too (see ``ensure_buckets``). A region that is no cluster
+    of the super-cluster raises ``UnknownRegion``.
     """
     changes: dict[str, Change] = {}
-    for name, definition in stream_definitions(limits).items():
-        changes[f"stream {name}"] = await ensure_stream(js, definition, update=update)
-    for name, change in (await ensure_buckets(js, limits, update=update)).items():
+    try:
+        for name, definition in stream_definitions(limits, region).items():
+            changes[f"stream {name}"] = await ensure_stream(js, definition, update=update)
+        buckets = await ensure_buckets(js, limits, update=update, region=region, home=home)
+    except nats.js.errors.APIError as e:
+        if e.err_code == _NO_PLACEMENT:
+            where = (
+                region
+                if region is not None and not any(k.startswith("stream") for k in changes)
+                else home
+            )
+            raise UnknownRegion(
+                f"region {where!r} is not a cluster of this NATS super-cluster (no server "
+                "can hold its streams): check the region name and the gateways"
+            ) from e
+        raise
+    for name, change in buckets.items():
         changes[f"bucket {name}"] = change
     for kind, model in models:
-        definition = consumer_definition(kind, model, limits)
+        definition = consumer_definition(kind, model, limits, region)
         changes[f"consumer {definition['durable_name']}"] = await ensure_consumer(
-            js, definition, update=update
+            js, definition, update=update, stream=jobs_stream(region)
         )
     return changes
+
+
+# nats-server's JSClusterNoPeersErrF: "no suitable peers for placement".
+_NO_PLACEMENT = 10005
+
+
+class UnknownRegion(ValueError):
+    """A region that no cluster of the super-cluster answers to: retrying cannot help."""
 
 
 # While a (re)started server recovers JetStream or a cluster elects its leaders, its API
@@ -300,14 +425,19 @@ async def ensure_present(
     *,
     limits: Limits | None = None,
     timeout_s: float = 30.0,
+    region: str | None = None,
+    home: str | None = None,
 ) -> dict[str, Change]:
     """Re-create whatever the server lacks (streams, buckets, these consumers), waiting while
-    its JetStream warms up; returns what was created. Idempotent and never updates."""
+    its JetStream warms up; returns what was created. Idempotent and never updates. With a
+    ``region``: that region's (``provision``); an unknown one raises ``UnknownRegion``."""
     deadline = time.monotonic() + timeout_s
     delay = 0.1
     while True:
         try:
-            changes = await provision(js, limits or Limits(), models, update=False)
+            changes = await provision(
+                js, limits or Limits(), models, update=False, region=region, home=home
+            )
         except _WARMING_UP as e:
             if time.monotonic() + delay > deadline:
                 raise

@@ -29,8 +29,14 @@ class Heartbeat:
         describe: Callable[[], WorkerInfo],
         interval_s: float,
         limits: Limits | None = None,
+        *,
+        bucket: str = WORKERS_BUCKET,
+        region: str | None = None,
+        home: str | None = None,
     ) -> None:
         self.js = js
+        self.bucket = bucket  # workers, or workers_<region> in a super-cluster
+        self.region, self.home = region, home  # what ensure_present re-creates
         self.limits = limits or Limits()
         self.describe = describe
         self.interval_s = interval_s
@@ -40,13 +46,19 @@ class Heartbeat:
         """Put the record once; failures are logged once until it works again."""
         info = self.describe().model_copy(update={"heartbeat_ms": int(time.time() * 1000)})
         try:
-            kv = await self.js.key_value(WORKERS_BUCKET)
+            kv = await self.js.key_value(self.bucket)
             await kv.put(worker_key(info.id), encode(info))
         except nats.js.errors.BucketNotFoundError:
             # Deleted, or a server that lost its state: bring it back; the next beat lands.
-            log.warning("the %s bucket is missing: re-creating it", WORKERS_BUCKET)
+            log.warning("the %s bucket is missing: re-creating it", self.bucket)
             with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await ensure_present(self.js, limits=self.limits, timeout_s=self.interval_s)
+                await ensure_present(
+                    self.js,
+                    limits=self.limits,
+                    timeout_s=self.interval_s,
+                    region=self.region,
+                    home=self.home,
+                )
             return
         except (nats.errors.Error, TimeoutError) as e:
             if not self._failing:
@@ -70,5 +82,5 @@ class Heartbeat:
     async def remove(self, worker_id: str) -> None:
         """Delete our record on a clean exit, so the edge stops routing to us at once."""
         with contextlib.suppress(nats.errors.Error, TimeoutError):
-            kv = await self.js.key_value(WORKERS_BUCKET)
+            kv = await self.js.key_value(self.bucket)
             await kv.delete(worker_key(worker_id))

@@ -29,16 +29,17 @@ from schemas.image_store import ImageStore
 from schemas.jobs import ImageJob, TextJob
 from schemas.subjects import (
     CANCEL_ALL,
-    JOBS_STREAM,
     Header,
     JobKind,
     consumer_name,
     dlq_subject,
     is_reply_subject,
+    jobs_stream,
     model_slug,
     results_subject,
     rpc_subject,
     trace_id,
+    workers_bucket,
 )
 from schemas.topology import Limits, ensure_present
 from workers.cancels import CancelBook
@@ -130,9 +131,20 @@ class Runtime:
         js = self.nc.jetstream()
         self._images = ImageStore(js, self.settings.image_inline_chars)
         self._heartbeat = heartbeat = Heartbeat(
-            js, self.describe, self.settings.heartbeat_s, self._limits
+            js,
+            self.describe,
+            self.settings.heartbeat_s,
+            self._limits,
+            bucket=workers_bucket(self.settings.scope),
+            region=self.settings.scope,
+            home=self.settings.home,
         )
-        if not await self._ensure_topology(js):  # stopped while NATS could not provide it
+        try:
+            ready = await self._ensure_topology(js)
+        except BaseException:  # e.g. UnknownRegion: a region no cluster answers to
+            await self._disconnect()
+            raise
+        if not ready:  # stopped while NATS could not provide it
             await self._disconnect()
             return
         bindings = [await self._bind(js, m.id) for m in self.engine.models()]
@@ -173,7 +185,14 @@ class Runtime:
         waiting = False
         while not self._stopping.is_set():
             try:
-                await ensure_present(js, self._needs(), limits=self._limits)
+                # In a super-cluster: its region's queue, registry and streams (schemas.topology).
+                await ensure_present(
+                    js,
+                    self._needs(),
+                    limits=self._limits,
+                    region=self.settings.scope,
+                    home=self.settings.home,
+                )
                 return True
             except (nats.errors.Error, TimeoutError) as e:
                 if not waiting:
@@ -198,8 +217,9 @@ class Runtime:
     async def _bind(self, js: JetStreamContext, model: str) -> Binding:
         """Bind the model's durable consumer (created explicitly, never by pull_subscribe)."""
         durable = consumer_name(self.engine.kind, model)
-        info = await js.consumer_info(JOBS_STREAM, durable)
-        psub = await js.pull_subscribe_bind(durable=durable, stream=JOBS_STREAM)
+        stream = jobs_stream(self.settings.scope)
+        info = await js.consumer_info(stream, durable)
+        psub = await js.pull_subscribe_bind(durable=durable, stream=stream)
         return Binding(model, psub, info.config.max_deliver or 1)
 
     async def _on_cancel(self, msg: Msg) -> None:
@@ -295,8 +315,10 @@ class Runtime:
 
     async def _handle(self, b: Binding, msg: Msg) -> None:
         """Run one delivered job to an outcome: ack, nak, term or dead letter."""
-        attempt = msg.metadata.num_delivered or 1
         headers = msg.headers or {}
+        # A job the edge placed again in another region (its first region was lost) counts
+        # its attempts on from a base, so they supersede the lost region's (edge.placement).
+        attempt = (msg.metadata.num_delivered or 1) + _attempt_base(headers)
         try:
             job = decode_job(msg.data)
         except Poison as e:
@@ -304,7 +326,7 @@ class Runtime:
             await self._dead_letter(msg, e, _results_reply(headers), attempt)
             return
         reply = headers.get(Header.REPLY) or results_subject(job.id)
-        if not is_reply_subject(reply, job.id):
+        if not is_reply_subject(reply, job.id, self.settings.scope is not None):
             self.metrics.ended(b.model, "dead_lettered", 0, None)
             bad = Poison(f"{Header.REPLY} must be results.<job id> or results.<user>.<job id>")
             await self._dead_letter(msg, bad, None, attempt)
@@ -489,7 +511,7 @@ class Runtime:
     async def _retry(
         self, b: Binding, msg: Msg, emitter: Emitter, attempt: int, e: Retry
     ) -> Outcome:
-        if attempt < b.max_deliver:
+        if (msg.metadata.num_delivered or 1) < b.max_deliver:
             log.warning(
                 "job attempt %d failed (%s); redelivering in %.1f s", attempt, e.message, e.delay_s
             )
@@ -513,6 +535,11 @@ class Runtime:
             emitter = Emitter(self.nc, "", reply, attempt)
             await emitter.emit(Error.of(e, retryable=False))
         await msg.term()
+
+
+def _attempt_base(headers: dict[str, str]) -> int:
+    raw = headers.get(Header.ATTEMPT_BASE, "")
+    return int(raw) if raw.isdigit() and len(raw) < 7 else 0
 
 
 def _deadline_ms(job: TextJob | ImageJob, headers: dict[str, str]) -> int | None:

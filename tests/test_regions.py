@@ -1,0 +1,265 @@
+"""Regions: NATS clusters joined by gateways into one super-cluster (one JetStream domain),
+each with its own job queue, result replay and worker registry placed in its own cluster.
+
+Real nats-server processes: single-node regions (three servers), gateways authenticated,
+the users and permissions ``headrace up --regions`` generates; echo workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from pydantic import ValidationError
+
+from headrace.credentials import Credentials, gateway_password
+from headrace.servers import GatewayError, SuperCluster, free_port
+from schemas.client import JobClient
+from schemas.events import Done, Started
+from schemas.subjects import (
+    JOBS_STREAM,
+    jobs_stream,
+    results_stream,
+    worker_key,
+    workers_bucket,
+)
+from schemas.topology import UnknownRegion, ensure_present, provision
+from tests.conftest import (
+    NATIVE_CLIENTS,
+    TEST_LIMITS,
+    TEST_LOGIN,
+    TEST_USER,
+    _test_user_hash,
+    collect,
+    text_job,
+)
+from workers.engines.echo import EchoEngine
+from workers.runtime import Runtime
+from workers.settings import WorkerSettings
+
+REGIONS = ("a", "b", "c")
+
+
+class Regions:
+    """A running super-cluster with the deployment's users, and logins for the tests."""
+
+    def __init__(self, sc: SuperCluster, creds: Credentials) -> None:
+        self.sc = sc
+        self.creds = creds
+
+    def url(self, region: str) -> str:
+        return self.sc.url(region)
+
+    def login(self, user: str) -> dict[str, Any]:
+        return self.creds.login(user)
+
+    async def connect(self, region: str) -> NATS:
+        """The test superuser, connected to one region's servers only."""
+        return await nats.connect(
+            self.sc.cluster(region).urls,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.2,
+            **TEST_LOGIN,
+        )
+
+    def worker_settings(self, region: str, worker_id: str, **kw: Any) -> WorkerSettings:
+        return WorkerSettings(
+            nats_url=self.url(region),
+            **self.login("worker"),
+            region=region,
+            regions=",".join(self.sc.regions),
+            worker_id=worker_id,
+            heartbeat_s=0.3,
+            fetch_timeout_s=0.5,
+            in_progress_s=0.5,
+            shutdown_grace_s=5.0,
+            retry_delay_s=0.1,
+            **kw,
+        )
+
+
+def users_conf(creds: Credentials) -> str:
+    return creds.authorization([{"user": TEST_USER, "password": _test_user_hash()}])
+
+
+def make_super_cluster(
+    tmp_path: Path, regions: tuple[str, ...] = REGIONS, **kw: Any
+) -> tuple[SuperCluster, Credentials]:
+    creds = Credentials.ensure(tmp_path / "auth", NATIVE_CLIENTS, cost=4, regions=regions)
+    sc = SuperCluster(
+        tmp_path / "sc",
+        regions,
+        gateway_password=gateway_password(creds.directory),
+        log_dir=tmp_path / "logs",
+        extra_conf=users_conf(creds),
+        **kw,
+    )
+    return sc, creds
+
+
+@pytest.fixture
+def regions(tmp_path: Path) -> Iterator[Regions]:
+    sc, creds = make_super_cluster(tmp_path, leafnodes=True)
+    sc.start()
+    yield Regions(sc, creds)
+    sc.stop()
+
+
+@pytest.fixture
+async def provisioned(regions: Regions) -> AsyncIterator[Regions]:
+    """Every region's streams, registry and echo consumer, made from region a."""
+    nc = await regions.connect("a")
+    try:
+        js = nc.jetstream(timeout=5)
+        for region in REGIONS:
+            await provision(js, TEST_LIMITS, [("llm", "echo")], region=region, home=REGIONS[0])
+    finally:
+        await nc.close()
+    yield regions
+
+
+@contextlib.asynccontextmanager
+async def worker(
+    regions: Regions, region: str, worker_id: str, token_delay_s: float = 0.0, **kw: Any
+) -> AsyncIterator[Runtime]:
+    """An echo worker of ``region``, registered in that region's registry."""
+    engine = EchoEngine(token_delay_s=token_delay_s)
+    runtime = Runtime(regions.worker_settings(region, worker_id, **kw), engine)
+    task = asyncio.create_task(runtime.run())
+    nc = await regions.connect(region)
+    try:
+        await wait_registered(nc, region, worker_id)
+        yield runtime
+    finally:
+        await nc.close()
+        runtime.stop()
+        await asyncio.wait_for(task, 20)
+
+
+async def wait_registered(nc: NATS, region: str, worker_id: str, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            kv = await nc.jetstream().key_value(workers_bucket(region))
+            if (await kv.get(worker_key(worker_id))).value:
+                return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"worker {worker_id} did not register in {region}")
+
+
+def test_region_names_are_checked() -> None:
+    with pytest.raises(ValidationError, match="not one of the regions"):
+        WorkerSettings(region="x", regions="a,b,c")
+    with pytest.raises(ValidationError, match="cannot name a region"):
+        WorkerSettings(region="A", regions="A,b")
+    with pytest.raises(ValidationError, match="repeat"):
+        WorkerSettings(region="a", regions="a,a")
+    assert WorkerSettings(region="b", regions="a, b").scope == "b"
+    assert WorkerSettings(region="b", regions="a,b").home == "a"
+    assert WorkerSettings(region="local").scope is None  # one region: the classic names
+
+
+async def test_each_region_holds_its_own_queue(provisioned: Regions) -> None:
+    nc = await provisioned.connect("b")
+    try:
+        js = nc.jetstream(timeout=5)
+        for region in REGIONS:
+            for stream in (
+                jobs_stream(region),
+                results_stream(region),
+                f"KV_{workers_bucket(region)}",
+            ):
+                info = await js.stream_info(stream)
+                assert info.cluster is not None and info.cluster.name == region, stream
+                assert info.cluster.leader == f"{region}-1", stream
+        assert (await js.consumer_info(jobs_stream("c"), "llm-echo")).config.filter_subject == (
+            "jobs.llm.echo.c"
+        )
+        # The shared buckets live in the home region (the first).
+        assert (await js.stream_info("KV_options")).cluster.name == "a"  # type: ignore[union-attr]
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await js.stream_info(JOBS_STREAM)  # no region-less queue in a super-cluster
+    finally:
+        await nc.close()
+
+
+async def test_a_region_that_is_no_cluster_is_an_error(provisioned: Regions) -> None:
+    nc = await provisioned.connect("a")
+    try:
+        with pytest.raises(UnknownRegion, match="region 'x' is not a cluster"):
+            await ensure_present(nc.jetstream(timeout=5), region="x", home="a", timeout_s=5)
+    finally:
+        await nc.close()
+
+
+async def test_a_worker_of_an_unknown_region_fails_at_start(provisioned: Regions) -> None:
+    # A deployment whose HEADRACE_REGIONS names a region no cluster answers to (logged in as
+    # the test superuser: the generated worker user may not even look at JOBS_x).
+    settings = WorkerSettings(
+        nats_url=provisioned.url("a"),
+        nats_user=TEST_USER,
+        nats_password=TEST_LOGIN["password"],
+        region="x",
+        regions="a,b,c,x",
+        worker_id="w-x",
+    )
+    runtime = Runtime(settings, EchoEngine())
+    with pytest.raises(UnknownRegion, match="region 'x'"):
+        await asyncio.wait_for(runtime.run(), 20)
+
+
+def test_a_gateway_that_cannot_connect_is_an_error_at_start(tmp_path: Path) -> None:
+    # Region c's gateway address is wrong everywhere (a firewall, a typo): it and the others
+    # cannot reach each other. The super-cluster does not form, and says so at start.
+    dead = f"127.0.0.1:{free_port()}"
+    cut = {(x, y): dead for x, y in (("a", "c"), ("b", "c"), ("c", "a"), ("c", "b"))}
+    sc, _ = make_super_cluster(tmp_path, gateway_urls=cut)
+    try:
+        with pytest.raises(GatewayError, match=r"region a .* no gateway to c"):
+            sc.start(timeout_s=4)
+    finally:
+        sc.stop()
+
+
+def test_a_wrong_gateway_password_is_an_error_at_start(tmp_path: Path) -> None:
+    sc, creds = make_super_cluster(tmp_path, ("a", "b"))
+    # Region b was configured with another deployment's gateway password.
+    b = sc.cluster("b").nodes[0]
+    assert b.extra_conf is not None
+    password = gateway_password(creds.directory)
+    b.extra_conf = b.extra_conf.replace(password, "not-the-password")
+    try:
+        with pytest.raises(GatewayError, match=r"(?i)authorization"):
+            sc.start(timeout_s=4)
+    finally:
+        sc.stop()
+
+
+async def test_a_job_placed_in_another_region_replies_to_the_submitter(
+    provisioned: Regions,
+) -> None:
+    # Submitted from a (results.a.<id>, captured by RESULTS_a), served in b.
+    async with worker(provisioned, "b", "w-b"):
+        nc = await provisioned.connect("a")
+        try:
+            client = JobClient(nc, region="a")
+            job = text_job(max_tokens=5)
+            async with await client.submit(job, place="b") as stream:
+                events = await collect(stream)
+            started = events[0].event
+            assert isinstance(started, Started) and started.region == "b"
+            assert isinstance(events[-1].event, Done)
+            history = await client.history(job.id)
+            assert [r.pos for r in history] == [r.pos for r in events]
+            assert (await nc.jetstream().stream_info(results_stream("a"))).state.messages == len(
+                events
+            )
+        finally:
+            await nc.close()
