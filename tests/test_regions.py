@@ -113,7 +113,7 @@ def regions(tmp_path: Path) -> Iterator[Regions]:
 
 
 @pytest.fixture
-async def provisioned(regions: Regions) -> AsyncIterator[Regions]:
+async def provisioned(regions: Regions) -> Regions:
     """Every region's streams, registry and echo consumer, made from region a."""
     nc = await regions.connect("a")
     try:
@@ -122,7 +122,7 @@ async def provisioned(regions: Regions) -> AsyncIterator[Regions]:
             await provision(js, TEST_LIMITS, [("llm", "echo")], region=region, home=REGIONS[0])
     finally:
         await nc.close()
-    yield regions
+    return regions
 
 
 @contextlib.asynccontextmanager
@@ -177,7 +177,8 @@ async def test_each_region_holds_its_own_queue(provisioned: Regions) -> None:
                 f"KV_{workers_bucket(region)}",
             ):
                 info = await js.stream_info(stream)
-                assert info.cluster is not None and info.cluster.name == region, stream
+                assert info.cluster is not None, stream
+                assert info.cluster.name == region, stream
                 assert info.cluster.leader == f"{region}-1", stream
         assert (await js.consumer_info(jobs_stream("c"), "llm-echo")).config.filter_subject == (
             "jobs.llm.echo.c"
@@ -254,7 +255,8 @@ async def test_a_job_placed_in_another_region_replies_to_the_submitter(
             async with await client.submit(job, place="b") as stream:
                 events = await collect(stream)
             started = events[0].event
-            assert isinstance(started, Started) and started.region == "b"
+            assert isinstance(started, Started)
+            assert started.region == "b"
             assert isinstance(events[-1].event, Done)
             history = await client.history(job.id)
             assert [r.pos for r in history] == [r.pos for r in events]
