@@ -18,6 +18,7 @@ from edge.dedup import Dedup
 from edge.fleet import Fleet
 from edge.metrics import EdgeMetrics
 from edge.options import Options
+from edge.placement import Placement
 from edge.queues import QueueDepth
 from edge.ratelimit import http as ratelimit
 from edge.ratelimit.admission import Limiter
@@ -27,6 +28,7 @@ from edge.tasks import TaskBook
 from schemas.client import JobClient
 from schemas.connection import connect
 from schemas.image_store import ImageStore
+from schemas.subjects import jobs_stream
 from schemas.topology import Limits, ensure_present
 
 log = logging.getLogger(__name__)
@@ -76,14 +78,31 @@ async def _connect(app: web.Application) -> None:
         on_reconnect=lambda: _reconnected(app),
     )
     js = nc.jetstream()
-    # A new (or replaced) server: what the edge relies on is created, at this deployment's R.
-    await ensure_present(js, limits=Limits(replicas=c.settings.replicas))
-    fleet = Fleet(js, c.settings.worker_stale_s)
+    s = c.settings
+    # A new (or replaced) server: what the edge relies on is created, at this deployment's R
+    # (in a super-cluster: its own region's streams, and the shared buckets in the home's).
+    await ensure_present(js, limits=Limits(replicas=s.replicas), region=s.scope, home=s.home)
+    fleet = Fleet(js, s.worker_stale_s, s.region_names(), s.scope)
     await fleet.start()
-    queues = QueueDepth(js, c.metrics.queued, c.metrics.running, c.settings.queue_poll_s)
+    queues = QueueDepth(
+        js, c.metrics.queued, c.metrics.running, s.queue_poll_s, jobs_stream(s.scope)
+    )
     queues.start()
-    jobs = JobClient(nc)
+    jobs = JobClient(nc, region=s.scope)
     c.attach(nc, jobs=jobs, fleet=fleet, images=ImageStore(js), queues=queues, options=Options(js))
+    if s.scope is not None:
+        c.placement = Placement(
+            nc.jetstream(timeout=max(s.region_poll_s, 0.5)),
+            fleet,
+            jobs,
+            c.metrics,
+            region=s.scope,
+            regions=s.region_names(),
+            poll_s=s.region_poll_s,
+            lost_s=s.region_lost_s,
+        )
+        c.placement.start()
+        log.info("edge of region %s in a super-cluster of %s", s.scope, ", ".join(s.region_names()))
     await c.tasks.start(jobs)
     log.info("edge connected to NATS; %d live worker(s)", len(fleet.live()))
     if c.limiter is not None:
@@ -100,10 +119,11 @@ async def _reconnected(app: web.Application) -> None:
         return
     await c.jobs.recover()
     js = c.nc.jetstream(timeout=1.0)  # short: a call into an election should not hold us long
-    limits = Limits(replicas=c.settings.replicas)
+    s = c.settings
+    limits = Limits(replicas=s.replicas)
     for attempt in range(1, _REWATCH_ATTEMPTS + 1):
         try:
-            await ensure_present(js, limits=limits, timeout_s=5)
+            await ensure_present(js, limits=limits, timeout_s=5, region=s.scope, home=s.home)
             await c.fleet.rewatch()
             return
         except (nats.errors.Error, TimeoutError) as e:
@@ -123,6 +143,8 @@ async def _disconnect(app: web.Application) -> None:
     if c.nc is not None:
         if c.queues is not None:
             await c.queues.stop()
+        if c.placement is not None:
+            await c.placement.stop()
         await c.fleet.stop()
         await c.nc.close()
 

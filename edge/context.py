@@ -12,6 +12,7 @@ from edge.dedup import Dedup
 from edge.fleet import Fleet
 from edge.metrics import EdgeMetrics
 from edge.options import Options
+from edge.placement import Placement
 from edge.queues import QueueDepth
 from edge.ratelimit.admission import Limiter
 from edge.settings import EdgeSettings
@@ -33,6 +34,7 @@ class EdgeContext:
     nc: NATS | None = None
     queues: QueueDepth | None = None
     options: Options | None = None  # A1111 options per key
+    placement: Placement | None = None  # a super-cluster's: which region takes each job
     _jobs: JobClient | None = field(default=None, repr=False)
     _fleet: Fleet | None = field(default=None, repr=False)
     _images: ImageStore | None = field(default=None, repr=False)

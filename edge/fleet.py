@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 
 import nats.errors
 import nats.js.errors
@@ -16,27 +17,63 @@ from pydantic import ValidationError
 from schemas.codec import decode_worker
 from schemas.errors import ModelNotFound, NoWorker
 from schemas.fleet import ModelInfo, WorkerInfo
-from schemas.subjects import JOBS_STREAM, WORKERS_BUCKET, JobKind, consumer_name
+from schemas.subjects import WORKERS_BUCKET, JobKind, consumer_name, jobs_stream, workers_bucket
 
 log = logging.getLogger(__name__)
 
 
-class Fleet:
-    """Live workers by id, kept current by a KV watch; stale heartbeats are ignored."""
+class _Watch:
+    """One registry bucket's watch (one region's, in a super-cluster)."""
 
-    def __init__(self, js: JetStreamContext, stale_s: float) -> None:
+    def __init__(self, bucket: str) -> None:
+        self.bucket = bucket
+        self.task: asyncio.Task[None] | None = None
+        self.watcher: KeyValue.KeyWatcher | None = None
+        self.heard = time.monotonic()  # the last record the watch delivered
+        self.failed = False  # the last (re)start of the watch failed: retried by the guard
+
+
+class Fleet:
+    """Live workers by id, kept current by a KV watch; stale heartbeats are ignored.
+
+    In a super-cluster it watches every region's registry (``workers_<region>``); a region
+    that cannot be reached is retried in the background, and its workers go stale.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        stale_s: float,
+        regions: Sequence[str] = (),
+        jobs_region: str | None = None,
+    ) -> None:
         self.js = js
         self.stale_s = stale_s
+        self.regions = tuple(regions)
+        # The region whose queue the edge checks first for a model's consumer (its own).
+        self.jobs_region = jobs_region
         self.workers: dict[str, WorkerInfo] = {}
         self._changed = asyncio.Condition()
-        self._task: asyncio.Task[None] | None = None
-        self._watcher: KeyValue.KeyWatcher | None = None
+        buckets = [workers_bucket(r) for r in regions] if regions else [WORKERS_BUCKET]
+        self._watches = {b: _Watch(b) for b in buckets}
         self._guard: asyncio.Task[None] | None = None
-        self._heard = time.monotonic()  # the last record the watch delivered
 
     async def start(self) -> None:
-        """Begin watching (returns once the current records are loaded)."""
-        await self._start_watch()
+        """Begin watching (returns once the current records are loaded).
+
+        With one registry a failure raises (the edge cannot serve without it); with a
+        region's registry out of reach the edge starts anyway and retries it.
+        """
+        for w in self._watches.values():
+            try:
+                await self._start_watch(w)
+            except (nats.errors.Error, TimeoutError) as e:
+                if len(self._watches) == 1:
+                    raise
+                w.failed = True
+                log.warning(
+                    "the registry %s is out of reach (%s); retrying", w.bucket, type(e).__name__
+                )
         if self._guard is None:
             self._guard = asyncio.create_task(self._guard_watch())
 
@@ -44,10 +81,19 @@ class Fleet:
         """Watch afresh: after a reconnect the bucket may be a new one (a server that lost its
         state re-creates it empty); records the old watch held are dropped, live workers
         put theirs again within a heartbeat."""
-        await self._stop_watch()
+        for w in self._watches.values():
+            await self._rewatch(w)
+
+    async def _rewatch(self, w: _Watch) -> None:
+        await self._stop_watch(w)
         async with self._changed:
-            self.workers.clear()
-        await self._start_watch()
+            for key in [k for k in self.workers if k.startswith(f"{w.bucket}/")]:
+                del self.workers[key]
+        try:
+            await self._start_watch(w)
+        except (nats.errors.Error, TimeoutError):
+            w.failed = True
+            raise
 
     async def stop(self) -> None:
         """Stop watching."""
@@ -55,52 +101,65 @@ class Fleet:
             self._guard.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._guard
-        await self._stop_watch()
+        for w in self._watches.values():
+            await self._stop_watch(w)
 
-    async def _start_watch(self) -> None:
-        kv = await self.js.key_value(WORKERS_BUCKET)
-        self._watcher = watcher = await kv.watchall()
-        self._heard = time.monotonic()
+    async def _start_watch(self, w: _Watch) -> None:
+        async with asyncio.timeout(5):
+            kv = await self.js.key_value(w.bucket)
+            w.watcher = watcher = await kv.watchall()
+        w.heard = time.monotonic()
+        w.failed = False
         loaded = asyncio.Event()
-        self._task = asyncio.create_task(self._watch(watcher, loaded))
+        w.task = asyncio.create_task(self._watch(w, watcher, loaded))
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5):
                 await loaded.wait()
 
-    async def _stop_watch(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+    async def _stop_watch(self, w: _Watch) -> None:
+        if w.task is not None:
+            w.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._watcher is not None:
+                await w.task
+            w.task = None
+        if w.watcher is not None:
             # Unsubscribing the watch's ordered consumer first lets the connection close at once.
             with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await self._watcher.stop()  # type: ignore[no-untyped-call]
+                await w.watcher.stop()  # type: ignore[no-untyped-call]
+            w.watcher = None
 
     async def _guard_watch(self) -> None:
         """Watch afresh when the watch went quiet while workers were known: its consumer lived
-        on a cluster node that died (this edge's own connection may never have dropped)."""
+        on a cluster node that died (this edge's own connection may never have dropped); and
+        retry a region's registry that was out of reach."""
         while True:
             await asyncio.sleep(self.stale_s / 3)
-            if self.workers and time.monotonic() - self._heard > self.stale_s / 2:
-                log.warning("the worker registry went quiet; watching it afresh")
-                with contextlib.suppress(nats.errors.Error, TimeoutError):
-                    await self.rewatch()
+            for w in self._watches.values():
+                known = any(k.startswith(f"{w.bucket}/") for k in self.workers)
+                quiet = time.monotonic() - w.heard > self.stale_s / 2
+                if w.failed or (known and quiet):
+                    if not w.failed:
+                        log.warning(
+                            "the worker registry %s went quiet; watching it afresh", w.bucket
+                        )
+                    with contextlib.suppress(nats.errors.Error, TimeoutError):
+                        await self._rewatch(w)
 
-    async def _watch(self, watcher: KeyValue.KeyWatcher, loaded: asyncio.Event) -> None:
+    async def _watch(self, w: _Watch, watcher: KeyValue.KeyWatcher, loaded: asyncio.Event) -> None:
         # ``async for``, not ``updates(timeout=)``: asyncio.wait_for on Python 3.11 can swallow
         # the cancellation that stop() sends when an update arrives at the same moment.
         async for entry in watcher:
-            self._heard = time.monotonic()
+            w.heard = time.monotonic()
             if entry is None:  # the end of the initial values
                 loaded.set()
                 continue
+            key = f"{w.bucket}/{entry.key}"
             async with self._changed:
                 if entry.operation in ("DEL", "PURGE") or not entry.value:
-                    self.workers.pop(entry.key, None)
+                    self.workers.pop(key, None)
                 else:
                     try:
-                        self.workers[entry.key] = decode_worker(entry.value)
+                        self.workers[key] = decode_worker(entry.value)
                     except ValidationError:
                         log.warning("ignoring a malformed worker record %s", entry.key)
                 self._changed.notify_all()
@@ -141,11 +200,19 @@ class Fleet:
         return info
 
     async def _provisioned(self, kind: JobKind, model: str) -> bool:
-        """A model is known (if not live) when its consumer exists on JOBS."""
-        try:
-            await self.js.consumer_info(JOBS_STREAM, consumer_name(kind, model))
-        except nats.js.errors.NotFoundError:
-            return False
-        except ValueError:  # not a valid consumer name: not a model id we could serve
-            return False
-        return True
+        """A model is known (if not live) when its consumer exists on JOBS (in a super-cluster:
+        on the edge's own region's queue, else on any region's that answers)."""
+        regions: list[str | None] = [None]
+        if self.regions:
+            regions = sorted(self.regions, key=lambda r: r != self.jobs_region)
+        for region in regions:
+            try:
+                await self.js.consumer_info(jobs_stream(region), consumer_name(kind, model))
+            except nats.js.errors.NotFoundError:
+                continue
+            except ValueError:  # not a valid consumer name: not a model id we could serve
+                return False
+            except (nats.errors.Error, TimeoutError):  # that region is out of reach
+                continue
+            return True
+        return False

@@ -65,6 +65,37 @@ class EdgeMetrics:
             ["consumer"],
             registry=r,
         )
+        # Regions (a super-cluster): where jobs were queued and served, and what spilled.
+        self.region_placed = Counter(
+            "headrace_edge_region_jobs_placed",
+            "jobs this edge placed in a region's queue",
+            ["region"],
+            registry=r,
+        )
+        self.region_served = Counter(
+            "headrace_edge_region_jobs_served",
+            "jobs of this edge a worker of the region started (its started event's region)",
+            ["region"],
+            registry=r,
+        )
+        self.region_spills = Counter(
+            "headrace_edge_region_spills",
+            "jobs placed outside this edge's own region (source: the edge's, target: the queue's)",
+            ["source", "target"],
+            registry=r,
+        )
+        self.region_replaced = Counter(
+            "headrace_edge_region_jobs_replaced",
+            "open jobs placed again because their region was lost",
+            ["source", "target"],
+            registry=r,
+        )
+        self.region_queue_depth = Gauge(
+            "headrace_edge_region_queue_depth",
+            "jobs waiting in a region's queue, by model consumer",
+            ["region", "consumer"],
+            registry=r,
+        )
         self.cancels = Counter(
             "headrace_edge_cancels", "jobs cancelled by the edge, by reason", ["reason"], registry=r
         )

@@ -20,9 +20,15 @@ class QueueDepth:
     """Polls every model consumer's pending and running counts into two gauges."""
 
     def __init__(
-        self, js: JetStreamContext, queued: Gauge, running: Gauge, interval_s: float
+        self,
+        js: JetStreamContext,
+        queued: Gauge,
+        running: Gauge,
+        interval_s: float,
+        stream: str = JOBS_STREAM,  # JOBS_<region>: this edge's own region's queue
     ) -> None:
         self.js = js
+        self.stream = stream
         self.queued = queued
         self.running = running
         self.interval_s = interval_s
@@ -30,7 +36,7 @@ class QueueDepth:
 
     async def poll(self) -> None:
         """Read every consumer once (a consumer is one model: ``llm-<slug>``, ``sd-<slug>``)."""
-        for info in await self.js.consumers_info(JOBS_STREAM):
+        for info in await self.js.consumers_info(self.stream):
             self.queued.labels(info.name).set(info.num_pending or 0)
             self.running.labels(info.name).set(info.num_ack_pending or 0)
 

@@ -82,6 +82,7 @@ class Choice:
     first_text_at: float | None = None
     last_text_at: float | None = None
     queue_ms: float | None = None  # from the started event of the attempt that ran it
+    region: str | None = None  # of the worker that started the latest attempt
     parts: list[str] = field(default_factory=list)  # the text passed on: "".join(parts)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     loose: int = 0  # parts at the end of ``parts`` not yet joined into one
@@ -105,6 +106,7 @@ class Choice:
             return Stepped(self.index, event)
         if isinstance(event, Started):
             self.queue_ms = event.queue_ms
+            self.region = event.region
         return None
 
     def _text(self, delta: Delta, event_id: str) -> Text | None:

@@ -32,7 +32,7 @@ from edge.relay import Relay
 from edge.sse import Bounds, Framing, SlowClient
 from edge.tasks import Task
 from schemas.client import JobStream
-from schemas.errors import ModelNotFound
+from schemas.errors import ModelNotFound, Unavailable
 from schemas.events import Done
 from schemas.fleet import ModelInfo
 from schemas.jobs import ImageInput, ImageJob, ImageParams, TextJob, TextParams
@@ -85,7 +85,23 @@ class Session:
         headers = {"x-headrace-job-ids": ",".join(self.job_ids)}
         if self.task is not None:
             headers["x-headrace-task-id"] = self.task.id
+        if (region := self.region) is not None:
+            headers["x-headrace-region"] = region
         return headers
+
+    @property
+    def region(self) -> str | None:
+        """In a super-cluster, the region that served the jobs (their workers' started events;
+        before those arrive, the region whose queue holds them), comma-separated if several."""
+        if self.relay is None or self.edge.placement is None:
+            return None
+        regions: list[str] = []
+        for ch in self.relay.choices:
+            placed = ch.stream.placed
+            region = ch.region or (placed.region if placed is not None else None)
+            if region and region not in regions:
+                regions.append(region)
+        return ",".join(regions) or None
 
     async def submit_text(
         self, model: str, params: list[TextParams], *, stream: bool, fingerprint: str | None
@@ -174,7 +190,7 @@ class Session:
         streams: list[JobStream] = []
         try:
             for job in jobs:
-                streams.append(await self.edge.jobs.submit(job, headers=headers))
+                streams.append(await self._submit(job, headers))
         except BaseException:
             for s in streams:
                 with contextlib.suppress(Exception):
@@ -182,6 +198,25 @@ class Session:
                     await s.close()
             raise
         return streams
+
+    async def _submit(self, job: TextJob | ImageJob, headers: dict[str, str]) -> JobStream:
+        """Publish one job: in a super-cluster, into the region ``edge.placement`` chooses,
+        and into the next choice when that region's JetStream does not answer."""
+        c = self.edge
+        placement = c.placement
+        if placement is None:
+            return await c.jobs.submit(job, headers=headers)
+        while True:
+            region = placement.choose(job.kind, job.model)  # NoWorker when no region is live
+            try:
+                stream = await c.jobs.submit(job, headers=headers, place=region)
+            except Unavailable:
+                placement.unreachable(region)  # the next choice skips it
+                if not placement.live_regions():
+                    raise
+                continue
+            placement.placed(job.kind, job.model, region)
+            return stream
 
     def _follow(self, streams: list[JobStream]) -> None:
         s = self.edge.settings
@@ -229,6 +264,10 @@ class Session:
         await self._settle(unfinished)
         if self._opened is not None:
             c.metrics.open_streams.dec()
+        if c.placement is not None and self.relay is not None and not self._joined:
+            for ch in self.relay.choices:
+                if ch.region:
+                    c.metrics.region_served.labels(ch.region).inc()
 
     async def _cancel(self, unfinished: list[str]) -> None:
         """Cancel unfinished jobs (shared ones: once their last follower left, see edge.dedup)."""

@@ -73,6 +73,17 @@ class EdgeSettings(CommonSettings):
     worker_stale_s: float = Field(
         default=15.0, gt=0, description="a worker whose heartbeat is older than this is gone"
     )
+    region_poll_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="regions: how often each region's queue depth is read (and whether it answers)",
+    )
+    region_lost_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="regions: a region that has not answered this long is lost: its open "
+        "jobs are placed again elsewhere",
+    )
     retry_after_s: int = Field(default=2, ge=1, description="Retry-After sent with 503")
     queue_poll_s: float = Field(
         default=5.0, gt=0, description="how often queue depth is read for /metrics"

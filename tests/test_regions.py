@@ -32,6 +32,7 @@ from schemas.subjects import (
 )
 from schemas.topology import UnknownRegion, ensure_present, provision
 from tests.conftest import (
+    API_KEY,
     NATIVE_CLIENTS,
     TEST_LIMITS,
     TEST_LOGIN,
@@ -265,3 +266,120 @@ async def test_a_job_placed_in_another_region_replies_to_the_submitter(
             )
         finally:
             await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def edge_in(regions: Regions, region: str, **kw: Any) -> AsyncIterator[str]:
+    """An edge of ``region`` in this event loop on a free port; yields its base URL."""
+    from prometheus_client import CollectorRegistry
+
+    from edge.app import start
+    from edge.settings import EdgeSettings
+
+    settings = EdgeSettings(
+        nats_url=regions.url(region),
+        **regions.login("edge"),
+        region=region,
+        regions=",".join(regions.sc.regions),
+        port=free_port(),
+        api_keys=API_KEY,
+        first_event_wait_s=0.5,
+        keepalive_s=0.2,
+        no_worker_wait_s=2.0,
+        worker_stale_s=2.0,
+        region_poll_s=0.25,
+        region_lost_s=1.0,
+        **kw,
+    )
+    registry = CollectorRegistry()
+    runner = await start(settings, registry)
+    try:
+        yield f"http://127.0.0.1:{settings.port}"
+    finally:
+        await runner.cleanup()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample of a Prometheus text exposition (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+async def chat(base: str, *, stream: bool = False, max_tokens: int = 8) -> tuple[str, str]:
+    """One chat completion through the OpenAI SDK: (the x-headrace-region header, the text)."""
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0) as oai:
+        messages: Any = [{"role": "user", "content": "the quick brown fox jumps over the dog"}]
+        if not stream:
+            raw = await oai.chat.completions.with_raw_response.create(
+                model="echo", messages=messages, max_tokens=max_tokens, seed=7
+            )
+            return raw.headers["x-headrace-region"], raw.parse().choices[0].message.content or ""
+        async with oai.chat.completions.with_streaming_response.create(
+            model="echo", messages=messages, max_tokens=max_tokens, seed=7, stream=True
+        ) as response:
+            text = ""
+            async for chunk in await response.parse():
+                if chunk.choices and chunk.choices[0].delta.content:
+                    text += chunk.choices[0].delta.content
+            return response.headers["x-headrace-region"], text
+
+
+async def wait_live(base: str, region: str, n: int, timeout_s: float = 10) -> None:
+    """Until the edge's fleet counts ``n`` live workers of ``region`` (/health/ready)."""
+    import aiohttp
+
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            async with http.get(
+                f"{base}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}
+            ) as r:
+                await r.read()
+            async with http.get(f"{base}/health/ready") as r:
+                body = await r.json()
+            if body["workers"] >= n:
+                return
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"the edge did not see {n} worker(s)")
+
+
+async def scrape(base: str) -> str:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.get(f"{base}/metrics") as r:
+        return await r.text()
+
+
+async def test_a_job_spills_to_the_region_with_a_worker_and_comes_home(
+    provisioned: Regions,
+) -> None:
+    async with edge_in(provisioned, "a") as base, worker(provisioned, "b", "w-b"):
+        await wait_live(base, "b", 1)
+        # Region a has no worker of echo: its jobs are served in b, and say so.
+        region, text = await chat(base)
+        assert region == "b"
+        assert text
+        region, streamed = await chat(base, stream=True)
+        assert region == "b"
+        assert streamed == text  # the same seed: the same answer, wherever it ran
+        metrics = await scrape(base)
+        assert metric(metrics, "headrace_edge_region_spills_total", source="a", target="b") == 2
+        assert metric(metrics, "headrace_edge_region_jobs_served_total", region="b") == 2
+        # Once a's own worker is live, a serves its own jobs again.
+        async with worker(provisioned, "a", "w-a"):
+            await wait_live(base, "a", 2)
+            for _ in range(3):
+                region, again = await chat(base, stream=True)
+                assert region == "a"
+                assert again == text
+        metrics = await scrape(base)
+        assert metric(metrics, "headrace_edge_region_jobs_placed_total", region="a") == 3
+        assert metric(metrics, "headrace_edge_region_jobs_served_total", region="a") == 3
+        assert metric(metrics, "headrace_edge_region_spills_total", source="a", target="b") == 2

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from edge.context import ctx
 from edge.errors import json_response
 from edge.routing import Routes
-from schemas.subjects import JOBS_STREAM, RESULTS_STREAM
+from schemas.subjects import jobs_stream, results_stream
 
 routes = Routes()
 
@@ -32,7 +32,8 @@ async def ready(request: web.Request) -> web.Response:
     if c.nc is None or not c.nc.is_connected:
         reasons.append("NATS is not connected")
     else:
-        for stream in (JOBS_STREAM, RESULTS_STREAM):
+        region = c.settings.scope  # in a super-cluster: this edge's own region's streams
+        for stream in (jobs_stream(region), results_stream(region)):
             try:
                 await c.nc.jetstream().stream_info(stream)
             except (nats.js.errors.NotFoundError, nats.errors.Error, TimeoutError):
