@@ -84,11 +84,12 @@ class Fleet:
         for w in self._watches.values():
             await self._rewatch(w)
 
-    async def _rewatch(self, w: _Watch) -> None:
+    async def _rewatch(self, w: _Watch, *, clear: bool = True) -> None:
         await self._stop_watch(w)
-        async with self._changed:
-            for key in [k for k in self.workers if k.startswith(f"{w.bucket}/")]:
-                del self.workers[key]
+        if clear:
+            async with self._changed:
+                for key in [k for k in self.workers if k.startswith(f"{w.bucket}/")]:
+                    del self.workers[key]
         try:
             await self._start_watch(w)
         except (nats.errors.Error, TimeoutError):
@@ -142,8 +143,10 @@ class Fleet:
                         log.warning(
                             "the worker registry %s went quiet; watching it afresh", w.bucket
                         )
+                    # Records kept: a live worker's is overwritten by the new watch within a
+                    # heartbeat, a dead one's goes stale by its age (``live``).
                     with contextlib.suppress(nats.errors.Error, TimeoutError):
-                        await self._rewatch(w)
+                        await self._rewatch(w, clear=False)
 
     async def _watch(self, w: _Watch, watcher: KeyValue.KeyWatcher, loaded: asyncio.Event) -> None:
         # ``async for``, not ``updates(timeout=)``: asyncio.wait_for on Python 3.11 can swallow

@@ -2,17 +2,16 @@
 
 In a super-cluster every region has its own queue (``JOBS_<region>``). A job goes to the
 region the request arrived in (the edge's own) while that region has live capacity for the
-model: a live worker of it and more free slots than jobs already waiting. Otherwise it
-spills to the region with spare capacity and the shortest queue; when no region has spare
-capacity it stays home if home has a worker of the model at all, and otherwise goes to the
-region whose queue is shortest per slot. A model that only one region serves is served
-from there.
+model: its live workers have more slots than the jobs waiting and running there. Otherwise
+it spills to the region with the most spare slots; when no region has a spare slot it
+stays home if home has a worker of the model at all, and otherwise goes to the region
+whose queue is shortest per slot. A model that only one region serves is served from there.
 
-What the choice reads: the worker registry (every region's, ``edge.fleet``: slots and busy
-slots as of each worker's last heartbeat) and each region's queue depth, polled every
-``region_poll_s`` from the model consumers, plus the jobs this edge placed since the last
-poll. Both lag by up to a heartbeat and a poll: placement is a good guess, and a wrong
-one costs a wait in a queue, never a job.
+What the choice reads: the worker registry (every region's, ``edge.fleet``: the slots of
+each live worker of the model) and each region's load, polled every ``region_poll_s`` from
+its model consumers (jobs pending plus jobs a worker holds), plus the jobs this edge placed
+there since that poll. Other edges' jobs show up at the next poll: placement is a good
+guess, and a wrong one costs a wait in a queue, never a job.
 
 A region whose JetStream does not answer a poll (its servers are gone, or its gateway) is
 *down*: nothing is placed there. Once it has been down for ``region_lost_s``, every open
@@ -56,8 +55,9 @@ class RegionState:
 
     name: str
     down_since: float | None = None  # monotonic; None while it answers
-    depth: dict[str, int] = field(default_factory=dict)  # consumer -> jobs waiting
-    placed: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # since the poll
+    depth: dict[str, int] = field(default_factory=dict)  # consumer -> jobs waiting or running
+    mine_at_poll: dict[str, int] = field(default_factory=dict)  # this edge's among them
+    reserved: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # being placed
 
     @property
     def up(self) -> bool:
@@ -105,41 +105,74 @@ class Placement:
     # -- choosing ------------------------------------------------------------------------
 
     def choose(self, kind: JobKind, model: str) -> str:
-        """The region whose queue takes the next job for ``model`` (see the module docstring)."""
+        """The region whose queue takes the next job for ``model`` (see the module docstring).
+
+        The job is reserved in that region's load at once (``release`` once it is published
+        or failed), so requests arriving together spread out before a poll shows them.
+        """
         consumer = consumer_name(kind, model)
         slots: dict[str, int] = defaultdict(int)
-        free: dict[str, int] = defaultdict(int)
         for w in self.fleet.live():
             if w.region in self.states and any(m.id == model and m.kind == kind for m in w.models):
                 slots[w.region] += w.slots
-                free[w.region] += max(0, w.slots - w.busy)
         live = [r for r in slots if self.states[r].up]
         if not live:
             raise NoWorker(f"No region has a live worker for '{model}' right now; retry shortly")
+        mine = self._open(consumer)
 
-        def waiting(r: str) -> int:
+        def load(r: str) -> int:  # jobs waiting or running there
             s = self.states[r]
-            return s.depth.get(consumer, 0) + s.placed[consumer]
+            others = s.depth.get(consumer, 0) - s.mine_at_poll.get(consumer, 0)
+            return max(0, others) + mine[r] + s.reserved[consumer]
 
         def spare(r: str) -> int:
-            return free[r] - waiting(r)
+            return slots[r] - load(r)
 
         home = self.region
-        if home in live and spare(home) > 0:
-            return home
         roomy = [r for r in live if spare(r) > 0]
-        if roomy:
-            return min(roomy, key=lambda r: (waiting(r), r != home, r))
-        if home in live:
-            return home
-        return min(live, key=lambda r: (waiting(r) / slots[r], r))
+        if home in roomy:
+            chosen = home
+        elif roomy:
+            chosen = min(roomy, key=lambda r: (-spare(r), r))
+        elif home in live:
+            chosen = home
+        else:
+            chosen = min(live, key=lambda r: (load(r) / slots[r], r))
+        self.states[chosen].reserved[consumer] += 1
+        log.debug("placing %s in %s (slots %s, load %s)", consumer, chosen, dict(slots),
+                  {r: load(r) for r in live})  # fmt: skip
+        return chosen
 
-    def placed(self, kind: JobKind, model: str, region: str) -> None:
-        """Count a job placed in ``region`` (its queue is that much deeper until the poll)."""
-        self.states[region].placed[consumer_name(kind, model)] += 1
-        self.metrics.region_placed.labels(region).inc()
-        if region != self.region:
-            self.metrics.region_spills.labels(self.region, region).inc()
+    def release(self, kind: JobKind, model: str, region: str, *, published: bool) -> None:
+        """End ``choose``'s reservation; count a published job (and a spill)."""
+        reserved = self.states[region].reserved
+        consumer = consumer_name(kind, model)
+        reserved[consumer] = max(0, reserved[consumer] - 1)
+        if published:
+            self.metrics.region_placed.labels(region).inc()
+            if region != self.region:
+                self.metrics.region_spills.labels(self.region, region).inc()
+
+    def _open_all(self, region: str) -> dict[str, int]:
+        """This edge's open jobs in ``region``, by consumer."""
+        out: dict[str, int] = defaultdict(int)
+        for stream in self.jobs.open:
+            placed = stream.placed
+            if placed is not None and not stream.finished and placed.region == region:
+                out[consumer_name(placed.job.kind, placed.job.model)] += 1
+        return out
+
+    def _open(self, consumer: str) -> dict[str, int]:
+        """This edge's own jobs of ``consumer`` that are open now, by region: known exactly,
+        unlike other edges' (which only the poll shows)."""
+        out: dict[str, int] = defaultdict(int)
+        for stream in self.jobs.open:
+            placed = stream.placed
+            if placed is None or stream.finished or placed.region is None:
+                continue
+            if consumer_name(placed.job.kind, placed.job.model) == consumer:
+                out[placed.region] += 1
+        return out
 
     def unreachable(self, region: str) -> None:
         """A publish to ``region`` found no JetStream there: treat it as down until it answers."""
@@ -178,6 +211,7 @@ class Placement:
 
     async def _poll(self, state: RegionState) -> None:
         """Read the region's queue depth per model; a region that does not answer is down."""
+        before = self._open_all(state.name)  # this edge's jobs there as the poll starts
         try:
             async with asyncio.timeout(max(self.poll_s, 0.5)):
                 infos = await self.js.consumers_info(jobs_stream(state.name))
@@ -189,8 +223,14 @@ class Placement:
         if not state.up:
             log.info("region %s answers again", state.name)
         state.down_since = None
-        state.depth = {i.name: i.num_pending or 0 for i in infos}
-        state.placed.clear()
+        # Waiting, and fetched by a worker (running): the region's load per model.
+        state.depth = {i.name: (i.num_pending or 0) + (i.num_ack_pending or 0) for i in infos}
+        # This edge's own jobs among them, known exactly (``_open``): those that finished
+        # while the poll was on its way may or may not be counted; taken as counted.
+        after = self._open_all(state.name)
+        state.mine_at_poll = {
+            i.name: max(before.get(i.name, 0), after.get(i.name, 0)) for i in infos
+        }
         for i in infos:
             self.metrics.region_queue_depth.labels(state.name, i.name).set(i.num_pending or 0)
 
@@ -220,12 +260,11 @@ class Placement:
             ack = await self.jobs.publish(
                 job, reply=placed.reply, headers=headers, place=target, attempts=2
             )
-        except (nats.errors.Error, TimeoutError) as e:
+        except Exception as e:  # Unavailable, QueueFull, NATS away: the next poll tries again
+            self.release(job.kind, job.model, target, published=False)
             log.warning("job %s: placing it again failed (%s)", job.id, type(e).__name__)
             return
-        except Exception as e:  # Unavailable, QueueFull: the next poll tries again
-            log.warning("job %s: placing it again failed (%s)", job.id, type(e).__name__)
-            return
+        self.release(job.kind, job.model, target, published=True)
         if stream.finished:  # it finished meanwhile after all: undo
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
                 await self.js.delete_msg(jobs_stream(target), ack.seq)
@@ -233,7 +272,6 @@ class Placement:
         stream.placed = Placed(job, placed.reply, headers, ack.seq, target)
         deadline_ms = job.deadline_ms or int(time.time() * 1000) + 3_600_000
         self._stale.append(Stale(placed.region or "", placed.seq, job.id, deadline_ms / 1000))
-        self.placed(job.kind, job.model, target)
         self.metrics.region_replaced.labels(placed.region or "", target).inc()
         log.warning("job %s: region %s is lost; placed again in %s", job.id, placed.region, target)
 

@@ -208,15 +208,17 @@ class Session:
             return await c.jobs.submit(job, headers=headers)
         while True:
             region = placement.choose(job.kind, job.model)  # NoWorker when no region is live
+            published = False
             try:
-                stream = await c.jobs.submit(job, headers=headers, place=region)
+                stream = await c.jobs.submit(job, headers=headers, place=region, attempts=3)
+                published = True
+                return stream
             except Unavailable:
                 placement.unreachable(region)  # the next choice skips it
                 if not placement.live_regions():
                     raise
-                continue
-            placement.placed(job.kind, job.model, region)
-            return stream
+            finally:
+                placement.release(job.kind, job.model, region, published=published)
 
     def _follow(self, streams: list[JobStream]) -> None:
         s = self.edge.settings

@@ -144,17 +144,20 @@ class JobClient:
         reply: str | None = None,
         headers: dict[str, str] | None = None,
         place: str | None = None,
+        attempts: int | None = None,
     ) -> JobStream:
         """Subscribe to the job's reply subject, then publish the job; returns its event stream.
 
         ``place``: the region whose queue takes the job (a super-cluster; default this
-        client's region).
+        client's region); ``attempts``: as ``publish``'s.
         """
         reply = reply or self.reply_subject(job.id)
         stream = await self.watch(job.id, reply=reply, deadline_ms=job.deadline_ms)
         region = place or self.region
         try:
-            ack = await self.publish(job, reply=reply, headers=headers, place=region)
+            ack = await self.publish(
+                job, reply=reply, headers=headers, place=region, attempts=attempts
+            )
         except BaseException:
             await stream.close()
             raise

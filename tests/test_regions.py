@@ -383,3 +383,73 @@ async def test_a_job_spills_to_the_region_with_a_worker_and_comes_home(
         assert metric(metrics, "headrace_edge_region_jobs_placed_total", region="a") == 3
         assert metric(metrics, "headrace_edge_region_jobs_served_total", region="a") == 3
         assert metric(metrics, "headrace_edge_region_spills_total", source="a", target="b") == 2
+
+
+async def test_a_lost_region_loses_no_accepted_job_and_rejoins(provisioned: Regions) -> None:
+    # Three regions with echo workers (b has the most slots, so busy a and c spill there),
+    # edges in a and c; b's server is SIGKILLed while streamed requests are in flight.
+    slow = {"token_delay_s": 0.05}
+    async with (
+        worker(provisioned, "a", "w-a", slots=2, **slow),
+        worker(provisioned, "b", "w-b", slots=4, **slow),
+        worker(provisioned, "c", "w-c", slots=2, **slow),
+        edge_in(provisioned, "a") as edge_a,
+        edge_in(provisioned, "c") as edge_c,
+    ):
+        for base in (edge_a, edge_c):
+            await wait_live(base, "a", 3)
+        _, reference = await chat(edge_a, max_tokens=30)
+        assert reference
+        requests = [
+            asyncio.create_task(chat(base, stream=True, max_tokens=30))
+            for base in (edge_a, edge_c)
+            for _ in range(5)
+        ]
+        # Kill b once it holds some of them (accepted, a worker of b running them).
+        nb = await provisioned.connect("b")
+        try:
+            deadline = time.monotonic() + 15
+            info = await nb.jetstream().consumer_info(jobs_stream("b"), "llm-echo")
+            while (info.num_ack_pending or 0) < 2:
+                assert time.monotonic() < deadline, "b never held two of the jobs"
+                await asyncio.sleep(0.05)
+                info = await nb.jetstream().consumer_info(jobs_stream("b"), "llm-echo")
+        finally:
+            await nb.close()
+        provisioned.sc.kill_region("b")
+        killed = time.monotonic()
+        async with asyncio.timeout(30):  # none waits for its deadline (600 s)
+            answers = await asyncio.gather(*requests)
+        took = time.monotonic() - killed
+        # Every accepted job finished with its whole answer: none lost, none cut short.
+        assert [text for _, text in answers] == [reference] * len(requests)
+        assert took < 25, took  # on 2 shared cores; the deadline is 600 s
+        texts = [await scrape(base) for base in (edge_a, edge_c)]
+        replaced = sum(
+            metric(t, "headrace_edge_region_jobs_replaced_total", source="b") for t in texts
+        )
+        assert replaced >= 2, answers  # b held them when it died: placed again elsewhere
+        # New work goes to the regions that are left.
+        for base in (edge_a, edge_c):
+            region, text = await chat(base, stream=True, max_tokens=30)
+            assert region in {"a", "c"}
+            assert text == reference
+        # b comes back on its store and ports, rejoins the super-cluster, and serves again:
+        # its worker reconnects and registers by itself.
+        provisioned.sc.restart_region("b")
+        nc = await provisioned.connect("a")
+        try:
+            await wait_registered(nc, "b", "w-b")
+            client = JobClient(nc, region="a")
+            async with await client.submit(text_job(max_tokens=5), place="b") as stream:
+                events = await collect(stream)
+            assert isinstance(events[0].event, Started)
+            assert events[0].event.region == "b"
+            assert isinstance(events[-1].event, Done)
+            # The copies of the jobs placed again elsewhere were deleted from b's queue.
+            deadline = time.monotonic() + 10
+            while (await nc.jetstream().stream_info(jobs_stream("b"))).state.messages:
+                assert time.monotonic() < deadline, "stale copies stayed in b's queue"
+                await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
