@@ -11,6 +11,7 @@ import ctypes
 import json
 import logging
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -22,8 +23,11 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from schemas.subjects import check_region
-from schemas.topology import DEV_CONF
+from schemas.subjects import JS_DOMAIN, check_region
+from schemas.topology import DEV_CONF, NATS_DIR
+
+LEAF_CONF = NATS_DIR / "leaf.conf"
+REGION_CONF = NATS_DIR / "region.conf"
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +54,35 @@ def terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> int:
     return proc.returncode
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    Picked below the kernel's ephemeral range where there is room: a port from that range
+    (what binding port 0 gives) can be taken, before the server binds it, by the local end
+    of any outgoing connection, such as one server's gateway dialling another.
+    """
+    low, _ = _ephemeral_range()
+    for _ in range(50):
+        port = random.randint(10_000, low - 1) if low > 11_000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            found: int = s.getsockname()[1]
+            return found
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        fallback: int = s.getsockname()[1]
+        return fallback
 
 
 def wait_for_port(
@@ -431,7 +458,7 @@ class SuperCluster:
         *,
         gateway_password: str,
         log_dir: Path | None = None,
-        config: Path = DEV_CONF,
+        config: Path = REGION_CONF,
         extra_conf: str | None = None,  # users, the same in every region
         leafnodes: bool = False,
         gateway_urls: Mapping[tuple[str, str], str] | None = None,
@@ -491,7 +518,12 @@ class SuperCluster:
                 # JSON is a subset of nats-server's configuration format.
                 parts = [f"gateway: {json.dumps(gateway)}", _system_account()]
                 if leafnodes:
-                    leaf = {"listen": f"127.0.0.1:{self.leaf_ports[node.server_name]}"}
+                    # no_advertise: a leaf redials the address it was given (a NAT's, a
+                    # proxy's), never a hub address it learnt that it may not reach.
+                    leaf = {
+                        "listen": f"127.0.0.1:{self.leaf_ports[node.server_name]}",
+                        "no_advertise": True,
+                    }
                     parts.append(f"leafnodes: {json.dumps(leaf)}")
                 if extra_conf:
                     parts.append(extra_conf)
@@ -605,11 +637,18 @@ class LeafNode(NatsServer):
         users_conf: str,
         log_path: Path | None = None,
     ) -> None:
-        super().__init__(data_dir, log_path=log_path, http_port=free_port())
+        super().__init__(data_dir, log_path=log_path, http_port=free_port(), config=LEAF_CONF)
         host = hub_url.split("://", 1)[-1]
         scheme = hub_url.split("://", 1)[0] if "://" in hub_url else "nats-leaf"
         remote = {"urls": [f"{scheme}://{user}:{password}@{host}"]}
-        self.extra_conf = f"leafnodes: {json.dumps({'remotes': [remote]})}\n{users_conf}"
+        # Local clients call $JS.API.>: sent on as the regions' domain's API (nats/leaf.conf).
+        # nats-server keeps $KV.> off leaf links: a KV put crosses under the domain's API
+        # prefix, which the hub maps back to $KV.> (its JetStream domain mapping table).
+        mappings = {"$JS.API.>": f"$JS.{JS_DOMAIN}.API.>", "$KV.>": f"$JS.{JS_DOMAIN}.API.$KV.>"}
+        self.extra_conf = (
+            f"leafnodes: {json.dumps({'remotes': [remote]})}\n"
+            f"mappings: {json.dumps(mappings)}\n{users_conf}"
+        )
         self.hub_url = hub_url
 
     def command(self) -> list[str]:

@@ -34,6 +34,7 @@ from schemas.subjects import (
     IMAGES_BUCKET,
     INTERRUPT_PREFIX,
     JOBS_PREFIX,
+    JS_DOMAIN,
     OPTIONS_BUCKET,
     RESULTS_PREFIX,
     RESULTS_STREAM,
@@ -138,6 +139,22 @@ def _topology(regions: Regions = ()) -> list[str]:
     return [f"{API}.STREAM.{verb}.{name}" for name in names for verb in ("INFO", "CREATE")]
 
 
+def _in_domain(permissions: Permissions, regions: Regions) -> Permissions:
+    """In a super-cluster, each JetStream API grant also under the regions' domain
+    (``$JS.<domain>.API``): what a process behind a leaf node calls (nats/leaf.conf)."""
+    if not regions:
+        return permissions
+    prefix, domain = f"{API}.", f"$JS.{JS_DOMAIN}.API."
+    extra = [domain + p[len(prefix) :] for p in permissions.publish if p.startswith(prefix)]
+    # nats-server keeps $KV.> off a leaf link; a KV put crosses as $JS.<domain>.API.$KV.>.
+    extra += [domain + p for p in permissions.publish if p.startswith("$KV.")]
+    return Permissions(
+        publish=(*permissions.publish, *extra),
+        subscribe=permissions.subscribe,
+        allow_responses=permissions.allow_responses,
+    )
+
+
 def admin() -> Permissions:
     """Provisioning: the whole JetStream API (streams, consumers, buckets), no data subjects."""
     return Permissions(publish=(f"{API}.>",), subscribe=(f"{inbox_prefix(ADMIN)}.>",))
@@ -192,7 +209,10 @@ def worker(regions: Regions = ()) -> Permissions:
     for r in _scopes(regions):
         jobs = jobs_stream(r)
         publish += [
-            f"$KV.{workers_bucket(r)}.*",
+            # In a super-cluster ">": the grant that a hub holds a leaf node's interest to
+            # must cover the bucket stream's own subject ($KV.<bucket>.>) for the leaf to
+            # learn where heartbeats go. A worker key is one token either way.
+            f"$KV.{workers_bucket(r)}.{'*' if r is None else '>'}",
             # A worker creates its model's consumer when it is missing (never updates it),
             # binds it, fetches from it and acks: JOBS only.
             f"{API}.CONSUMER.CREATE.{jobs}.*.{JOBS_PREFIX}.>",
@@ -244,11 +264,11 @@ def native_client(user: str, models: Iterable[str], regions: Regions = ()) -> Pe
         own = f"{RESULTS_PREFIX}.{user}.>" if r is None else f"{RESULTS_PREFIX}.{r}.{user}.>"
         publish += _history(own, results_stream(r))
         subscribe.append(own)
-    return Permissions(publish=tuple(publish), subscribe=tuple(subscribe))
+    return _in_domain(Permissions(publish=tuple(publish), subscribe=tuple(subscribe)), regions)
 
 
 def for_role(role: str, regions: Regions = ()) -> Permissions:
     """The permissions of one of ``ROLES`` (in a super-cluster of ``regions``)."""
     if role == ADMIN:
         return admin()
-    return {EDGE: edge, WORKER: worker, OBSERVER: observer}[role](regions)
+    return _in_domain({EDGE: edge, WORKER: worker, OBSERVER: observer}[role](regions), regions)

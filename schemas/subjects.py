@@ -78,6 +78,11 @@ def job_subject(kind: JobKind, model: str, region: str | None = None) -> str:
 _REGION = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
 
 
+# The JetStream domain of a super-cluster (nats/region.conf): a leaf node without JetStream
+# reaches the regions' JetStream through $JS.<domain>.API.> (nats/leaf.conf maps to it).
+JS_DOMAIN = "headrace"
+
+
 def is_region(name: str) -> bool:
     """True when ``name`` can name a region."""
     return bool(_REGION.match(name))

@@ -20,7 +20,8 @@ from nats.aio.client import Client as NATS
 from pydantic import ValidationError
 
 from headrace.credentials import Credentials, gateway_password
-from headrace.servers import GatewayError, SuperCluster, free_port
+from headrace.netproxy import DelayProxy
+from headrace.servers import GatewayError, LeafNode, SuperCluster, free_port
 from schemas.client import JobClient
 from schemas.events import Done, Started
 from schemas.subjects import (
@@ -453,3 +454,75 @@ async def test_a_lost_region_loses_no_accepted_job_and_rejoins(provisioned: Regi
                 await asyncio.sleep(0.2)
         finally:
             await nc.close()
+
+
+def leaf_of(
+    regions: Regions,
+    region: str,
+    tmp_path: Path,
+    password: str | None = None,
+    via: str | None = None,
+) -> LeafNode:
+    """A leaf node site of ``region``: a nats-server dialling out as ``worker``."""
+    return LeafNode(
+        tmp_path / "leaf",
+        via or regions.sc.leaf_url(region),
+        "worker",
+        password or regions.creds.password("worker").get_secret_value(),
+        users_conf=users_conf(regions.creds),
+        log_path=tmp_path / "leaf.log",
+    )
+
+
+def test_a_leaf_with_wrong_credentials_is_an_error_at_start(
+    regions: Regions, tmp_path: Path
+) -> None:
+    leaf = leaf_of(regions, "a", tmp_path, password="not-the-password")
+    with pytest.raises(GatewayError, match=r"(?i)did not connect.*authorization"):
+        leaf.start(timeout_s=4)
+
+
+async def test_a_leaf_node_worker_serves_and_a_cut_link_is_a_dead_worker(
+    provisioned: Regions, tmp_path: Path
+) -> None:
+    # A GPU box behind NAT: its own nats-server joins region a as a leaf (outbound only,
+    # through a proxy here so the test can pull the cable), and its worker talks to it.
+    a = provisioned.sc.cluster("a").nodes[0]
+    cable = DelayProxy(provisioned.sc.leaf_url("a").split("://")[1]).start()
+    leaf = leaf_of(provisioned, "a", tmp_path, via=f"nats-leaf://{cable.address}")
+    leaf.start()
+    try:
+        site = provisioned.worker_settings("a", "w-leaf").model_copy(update={"nats_url": leaf.url})
+        runtime = Runtime(site, EchoEngine(token_delay_s=0.1))
+        task = asyncio.create_task(runtime.run())
+        nc = await provisioned.connect("a")
+        try:
+            await wait_registered(nc, "a", "w-leaf")
+            client = JobClient(nc, region="a")
+            async with await client.submit(text_job(max_tokens=3)) as stream:
+                events = await collect(stream)
+            assert events[0].event.worker == "w-leaf"
+            assert isinstance(events[-1].event, Done)
+            # Mid-job, the leaf's link is cut: its job is redelivered to a worker of the region.
+            job = text_job(max_tokens=200)  # 20 s on the leaf
+            async with await client.submit(job) as stream:
+                first = await stream.next(timeout_s=10)
+                assert first is not None
+                assert first.event.worker == "w-leaf"
+                async with worker(provisioned, "a", "w-hub"):
+                    cable.cut()
+                    rest = await collect(stream, timeout_s=30)
+            final = [r for r in rest if isinstance(r.event, Started)][-1]
+            assert final.event.worker == "w-hub"
+            assert final.pos.attempt == 2  # the leaf's attempt was given up, as a dead worker's
+            assert isinstance(rest[-1].event, Done)
+            assert rest[-1].event.usage.completion_tokens == 200
+        finally:
+            await nc.close()
+            runtime.stop()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(task, 30)
+    finally:
+        leaf.stop()
+        cable.stop()
+    assert a.proc is not None
