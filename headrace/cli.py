@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from headrace import logs
+from headrace.servers import GatewayError
 from schemas.connection import NatsRefused
 
 
@@ -21,7 +22,7 @@ def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]
 
 
 _COMMON = ("nats_url", "nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key", "region",
-           "log_level")  # fmt: skip
+           "regions", "log_level")  # fmt: skip
 _SD = ("sd_device", "sd_threads", "image_inline_chars")
 _LLM = ("llm_n_ctx", "llm_threads", "llm_threads_batch", "llm_gpu_layers", "llm_chat_template_file")
 _LIMITS = (
@@ -35,7 +36,7 @@ _LIMITS = (
 )
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, *, regions: bool = True) -> None:
     p.add_argument("--nats-url", help="NATS URL(s), comma-separated (HEADRACE_NATS_URL)")
     p.add_argument(
         "--nats-creds",
@@ -53,6 +54,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats-tls-cert", type=Path, metavar="PEM", help="client certificate (mTLS)")
     p.add_argument("--nats-tls-key", type=Path, metavar="PEM", help="the client certificate's key")
     p.add_argument("--region", help="region name (HEADRACE_REGION)")
+    if regions:
+        p.add_argument(
+            "--regions",
+            metavar="A,B,...",
+            help="the regions of a NATS super-cluster, the first holding the shared buckets "
+            "(HEADRACE_REGIONS; default: one region)",
+        )
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING ... (HEADRACE_LOG_LEVEL)")
 
 
@@ -85,6 +93,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         "port",
         "nats_port",
         "nats_nodes",
+        "nats_regions",
         "valkey_port",
         "echo_workers",
         "llm_workers",
@@ -202,10 +211,11 @@ def cmd_auth(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Print workers, queues and dead letters."""
     from headrace import status
-    from schemas.settings import CommonSettings
+    from headrace.settings import ProvisionSettings
 
-    settings = CommonSettings(**_overrides(args, _COMMON))
-    return asyncio.run(status.run(settings, watch_s=args.watch))
+    settings = ProvisionSettings(**_overrides(args, _COMMON))
+    edges = [u.strip() for u in (args.edges or "").split(",") if u.strip()]
+    return asyncio.run(status.run(settings, watch_s=args.watch, edges=edges))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -248,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("up", help="run nats-server, valkey and workers locally (Ctrl-C stops all)")
-    _add_common(p)
+    _add_common(p, regions=False)
     _add_limits(p)
     p.add_argument(
         "--data-dir", type=Path, help="where nats and valkey keep files (default .headrace)"
@@ -261,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="run N nats-server nodes as one JetStream cluster, streams at R3 (HEADRACE_NATS_NODES)",
+    )
+    p.add_argument(
+        "--regions",
+        dest="nats_regions",
+        type=int,
+        metavar="N",
+        help="run N regions (each a cluster of --cluster nodes) joined by gateways into one "
+        "super-cluster, workers and an edge in each (names: HEADRACE_REGIONS, else r1..rN)",
     )
     p.add_argument("--valkey-port", type=int, help="default 6379")
     p.add_argument("--echo-workers", type=int, help="echo workers to start (default 1)")
@@ -408,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="workers, queue depth and dead letters")
     _add_common(p)
     p.add_argument("--watch", type=float, metavar="S", help="refresh every S seconds")
+    p.add_argument(
+        "--edges",
+        metavar="URL,...",
+        help="regions: edges whose /metrics give the spill counts between regions",
+    )
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
@@ -462,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = ".".join(str(p) for p in err["loc"])
             print(f"headrace: invalid setting {where}: {err['msg']}", file=sys.stderr)
         return 2
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, GatewayError) as e:
         print(f"headrace: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,11 +19,31 @@ def parse_models(specs: list[str]) -> list[tuple[JobKind, str]]:
     return out
 
 
-async def run(settings: ProvisionSettings, models: list[tuple[JobKind, str]]) -> dict[str, Change]:
-    """Connect, provision, disconnect; returns what changed."""
+async def run(
+    settings: ProvisionSettings,
+    models: list[tuple[JobKind, str]],
+    *,
+    region: str | None = None,
+    home: str | None = None,
+) -> dict[str, Change]:
+    """Connect, provision, disconnect; returns what changed.
+
+    In a super-cluster (``HEADRACE_REGIONS``): every region's streams, registry and the
+    models' consumers, each placed in its region, and the shared buckets in the first; or
+    only ``region``'s when given. A region no cluster answers to raises ``UnknownRegion``.
+    """
     nc = await connect(settings, "headrace-provision", connect_timeout_s=5)
     try:
         limits = Limits.model_validate(settings.model_dump(include=set(Limits.model_fields)))
-        return await provision(nc.jetstream(), limits, models)
+        js = nc.jetstream()
+        if region is not None:
+            return await provision(js, limits, models, region=region, home=home)
+        names = settings.region_names()
+        if not names:
+            return await provision(js, limits, models)
+        out: dict[str, Change] = {}
+        for r in names:
+            out |= await provision(js, limits, models, region=r, home=names[0])
+        return out
     finally:
         await nc.close()

@@ -13,6 +13,15 @@ from schemas.topology import Limits
 class ProvisionSettings(CommonSettings, Limits):
     """``headrace provision``: where NATS is and which limits to apply (HEADRACE_JOBS_MAX_MSGS ...)."""
 
+    @model_validator(mode="after")
+    def _region_known(self) -> ProvisionSettings:
+        """Provisioning, ``status`` and ``up`` cover every region: no region of their own
+        is needed (the first stands in where one is asked for)."""
+        names = self.region_names()
+        if names and self.region not in names:
+            self.region = names[0]
+        return self
+
 
 class StackSettings(ProvisionSettings):
     """``headrace up``: ports and the data directory of the local stack."""
@@ -32,6 +41,13 @@ class StackSettings(ProvisionSettings):
     )
     nats_cluster_port: int = Field(
         default=6222, ge=0, le=65535, description="the first node's route port on a cluster"
+    )
+    nats_regions: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="regions: 1, or a super-cluster of this many clusters (nats_nodes each) "
+        "joined by gateways, named by HEADRACE_REGIONS or r1, r2 ...",
     )
     valkey_port: int = Field(default=6379, ge=0, le=65535)
     port: int = Field(default=8000, ge=0, le=65535, description="the edge's HTTP port")
@@ -62,6 +78,19 @@ class StackSettings(ProvisionSettings):
                 f"replicas ({self.replicas}) cannot exceed the nats-server nodes ({self.nats_nodes})"
             )
         return self
+
+    def region_list(self) -> tuple[str, ...]:
+        """The super-cluster's regions (empty: one region)."""
+        named = self.region_names()
+        if named:
+            if self.nats_regions not in (1, len(named)):
+                raise ValueError(
+                    f"--regions {self.nats_regions} but HEADRACE_REGIONS names {len(named)}"
+                )
+            return named if len(named) > 1 else ()
+        if self.nats_regions == 1:
+            return ()
+        return tuple(f"r{i}" for i in range(1, self.nats_regions + 1))
 
     def stream_replicas(self) -> int | None:
         """The replica count to provision: as set, else 3 (or the node count) on a cluster."""

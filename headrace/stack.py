@@ -23,11 +23,12 @@ from types import FrameType
 import nats.js.errors
 
 from headrace import provision
-from headrace.credentials import Credentials
+from headrace.credentials import Credentials, gateway_password
 from headrace.servers import (
     ChildServer,
     NatsCluster,
     NatsServer,
+    SuperCluster,
     ValkeyServer,
     child_setup,
     terminate,
@@ -36,7 +37,7 @@ from headrace.servers import (
 from headrace.settings import StackSettings
 from schemas.connection import connect
 from schemas.permissions import ADMIN, ALL_MODELS, EDGE, OBSERVER, WORKER
-from schemas.subjects import WORKERS_BUCKET, worker_key
+from schemas.subjects import WORKERS_BUCKET, worker_key, workers_bucket
 
 # The NATS-native client user `headrace up` makes, allowed every model (README, Operations).
 NATIVE_CLIENT = "native"
@@ -79,6 +80,7 @@ class Stack:
         self.servers: list[ChildServer] = []
         self.children: list[Child] = []
         self.cluster: NatsCluster | None = None
+        self.super_cluster: SuperCluster | None = None
         self._gone: set[ChildServer] = set()  # cluster nodes that exited, reported once
         self._stop = False
 
@@ -145,6 +147,9 @@ class Stack:
         s = self.settings
         self.logs.mkdir(parents=True, exist_ok=True)
         say(f"headrace up: data in {self.data_dir}, logs in {self.logs}")
+        if regions := s.region_list():
+            self._start_regions(regions)
+            return
         creds = Credentials.ensure(self.data_dir / "auth", {NATIVE_CLIENT: [ALL_MODELS]})
         say(f"  NATS users and passwords in {creds.directory} (made once, kept)")
         nats_url = self._nats(creds.authorization())
@@ -210,6 +215,97 @@ class Stack:
             )
         say("Press Ctrl-C to stop.")
 
+    def _start_regions(self, regions: tuple[str, ...]) -> None:
+        """A super-cluster: one cluster per region joined by gateways, its streams provisioned
+        per region, echo workers and an edge in every region (llama.cpp and diffusers
+        workers in the first, the home region, to spare the CPU)."""
+        s = self.settings
+        names = ",".join(regions)
+        creds = Credentials.ensure(
+            self.data_dir / "auth", {NATIVE_CLIENT: [ALL_MODELS]}, regions=regions
+        )
+        say(f"  NATS users and passwords in {creds.directory} (made once, kept)")
+        sc = SuperCluster(
+            self.data_dir / "nats-regions",
+            regions,
+            s.nats_nodes,
+            gateway_password=gateway_password(creds.directory),
+            log_dir=self.logs,
+            extra_conf=creds.authorization(),
+            leafnodes=True,
+        )
+        self.super_cluster = sc
+        t0 = time.perf_counter()
+        say(f"  starting {len(regions)} regions ({names}) of {s.nats_nodes} node(s) each ...")
+        try:
+            sc.start(timeout_s=60)
+        finally:
+            self.servers.extend(sc.nodes)
+        say(f"  super-cluster formed in {(time.perf_counter() - t0) * 1000:.0f} ms")
+        valkey = ValkeyServer(
+            self.data_dir / "valkey", s.valkey_port, log_path=self.logs / "valkey.log"
+        )
+        self._server(valkey)
+        replicas = min(3, s.nats_nodes) if s.replicas is None and s.nats_nodes > 1 else s.replicas
+        for region in regions:
+            settings = s.model_copy(
+                update={"nats_url": sc.url(region), "replicas": replicas, **creds.login(ADMIN)}
+            )
+            changes = asyncio.run(
+                provision.run(settings, [("llm", "echo")], region=region, home=regions[0])
+            )
+            say(f"  provisioned {region}: " + ", ".join(f"{k}: {v}" for k, v in changes.items()))
+        key = s.api_keys.split(",")[0].strip() or self._dev_key()
+        worker_ids: dict[str, list[str]] = {}
+        for n, region in enumerate(regions):
+            env = self._child_env(sc.url(region), valkey.url)
+            env.update(HEADRACE_REGION=region, HEADRACE_REGIONS=names)
+            if replicas is not None:
+                env["HEADRACE_REPLICAS"] = str(replicas)
+            env.setdefault("HEADRACE_SD_DEMO_DIR", str(self.data_dir / "tiny-sd"))
+            worker_env = dict(env, **creds.env(WORKER))
+            counts = [("echo", s.echo_workers)]
+            if n == 0:
+                counts += [
+                    ("llm", self._optional("llm", s.llm_workers, "llama_cpp")),
+                    ("sd", self._optional("sd", s.sd_workers, "diffusers")),
+                ]
+            for engine, count in counts:
+                for i in range(1, count + 1):
+                    worker_id = f"{region}-{engine}-{i}"
+                    self._spawn(
+                        f"worker-{region}-{engine}-{i}",
+                        ["worker", engine, "--worker-id", worker_id],
+                        worker_env,
+                    )
+                    worker_ids.setdefault(region, []).append(worker_id)
+            edge_env = dict(env, HEADRACE_PORT=str(s.port + n), HEADRACE_API_KEYS=s.api_keys or key)
+            edge_env.update(creds.env(EDGE))
+            self._spawn(f"edge-{region}", ["edge"], edge_env)
+        say("  waiting for workers to load their models and register ...")
+        for region, ids in worker_ids.items():
+            observer = s.model_copy(update={"nats_url": sc.url(region), **creds.login(OBSERVER)})
+            asyncio.run(self._wait_ready(observer, ids, bucket=workers_bucket(region)))
+        for n, _ in enumerate(regions):
+            wait_for_port(s.port + n, 30)
+        say(f"\nheadrace is up: {len(regions)} regions in one super-cluster (Valkey {valkey.url})")
+        for n, region in enumerate(regions):
+            say(f"  region {region}: edge http://127.0.0.1:{s.port + n}   NATS {sc.url(region)}   "
+                f"leaf nodes dial {sc.leaf_url(region)}")  # fmt: skip
+        say(f"API key: {key}")
+        say(
+            f"NATS: headrace status --regions {names} --nats-url {sc.url(regions[0])} "
+            f"--nats-creds {creds.directory / f'{OBSERVER}.env'} --edges "
+            + ",".join(f"http://127.0.0.1:{s.port + n}" for n in range(len(regions)))
+        )
+        say(
+            f"Try:  curl -si http://127.0.0.1:{s.port}/v1/chat/completions -H 'Authorization: "
+            f"Bearer {key}' -H 'Content-Type: application/json' "
+            """-d '{"model": "echo", "messages": [{"role": "user", "content": "hello"}]}'"""
+            "   (x-headrace-region: the region that served it)"
+        )
+        say("Press Ctrl-C to stop.")
+
     def _optional(self, extra: str, count: int, module: str) -> int:
         """Workers of an optional engine to start: none when its extra is not installed."""
         if count and importlib.util.find_spec(module) is None:
@@ -237,12 +333,16 @@ class Stack:
         say(f"  started {name} (pid {child.proc.pid if child.proc else '?'}), log {child.log_path}")
 
     async def _wait_ready(
-        self, settings: StackSettings, worker_ids: list[str], timeout_s: float = 600
+        self,
+        settings: StackSettings,
+        worker_ids: list[str],
+        timeout_s: float = 600,
+        bucket: str = WORKERS_BUCKET,
     ) -> None:
         """Until every worker has registered (workers register only once their models are loaded)."""
         nc = await connect(settings, "headrace-up")
         try:
-            kv = await nc.jetstream().key_value(WORKERS_BUCKET)
+            kv = await nc.jetstream().key_value(bucket)
             waiting, t0 = set(worker_ids), time.monotonic()
             while waiting:
                 for worker_id in sorted(waiting):
@@ -293,6 +393,13 @@ class Stack:
             if server.proc is None or server.proc.poll() is None or server in self._gone:
                 continue
             say(f"{server.name} exited with status {server.proc.returncode}")
+            sc = self.super_cluster
+            if sc is not None and server in sc.nodes:
+                # A lost region: the others serve its work (edge.placement); it rejoins when
+                # started again on its store.
+                say("  the other regions go on without it")
+                self._gone.add(server)
+                continue
             quorum = cluster is not None and len(cluster.running()) > len(cluster.nodes) // 2
             if cluster is None or server not in cluster.nodes or not quorum:
                 return False

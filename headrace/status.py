@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
+from collections.abc import Mapping, Sequence
 
 import nats
 import nats.js.errors
@@ -21,6 +23,8 @@ from schemas.subjects import (
     OPTIONS_BUCKET,
     RESULTS_STREAM,
     WORKERS_BUCKET,
+    jobs_stream,
+    workers_bucket,
 )
 
 # Every stream headrace provisions; KV buckets and object stores are streams too.
@@ -34,9 +38,9 @@ _STREAMS = (
 )
 
 
-async def live_workers(js: JetStreamContext) -> list[WorkerInfo]:
+async def live_workers(js: JetStreamContext, bucket: str = WORKERS_BUCKET) -> list[WorkerInfo]:
     """Every record in the ``workers`` bucket (expired ones are gone by TTL)."""
-    kv = await js.key_value(WORKERS_BUCKET)
+    kv = await js.key_value(bucket)
     try:
         keys = await kv.keys()
     except nats.js.errors.NoKeysError:
@@ -74,6 +78,68 @@ def _peer(peer: PeerInfo) -> str:
     return f"{peer.name} ({state}, seen {seen_s:.1f} s ago)"
 
 
+async def render_regions(
+    js: JetStreamContext, regions: Sequence[str], spills: Mapping[tuple[str, str], float] = {}
+) -> str:
+    """A super-cluster's status: per region its servers' reach, workers and queue depth, and
+    (from the edges' metrics, when given) the jobs that spilled between regions."""
+    now_ms = time.time() * 1000
+    lines = [f"{'REGION':10} {'STATE':12} {'WORKERS':>7} {'SLOTS':>9} {'QUEUED':>7} {'RUNNING':>8}"]
+    detail: list[str] = []
+    for region in regions:
+        try:
+            async with asyncio.timeout(3):
+                workers = await live_workers(js, workers_bucket(region))
+                consumers = await js.consumers_info(jobs_stream(region))
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
+            lines.append(f"{region:10} {'unreachable':12} ({type(e).__name__})")
+            continue
+        busy = sum(w.busy for w in workers)
+        slots = sum(w.slots for w in workers)
+        queued = sum(c.num_pending or 0 for c in consumers)
+        running = sum(c.num_ack_pending or 0 for c in consumers)
+        lines.append(
+            f"{region:10} {'up':12} {len(workers):>7} {busy:>4}/{slots:<4} {queued:>7} {running:>8}"
+        )
+        for w in workers:
+            models = ",".join(m.id for m in w.models)
+            age = (now_ms - w.heartbeat_ms) / 1000
+            detail.append(
+                f"{region:10} {w.id:32} {models:24} {w.busy:>4}/{w.slots:<4} {age:>6.1f}s"
+            )
+        for c in consumers:
+            detail.append(
+                f"{region:10} {'queue ' + c.name:32} {'':24} queued {c.num_pending or 0}, "
+                f"running {c.num_ack_pending or 0}, redelivered {c.num_redelivered or 0}"
+            )
+    lines += ["", f"{'REGION':10} {'WORKER / QUEUE':32} {'MODELS':24} {'BUSY':>9} {'BEAT':>7}"]
+    lines += detail
+    if spills:
+        lines += ["", f"{'SPILLS (from edges)':24} {'JOBS':>8}"]
+        for (source, target), count in sorted(spills.items()):
+            lines.append(f"{source + ' -> ' + target:24} {count:>8.0f}")
+    return "\n".join(lines)
+
+
+def edge_spills(urls: Sequence[str]) -> dict[tuple[str, str], float]:
+    """``headrace_edge_region_spills_total`` summed over the edges' ``/metrics``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[tuple[str, str], float] = {}
+    for url in urls:
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/metrics", timeout=3) as r:
+                text = r.read().decode()
+        except OSError:
+            continue
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "headrace_edge_region_spills_total":
+                    key = (sample.labels["source"], sample.labels["target"])
+                    out[key] = out.get(key, 0.0) + sample.value
+    return out
+
+
 async def render(js: JetStreamContext) -> str:
     """The status tables as text."""
     now_ms = time.time() * 1000
@@ -97,13 +163,20 @@ async def render(js: JetStreamContext) -> str:
     return "\n".join(lines)
 
 
-async def run(settings: CommonSettings, watch_s: float | None = None) -> int:
+async def run(
+    settings: CommonSettings, watch_s: float | None = None, edges: Sequence[str] = ()
+) -> int:
     """Print the status once, or every ``watch_s`` seconds until interrupted."""
     nc = await connect(settings, "headrace-status", connect_timeout_s=5)
     try:
         js = nc.jetstream()
+        regions = settings.region_names()
         while True:
-            text = await render(js)
+            if regions:
+                spills = await asyncio.to_thread(edge_spills, edges) if edges else {}
+                text = await render_regions(js, regions, spills)
+            else:
+                text = await render(js)
             if watch_s:
                 print("\033[2J\033[H" + time.strftime("%H:%M:%S"), flush=True)
             print(text, flush=True)

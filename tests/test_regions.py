@@ -526,3 +526,63 @@ async def test_a_leaf_node_worker_serves_and_a_cut_link_is_a_dead_worker(
         leaf.stop()
         cable.stop()
     assert a.proc is not None
+
+
+@pytest.mark.timeout(180)
+def test_up_regions_runs_a_super_cluster_with_an_edge_per_region(tmp_path: Path) -> None:
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = free_port()
+    while free_port() == port + 1:  # the second region's edge takes the next port
+        pass
+    data = tmp_path / "data"
+    argv = [sys.executable, "-m", "headrace", "up", "--regions", "2", "--data-dir", str(data)]
+    argv += ["--port", str(port), "--valkey-port", str(free_port())]
+    argv += ["--llm-workers", "0", "--sd-workers", "0", "--nats-port", "0"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADRACE_")}
+    env.update(HEADRACE_LLM_THREADS="1", HEADRACE_NATS_HTTP_PORT="0")
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "Press Ctrl-C" in line or not line:
+            break
+    output = "".join(lines)
+    try:
+        assert "super-cluster formed" in output, output
+        key = (data / "dev-api-key").read_text().strip()
+        for n, region in enumerate(("r1", "r2")):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port + n}/v1/chat/completions",
+                data=b'{"model": "echo", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}',
+                headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=30) as r:
+                assert r.headers["x-headrace-region"] == region  # each region serves its own
+        command = re.search(r"NATS: (headrace status .*)$", output, re.M)
+        assert command is not None, output
+        status = subprocess.run(
+            [sys.executable, "-m", *command.group(1).split()],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert re.search(r"^r1 +up +1 ", status.stdout, re.M), status.stdout + status.stderr
+        assert re.search(r"^r2 +up +1 ", status.stdout, re.M), status.stdout
+        assert re.search(r"^r2 +r2-echo-1 ", status.stdout, re.M), status.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, rest
+    assert "headrace is down" in rest
