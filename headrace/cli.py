@@ -225,9 +225,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """
     from headrace.bench import edge, pipeline
 
-    what = {"echo": ("pipeline", "edge"), "all": ("pipeline", "edge", "llm", "sd", "restarts")}.get(
-        args.what, (args.what,)
-    )
+    what = {
+        "echo": ("pipeline", "edge"),
+        "all": ("pipeline", "edge", "llm", "sd", "restarts", "regions"),
+    }.get(args.what, (args.what,))
     if args.quick:  # smaller echo runs too
         args.jobs, args.samples, args.requests = (min(args.jobs, 500), min(args.samples, 100),
                                                   min(args.requests, 500))  # fmt: skip
@@ -244,6 +245,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from headrace.bench import sd
 
         status |= sd.run(quick=args.quick, out=args.out, threads=args.threads)
+    if "regions" in what:
+        from headrace.bench import regions
+
+        samples = min(args.samples, 10) if args.quick else min(args.samples, 40)
+        status |= regions.run(samples=samples, out=args.out)
     if "restarts" in what:
         from headrace.bench import restarts
 
@@ -437,13 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmarks: pipeline and edge (echo engine; echo = both), llm (SmolLM2 "
         "in-process vs llama_cpp.server vs headrace), sd (tiny-sd in-process vs headrace, and "
-        "the object store), restarts (nats-server restarted under load); all (the default) "
+        "the object store), restarts (nats-server restarted under load), regions (own region vs "
+        "spilled, on loopback and over a 40 ms proxy); all (the default) "
         "runs every one",
     )
     p.add_argument(
         "what",
         nargs="?",
-        choices=["all", "echo", "pipeline", "edge", "llm", "sd", "restarts"],
+        choices=["all", "echo", "pipeline", "edge", "llm", "sd", "restarts", "regions"],
         default="all",
     )
     p.add_argument("--jobs", type=int, default=2000, help="jobs for the throughput run")

@@ -29,7 +29,7 @@ class DelayProxy:
 
     def __init__(self, target: str, delay_s: float = 0.0, port: int = 0) -> None:
         host, _, p = target.rpartition(":")
-        self.target = (host or "127.0.0.1", int(p))
+        self.target = (host or "127.0.0.1", int(p))  # may be set again before start()
         self.delay_s = delay_s
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
