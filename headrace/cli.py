@@ -189,13 +189,36 @@ def cmd_keys_add(args: argparse.Namespace) -> int:
 
 def cmd_auth(args: argparse.Namespace) -> int:
     """Make or update a credentials directory: users, passwords, nats-server's users block."""
-    from headrace.credentials import SERVER_CONF, USERS_FILE, Credentials
+    from headrace.credentials import (
+        SERVER_CONF,
+        USERS_FILE,
+        Credentials,
+        write_gateways,
+        write_leaf_remote,
+    )
+    from schemas.permissions import WORKER
+    from schemas.subjects import parse_regions
 
     clients = {}
     for spec in args.client:
         name, _, models = spec.partition("=")
         clients[name.strip()] = [m.strip() for m in (models or "*").split(",") if m.strip()]
-    creds = Credentials.ensure(args.directory, clients, rotate=args.rotate)
+    regions = parse_regions(args.regions or "")
+    creds = Credentials.ensure(args.directory, clients, rotate=args.rotate, regions=regions)
+    if args.gateway:
+        peers = dict(spec.partition("=")[::2] for spec in args.gateway)
+        unknown = set(peers) - set(regions)
+        if unknown or not all(peers.values()):
+            raise ValueError(
+                "--gateway takes REGION=HOST:PORT for regions named by --regions "
+                f"(unknown: {', '.join(sorted(unknown)) or 'none'})"
+            )
+        print(f"gateways of {', '.join(peers)}: {write_gateways(creds.directory, peers)}")
+    if args.leaf_hub:
+        path = write_leaf_remote(
+            creds.directory, args.leaf_hub, WORKER, creds.password(WORKER).get_secret_value()
+        )
+        print(f"leaf site dialling {args.leaf_hub} as {WORKER}: {path}")
     for user in creds.users.values():
         what = "role" if user.models is None else "native client: " + ",".join(user.models)
         rotated = " (new password)" if user.name in args.rotate else ""
@@ -426,6 +449,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--rotate", action="append", default=[], metavar="USER", help="give USER a new password"
+    )
+    p.add_argument(
+        "--regions",
+        metavar="A,B,...",
+        help="a super-cluster's regions: every role's permissions cover every region's streams",
+    )
+    p.add_argument(
+        "--gateway",
+        action="append",
+        default=[],
+        metavar="REGION=HOST:PORT",
+        help="write gateways.conf: each region's gateway address and the shared gateway "
+        "password (repeatable; compose.region.yaml)",
+    )
+    p.add_argument(
+        "--leaf-hub",
+        metavar="HOST:PORT",
+        help="write leaf-remote.conf: a leaf site dialling this leafnode port as the worker "
+        "user (compose.leaf.yaml)",
     )
     p.set_defaults(func=cmd_auth)
 

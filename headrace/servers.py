@@ -23,10 +23,10 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from schemas.subjects import JS_DOMAIN, check_region
+from schemas.subjects import check_region
 from schemas.topology import DEV_CONF, NATS_DIR
 
-LEAF_CONF = NATS_DIR / "leaf.conf"
+LEAF_CONF = NATS_DIR / "leaf" / "leaf.conf"
 REGION_CONF = NATS_DIR / "region.conf"
 
 log = logging.getLogger(__name__)
@@ -641,14 +641,8 @@ class LeafNode(NatsServer):
         host = hub_url.split("://", 1)[-1]
         scheme = hub_url.split("://", 1)[0] if "://" in hub_url else "nats-leaf"
         remote = {"urls": [f"{scheme}://{user}:{password}@{host}"]}
-        # Local clients call $JS.API.>: sent on as the regions' domain's API (nats/leaf.conf).
-        # nats-server keeps $KV.> off leaf links: a KV put crosses under the domain's API
-        # prefix, which the hub maps back to $KV.> (its JetStream domain mapping table).
-        mappings = {"$JS.API.>": f"$JS.{JS_DOMAIN}.API.>", "$KV.>": f"$JS.{JS_DOMAIN}.API.$KV.>"}
-        self.extra_conf = (
-            f"leafnodes: {json.dumps({'remotes': [remote]})}\n"
-            f"mappings: {json.dumps(mappings)}\n{users_conf}"
-        )
+        # nats/leaf/leaf.conf maps the JetStream API and KV puts to the regions' domain.
+        self.extra_conf = f"leafnodes: {json.dumps({'remotes': [remote]})}\n{users_conf}"
         self.hub_url = hub_url
 
     def command(self) -> list[str]:

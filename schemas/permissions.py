@@ -141,7 +141,7 @@ def _topology(regions: Regions = ()) -> list[str]:
 
 def _in_domain(permissions: Permissions, regions: Regions) -> Permissions:
     """In a super-cluster, each JetStream API grant also under the regions' domain
-    (``$JS.<domain>.API``): what a process behind a leaf node calls (nats/leaf.conf)."""
+    (``$JS.<domain>.API``): what a process behind a leaf node calls (nats/leaf/leaf.conf)."""
     if not regions:
         return permissions
     prefix, domain = f"{API}.", f"$JS.{JS_DOMAIN}.API."

@@ -79,7 +79,7 @@ _REGION = re.compile(r"^[a-z][a-z0-9-]{0,23}$")
 
 
 # The JetStream domain of a super-cluster (nats/region.conf): a leaf node without JetStream
-# reaches the regions' JetStream through $JS.<domain>.API.> (nats/leaf.conf maps to it).
+# reaches the regions' JetStream through $JS.<domain>.API.> (nats/leaf/leaf.conf maps to it).
 JS_DOMAIN = "headrace"
 
 

@@ -19,6 +19,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from pydantic import ValidationError
 
+from headrace.cli import build_parser
 from headrace.credentials import Credentials, gateway_password
 from headrace.netproxy import DelayProxy
 from headrace.servers import GatewayError, LeafNode, SuperCluster, free_port
@@ -586,3 +587,52 @@ def test_up_regions_runs_a_super_cluster_with_an_edge_per_region(tmp_path: Path)
         rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, rest
     assert "headrace is down" in rest
+
+
+def test_the_region_and_leaf_compose_configs_are_valid_for_nats_server(tmp_path: Path) -> None:
+    # compose.region.yaml's node config and compose.leaf.yaml's site config, checked by
+    # nats-server itself (-t) with the files `headrace auth` generates next to them.
+    import subprocess
+
+    import yaml
+
+    from headrace.cli import main
+    from headrace.servers import nats_server_binary
+    from schemas.topology import NATS_DIR
+
+    auth = tmp_path / "nats-auth"
+    argv = ["auth", str(auth), "--regions", "eu,us"]
+    argv += ["--gateway", "eu=eu.example.net:7222", "--gateway", "us=us.example.net:7222"]
+    assert main([*argv, "--leaf-hub", "eu.example.net:7422"]) == 0
+    assert (auth / "gateways.conf").stat().st_mode & 0o077 == 0
+    region = tmp_path / "region"
+    region.mkdir()
+    for name in ("nats-users.conf", "gateways.conf"):
+        (region / name).write_text((auth / name).read_text())
+    (region / "node.conf").write_text((NATS_DIR / "region" / "node.conf").read_text())
+    leaf = tmp_path / "leaf"
+    leaf.mkdir()
+    for name in ("nats-users.conf", "leaf-remote.conf"):
+        (leaf / name).write_text((auth / name).read_text())
+    for name in ("site.conf", "leaf.conf"):
+        (leaf / name).write_text((NATS_DIR / "leaf" / name).read_text())
+    env = {"REGION": "eu", "SYSTEM_PASSWORD": "x" * 24, "PATH": "/usr/bin:/bin"}
+    for conf in (region / "node.conf", leaf / "site.conf"):
+        out = subprocess.run(
+            [nats_server_binary(), "-t", "-c", str(conf)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+        )
+        assert out.returncode == 0, out.stderr
+    # A gateway for a region --regions does not name is refused.
+    assert main(["auth", str(auth), "--regions", "eu", "--gateway", "xx=h:1"]) == 2
+    root = Path(__file__).resolve().parents[1]
+    for file in ("compose.region.yaml", "compose.leaf.yaml"):
+        services = yaml.safe_load((root / file).read_text())["services"]
+        for name, service in services.items():
+            if "build" in service or service.get("image") == "headrace:local":
+                args = build_parser().parse_args(service["command"])
+                assert callable(args.func), (file, name)
+                assert service["env_file"].startswith("nats-auth/"), (file, name)
