@@ -83,7 +83,6 @@ async def render_regions(
 ) -> str:
     """A super-cluster's status: per region its servers' reach, workers and queue depth, and
     (from the edges' metrics, when given) the jobs that spilled between regions."""
-    now_ms = time.time() * 1000
     lines = [f"{'REGION':10} {'STATE':12} {'WORKERS':>7} {'SLOTS':>9} {'QUEUED':>7} {'RUNNING':>8}"]
     detail: list[str] = []
     for region in regions:
@@ -103,7 +102,7 @@ async def render_regions(
         )
         for w in workers:
             models = ",".join(m.id for m in w.models)
-            age = (now_ms - w.heartbeat_ms) / 1000
+            age = max(0.0, time.time() * 1000 - w.heartbeat_ms) / 1000
             detail.append(
                 f"{region:10} {w.id:32} {models:24} {w.busy:>4}/{w.slots:<4} {age:>6.1f}s"
             )
