@@ -32,7 +32,7 @@ from schemas.subjects import (
     worker_key,
     workers_bucket,
 )
-from schemas.topology import UnknownRegion, ensure_present, provision
+from schemas.topology import UnknownRegion, ensure_present
 from tests.conftest import (
     API_KEY,
     NATIVE_CLIENTS,
@@ -117,14 +117,19 @@ def regions(tmp_path: Path) -> Iterator[Regions]:
 
 @pytest.fixture
 async def provisioned(regions: Regions) -> Regions:
-    """Every region's streams, registry and echo consumer, made from region a."""
-    nc = await regions.connect("a")
-    try:
-        js = nc.jetstream(timeout=5)
-        for region in REGIONS:
-            await provision(js, TEST_LIMITS, [("llm", "echo")], region=region, home=REGIONS[0])
-    finally:
-        await nc.close()
+    """Every region's streams, registry and echo consumer, made from region a as
+    ``headrace provision --regions a,b,c`` makes them (as the admin user)."""
+    from headrace import provision as provisioning
+    from headrace.settings import ProvisionSettings
+
+    settings = ProvisionSettings(
+        nats_url=regions.url("a"),
+        **regions.login("admin"),
+        regions=",".join(REGIONS),
+        **TEST_LIMITS.model_dump(exclude_none=True),
+    )
+    changes = await provisioning.run(settings, [("llm", "echo")])
+    assert changes[f"stream {jobs_stream('c')}"] == "created"
     return regions
 
 
