@@ -30,6 +30,7 @@ class Text:
     text: str
     tokens: int
     logprobs: list[TokenLogprob] | None = None
+    token_ids: list[int] | None = None  # from engines with a tokenizer
 
 
 @dataclass(slots=True)
@@ -84,6 +85,7 @@ class Choice:
     queue_ms: float | None = None  # from the started event of the attempt that ran it
     parts: list[str] = field(default_factory=list)  # the text passed on: "".join(parts)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # of the deltas passed on
     loose: int = 0  # parts at the end of ``parts`` not yet joined into one
 
     def accept(self, received: Received) -> Out | None:
@@ -127,7 +129,9 @@ class Choice:
             self.loose = 0
         if delta.logprobs:
             self.logprobs.extend(delta.logprobs)
-        return Text(self.index, event_id, text, delta.tokens, delta.logprobs)
+        if delta.token_ids:
+            self.token_ids.extend(delta.token_ids)
+        return Text(self.index, event_id, text, delta.tokens, delta.logprobs, delta.token_ids)
 
 
 class Relay:

@@ -30,6 +30,7 @@ class Collected:
     texts: list[str]
     dones: list[Done]
     logprobs: list[list[TokenLogprob] | None]
+    token_ids: list[list[int]] = field(default_factory=list)  # per choice, where engines say
 
 
 def _nothing(*_: object) -> list[dict[str, Any]]:
@@ -80,7 +81,8 @@ async def collect(session: Session) -> Collected:
     _observe(session, relay)
     dones = [c.done for c in relay.choices if c.done is not None]
     logprobs = [c.logprobs or None for c in relay.choices]
-    return Collected(["".join(c.parts) for c in relay.choices], dones, logprobs)
+    texts = ["".join(c.parts) for c in relay.choices]
+    return Collected(texts, dones, logprobs, [c.token_ids for c in relay.choices])
 
 
 async def stream(session: Session, fmt: StreamFormat) -> web.StreamResponse:

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from schemas.errors import HeadraceError, error_from_code
+from schemas.errors import ContextLengthExceeded, HeadraceError, error_from_code
 from schemas.jobs import Contract
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -31,10 +31,11 @@ class Timings(Contract):
 
 
 class TopLogprob(Contract):
-    """One alternative token and its log-probability."""
+    """One alternative token and its log-probability (``id``: its token id, when known)."""
 
     token: str
     logprob: float
+    id: int | None = None
 
 
 class TokenLogprob(Contract):
@@ -43,6 +44,7 @@ class TokenLogprob(Contract):
     token: str
     logprob: float
     top_logprobs: list[TopLogprob] = []
+    id: int | None = None
 
 
 class ImageRef(Contract):
@@ -101,7 +103,11 @@ class Done(Contract):
 
 
 class Error(Contract):
-    """The job failed; ``code`` is an ``ErrorCode`` value, ``param`` the field at fault."""
+    """The job failed; ``code`` is an ``ErrorCode`` value, ``param`` the field at fault.
+
+    A context overflow also carries ``n_prompt_tokens`` and ``n_ctx`` (extra fields, as
+    ``Contract`` keeps them: older readers ignore them).
+    """
 
     type: Literal["error"] = "error"
     code: str
@@ -113,11 +119,18 @@ class Error(Contract):
     def of(cls, e: HeadraceError, *, retryable: bool | None = None) -> Error:
         """The event that reports ``e`` (``retryable`` overrides the error's own hint)."""
         hint = e.retryable if retryable is None else retryable
-        return cls(code=e.code, message=e.message, param=e.param, retryable=hint)
+        detail = e.detail() if isinstance(e, ContextLengthExceeded) else {}
+        return cls(code=e.code, message=e.message, param=e.param, retryable=hint, **detail)
 
     def exception(self) -> HeadraceError:
         """The error this event reports, as the class its code names, detail kept."""
-        return error_from_code(self.code, self.message, param=self.param, retryable=self.retryable)
+        return error_from_code(
+            self.code,
+            self.message,
+            param=self.param,
+            retryable=self.retryable,
+            detail=self.model_extra,
+        )
 
 
 Event = Annotated[Started | Delta | Progress | Done | Error, Field(discriminator="type")]

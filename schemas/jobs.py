@@ -101,7 +101,9 @@ class TextParams(Params):
     mirostat_eta: float = 0.1
     seed: int = Field(ge=0, le=SEED_MAX)
     stop: Stops = []
-    logit_bias: dict[str, float] = {}
+    # Token id (decimal) -> bias added to its logit; ``false`` bans it outright (llama.cpp's
+    # -inf, which JSON cannot spell).
+    logit_bias: dict[str, Literal[False] | float] = {}
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     grammar: str | None = None

@@ -231,7 +231,7 @@ def test_llamacpp_request_becomes_text_params() -> None:
         seed=9,
         stop=["s"],
         ignore_eos=True,
-        logit_bias={"1": -100.0, "2": 3.5},
+        logit_bias={"1": False, "2": 3.5},  # false: banned (the worker's -inf)
         logprobs=True,
         top_logprobs=3,
     )

@@ -154,10 +154,13 @@ def token_logprob(model: GgufModel, llm: llama_cpp.Llama, token: int, top_n: int
         best = np.argpartition(-logits, top_n)[:top_n]
         for t in best[np.argsort(-logits[best])]:
             alternatives.append(
-                TopLogprob(token=_text(model, int(t)), logprob=float(logits[t]) - lse)
+                TopLogprob(token=_text(model, int(t)), logprob=float(logits[t]) - lse, id=int(t))
             )
     return TokenLogprob(
-        token=_text(model, token), logprob=float(logits[token]) - lse, top_logprobs=alternatives
+        token=_text(model, token),
+        logprob=float(logits[token]) - lse,
+        top_logprobs=alternatives,
+        id=token,
     )
 
 
