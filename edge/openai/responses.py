@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from headrace import __version__
 from schemas.events import Done, TokenLogprob
 
 # OpenAI's finish reasons; a job cancelled by someone else reads as a stop.
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
+
+# OpenAI's backend-configuration marker, as llama.cpp's server sends its build: the
+# headrace release that shaped the answer (the models behind it are named in ``model``).
+SYSTEM_FINGERPRINT = f"headrace-{__version__}"
 
 
 def finish_reason(done: Done) -> str:
@@ -70,7 +75,7 @@ class ChunkMaker:
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": created,
             "model": model,
-            "system_fingerprint": None,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         if include_usage:
             self.base["usage"] = None  # OpenAI: null on every chunk but the usage chunk
@@ -139,7 +144,7 @@ def chat_response(
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "system_fingerprint": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": [
             {
                 "index": i,
@@ -163,7 +168,7 @@ def completion_response(
         "object": "text_completion",
         "created": created,
         "model": model,
-        "system_fingerprint": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": [
             {
                 "index": i,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import base64
+from typing import TypeVar
 
 import orjson
 from aiohttp import web
+from pydantic import ValidationError
 
-from edge.body import parse
+from edge import rpc
+from edge.body import invalid, parse, read_object
 from edge.context import caller, ctx
 from edge.errors import OPENAI, json_response
 from edge.jobs import check_bounds, deadline_ms, fingerprint_of, seeds
@@ -27,6 +30,21 @@ from schemas.jobs import TextParams
 from schemas.subjects import is_job_id
 
 routes = Routes(OPENAI)
+R = TypeVar("R", ChatCompletionRequest, CompletionRequest)
+
+
+async def _parse(request: web.Request, cls: type[R]) -> R:
+    """The body as ``cls``. On llama.cpp's unversioned paths ``model`` may be missing or name
+    anything, as llama.cpp's server serves its model whatever it says (``rpc.served_model``)."""
+    if request.path.startswith("/v1/"):
+        return await parse(request, cls)
+    data = await read_object(request)
+    asked = data.get("model") if isinstance(data.get("model"), str) else None
+    try:  # the body's own problems first, whatever the model
+        req = cls.model_validate({**data, "model": asked or "-"})
+    except ValidationError as e:
+        raise invalid(e) from None
+    return req.model_copy(update={"model": await rpc.served_model(request, asked)})
 
 
 def _chat_params(req: ChatCompletionRequest) -> list[TextParams]:
@@ -64,7 +82,7 @@ async def _answer(session: Session, req: Sampling, *, chat: bool) -> web.StreamR
 @routes.generation("/v1/chat/completions")
 async def chat_completions(request: web.Request, session: Session) -> web.StreamResponse:
     """OpenAI chat completions, streamed (SSE) or not."""
-    req = await parse(request, ChatCompletionRequest)
+    req = await _parse(request, ChatCompletionRequest)
     prompt_chars = sum(len(m.text()) for m in req.messages)
     check_bounds(request, n=req.n, max_tokens=req.token_limit(), prompt_chars=prompt_chars)
     fp = fingerprint_of(request, None)
@@ -76,7 +94,7 @@ async def chat_completions(request: web.Request, session: Session) -> web.Stream
 @routes.generation("/v1/completions")
 async def completions(request: web.Request, session: Session) -> web.StreamResponse:
     """OpenAI legacy completions, streamed (SSE) or not."""
-    req = await parse(request, CompletionRequest)
+    req = await _parse(request, CompletionRequest)
     prompt = req.prompt
     chars = len(prompt) if isinstance(prompt, str) else len(prompt) * 4
     check_bounds(request, n=req.n, max_tokens=req.max_tokens, prompt_chars=chars)
