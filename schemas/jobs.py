@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
 
 # Bounds every producer must respect; the edge rejects requests outside them
 # before anything is enqueued, and a worker treats a job outside them as poison.
@@ -73,6 +73,17 @@ Stops = Annotated[
 ]
 
 
+def _ban_only(value: bool | float) -> bool | float:
+    if value is True:
+        raise ValueError("a logit bias is a number, or false to ban the token")
+    return value
+
+
+# A logit bias: a number, or ``false`` for "never" (StrictBool, not Literal[False]: a
+# literal compares by equality, and 0.0 == False would read a zero bias as a ban).
+Bias = Annotated[StrictBool | float, AfterValidator(_ban_only)]
+
+
 class ChatMessage(Params):
     """One chat turn; content parts are flattened to text by the producer."""
 
@@ -103,7 +114,7 @@ class TextParams(Params):
     stop: Stops = []
     # Token id (decimal) -> bias added to its logit; ``false`` bans it outright (llama.cpp's
     # -inf, which JSON cannot spell).
-    logit_bias: dict[str, Literal[False] | float] = {}
+    logit_bias: dict[str, Bias] = {}
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     grammar: str | None = None
