@@ -18,13 +18,14 @@ from tests.conftest import API_KEY, running
 from workers.settings import WorkerSettings
 
 pytest.importorskip("llama_cpp", reason="the llm extra is not installed (make install-llm)")
+
+from workers.engines.gguf import DEFAULT_MODEL_ID, ModelConfig, bundled_gguf
+from workers.engines.llama import LlamaEngine
+
 langchain_openai = pytest.importorskip("langchain_openai")
 # LiteLLM fetches its model price list from the network at import unless told to use its own.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 litellm = pytest.importorskip("litellm")
-
-from workers.engines.gguf import DEFAULT_MODEL_ID, ModelConfig, bundled_gguf
-from workers.engines.llama import LlamaEngine
 
 ASK = "Name one colour."
 
