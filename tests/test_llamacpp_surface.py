@@ -66,6 +66,15 @@ async def test_final_body_has_llamacpps_fields(edge: str, worker_settings: Worke
     assert settings["logit_bias"] == []
 
 
+async def test_a_stop_word_ends_it_with_stop_type_word(
+    edge: str, worker_settings: WorkerSettings
+) -> None:
+    body = {"prompt": "red green blue", "n_predict": 40, "seed": 3, "stop": ["blue"]}
+    async with running(worker_settings):
+        _, answer = await post(edge, body)
+    assert (answer["stop_type"], answer["stopping_word"]) == ("word", "blue")
+
+
 async def test_each_streamed_chunk_carries_its_token_ids(
     edge: str, worker_settings: WorkerSettings
 ) -> None:

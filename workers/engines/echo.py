@@ -34,6 +34,11 @@ def prompt_text(job: TextJob) -> str:
     return p.prompt or ""
 
 
+def _stop_in(text: str, stops: list[str]) -> str | None:
+    """The first stop string found in the text (the echo engine sends it, then stops)."""
+    return next((s for s in stops if s and s in text), None)
+
+
 class EchoEngine:
     """A ``TextEngine`` that needs no model; it ``AnswersRpc`` (tokenize and props only)."""
 
@@ -92,10 +97,10 @@ class EchoEngine:
         for _ in job.resume.token_ids if job.resume else ():
             text += words[rng.randrange(len(words))] + " "
             n += 1
-        stopped = any(s in text for s in job.params.stop)
-        if stopped:
+        word = _stop_in(text, job.params.stop)
+        if word is not None:
             reason = "stop"
-        while n < limit and not stopped:
+        while n < limit and word is None:
             if cancel.is_set():
                 reason = "cancelled"
                 break
@@ -106,7 +111,8 @@ class EchoEngine:
             n += 1
             text += piece
             yield Delta(text=piece, tokens=1, token_ids=[index])
-            if any(s in text for s in job.params.stop):
+            word = _stop_in(text, job.params.stop)
+            if word is not None:
                 reason = "stop"
                 break
         elapsed_ms = (time.perf_counter() - started) * 1000
@@ -117,4 +123,5 @@ class EchoEngine:
             ),
             timings=Timings(prompt_n=prompt_tokens, predicted_n=n, predicted_ms=elapsed_ms),
             seed=job.params.seed,
+            stop_word=word,
         )
