@@ -106,7 +106,9 @@ def check_functions(functions: Sequence[Function], param: str) -> None:
     seen: set[str] = set()
     for i, f in enumerate(functions):
         if f.name in seen:
-            raise InvalidRequest(f"two tools are named '{f.name}'", param=f"{param}[{i}]")
+            raise InvalidRequest(
+                f"two tools are named '{f.name}'", param=f"{param}.{i}.function.name"
+            )
         seen.add(f.name)
         schema = f.schema()
         try:
@@ -118,12 +120,12 @@ def check_functions(functions: Sequence[Function], param: str) -> None:
             raise InvalidRequest(
                 f"the parameters of tool '{f.name}' are not a valid JSON Schema: "
                 f"{e.message[:200]} (at {where})",
-                param=f"{param}[{i}].function.parameters",
+                param=f"{param}.{i}.function.parameters",
             ) from None
         if schema.get("type", "object") != "object":
             raise InvalidRequest(
                 f"the parameters of tool '{f.name}' must describe an object",
-                param=f"{param}[{i}].function.parameters",
+                param=f"{param}.{i}.function.parameters",
             )
 
 
@@ -210,7 +212,7 @@ def check_history(turns: Sequence[Turn], param: str) -> None:
             raise InvalidRequest(
                 f"the tool message's tool_call_id '{t.tool_call_id[:64]}' answers no tool call "
                 "of an earlier assistant message",
-                param=f"{param}[{i}].tool_call_id",
+                param=f"{param}.{i}.tool_call_id",
             )
 
 
@@ -285,6 +287,7 @@ class ToolParser:
     content: list[str] = field(default_factory=list)
     _buf: str = ""
     _state: Literal["start", "text", "call", "bare", "forced"] = "start"
+    _found: int = 0  # calls found (``calls`` is filled as their events are handed out)
     _sent_args: int = 0  # forced: characters of arguments passed on
     _forced: CallStarted | None = None
 
@@ -373,7 +376,7 @@ class ToolParser:
         return True
 
     def _room(self) -> bool:
-        return self.max_calls is None or len(self.calls) < self.max_calls
+        return self.max_calls is None or self._found < self.max_calls
 
     @staticmethod
     def _may_be_bare(text: str) -> bool:
@@ -387,7 +390,7 @@ class ToolParser:
         if call is None:
             events.append(Content(raw + block + close))
             return
-        index = len(self.calls)
+        index, self._found = self._found, self._found + 1
         events += [
             CallStarted(index, call.id, call.name),
             Arguments(index, call.arguments),

@@ -12,12 +12,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import jsonschema
 import openai
 import orjson
 import pytest
+from nats.aio.client import Client as NATS
 from pydantic import BaseModel
 
+from schemas.codec import decode_job
+from schemas.jobs import TextJob
+from schemas.subjects import job_subject
 from tests.conftest import API_KEY, running
 from workers.settings import WorkerSettings
 
@@ -99,7 +104,8 @@ async def test_required_call_validates_streamed_and_not(oai: openai.AsyncOpenAI)
     stream = await oai.chat.completions.create(**asked, stream=True)
     chunks = [c async for c in stream]
     deltas = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or ()]
-    assert deltas[0].id and deltas[0].function.name == call.function.name
+    assert deltas[0].id
+    assert deltas[0].function.name == call.function.name
     assert len(deltas) > 2  # the arguments came in pieces
     arguments = "".join(d.function.arguments or "" for d in deltas)
     assert orjson.loads(arguments) == orjson.loads(call.function.arguments)  # same seed, greedy
@@ -215,17 +221,23 @@ async def test_langchain_bind_tools_and_structured_output(edge: str) -> None:
         city: str
         celsius: int
 
-    llm = ChatOpenAI(
-        model=MODEL, base_url=f"{edge}/v1", api_key=API_KEY, max_retries=0, max_tokens=40, seed=1
-    )
-    bound = llm.bind_tools([WEATHER], tool_choice="get_weather")
-    reply = await bound.ainvoke("Weather in Tokyo, please.")
+    async with httpx.AsyncClient() as http:  # ChatOpenAI leaves its own one open
+        llm = ChatOpenAI(
+            model=MODEL,
+            base_url=f"{edge}/v1",
+            api_key=API_KEY,
+            max_retries=0,
+            max_tokens=40,
+            seed=1,
+            http_async_client=http,
+        )
+        bound = llm.bind_tools([WEATHER], tool_choice="get_weather")
+        reply = await bound.ainvoke("Weather in Tokyo, please.")
+        structured = llm.with_structured_output(Weather, method="function_calling")
+        got = await structured.ainvoke("Paris is 21 degrees today.")
     (call,) = reply.tool_calls
     assert call["name"] == "get_weather"
     jsonschema.validate(call["args"], WEATHER_PARAMS)
-
-    structured = llm.with_structured_output(Weather, method="function_calling")
-    got = await structured.ainvoke("Paris is 21 degrees today.")
     assert isinstance(got, Weather)
 
 
@@ -272,3 +284,71 @@ async def test_ollama_client_gets_calls_with_object_arguments(edge: str) -> None
     streamed = [c for p in pieces for c in p.message.tool_calls or ()]
     assert [c.function.arguments for c in streamed] == [call.function.arguments]
     assert pieces[-1].done
+
+
+# A ChatML template with a tools section of its own, written for this test in the manner of
+# Qwen's and Hermes' templates (which say "tools" and render calls as <tool_call> JSON).
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nFunctions:{% for t in tools %} "
+    "[{{ t.function.name }}: {{ t.function.parameters | tojson }}]{% endfor %}<|im_end|>\n"
+    "{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'tool' %}<|im_start|>user\n<tool_response>{{ m.name }}: {{ m.content }}"
+    "</tool_response><|im_end|>\n"
+    "{% elif m.tool_calls %}<|im_start|>assistant\n{% for c in m.tool_calls %}<tool_call>"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}'
+    "</tool_call>{% endfor %}<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+async def test_a_template_with_tools_renders_them_itself(
+    oai: openai.AsyncOpenAI, nc: NATS, worker_settings: WorkerSettings
+) -> None:
+    model = "smollm2-tools"
+    engine = LlamaEngine(
+        [
+            ModelConfig(
+                id=model,
+                path=bundled_gguf(),
+                n_ctx=1024,
+                n_threads=1,
+                chat_template=TOOLS_TEMPLATE,
+            )
+        ]
+    )
+    seen: list[TextJob] = []
+
+    async def keep(msg: Any) -> None:
+        job = decode_job(msg.data)
+        assert isinstance(job, TextJob)
+        seen.append(job)
+
+    await nc.subscribe(job_subject("llm", model), cb=keep)  # the jobs as the edge publishes them
+    history: list[Any] = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type":
+         "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+        {"role": "user", "content": "And in London?"},
+    ]  # fmt: skip
+    async with running(worker_settings, engine):
+        r = await oai.chat.completions.create(
+            model=model,
+            messages=history,
+            tools=[WEATHER],
+            tool_choice="required",
+            max_tokens=40,
+            seed=1,
+        )
+    (call,) = r.choices[0].message.tool_calls or []
+    valid_call(call)
+    (job,) = seen
+    assert job.params.messages is None  # rendered at the edge, by the model's own template
+    prompt = job.params.prompt
+    assert isinstance(prompt, str)
+    assert prompt.startswith("<|im_start|>system\nFunctions: [get_weather: {")
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
+    assert "<tool_response>get_weather: 18C</tool_response>" in prompt
+    assert "# Tools" not in prompt  # not the convention for templates without a tools section

@@ -80,7 +80,7 @@ class Message(Lenient):
             Call(call_id(), c.function.name, orjson.dumps(c.function.arguments).decode())
             for c in self.tool_calls or ()
         )
-        return Turn(self.role, self.content or "", calls=calls)
+        return Turn(self.role, self.content or "", self.tool_name, calls)
 
 
 class Common(Lenient):
@@ -136,9 +136,18 @@ class ChatRequest(Common):
         ]
         return Plan.of(functions, None, None)
 
-    def job_params(self, seed: int, plan: Plan | None = None) -> TextParams:
-        """The job parameters, generated with ``seed``."""
-        return self._params(seed, messages=history([m.turn() for m in self.messages], plan))
+    def turns(self) -> list[Turn]:
+        """The messages as the tools modules read them."""
+        return [m.turn() for m in self.messages]
+
+    def job_params(
+        self, seed: int, plan: Plan | None = None, prompt: str | None = None
+    ) -> TextParams:
+        """The job parameters, generated with ``seed``; ``prompt``: the turns already rendered
+        by the model's template (with its tools)."""
+        if prompt is not None:
+            return self._params(seed, prompt=prompt)
+        return self._params(seed, messages=history(self.turns(), plan))
 
 
 class GenerateRequest(Common):

@@ -202,7 +202,7 @@ class ChatCompletionRequest(Sampling):
         choice = self.tool_choice
         named = choice.function.name if isinstance(choice, NamedToolChoice) else choice
         plan = Plan.of(functions, named, self.parallel_tool_calls)
-        check_history([m.turn() for m in self.messages], "messages")
+        check_history(self.turns(), "messages")
         fmt = self.response_format
         if plan is not None and plan.forced:
             if fmt is not None and fmt.type != "text":
@@ -216,14 +216,22 @@ class ChatCompletionRequest(Sampling):
                 )
         return plan
 
-    def job_params(self, seed: int, plan: Plan | None = None) -> TextParams:
-        """The job parameters of one choice, generated with ``seed`` (tools as ``plan`` says)."""
+    def turns(self) -> list[Turn]:
+        """The messages as the tools modules read them."""
+        return [m.turn() for m in self.messages]
+
+    def job_params(
+        self, seed: int, plan: Plan | None = None, prompt: str | None = None
+    ) -> TextParams:
+        """The job parameters of one choice, generated with ``seed`` (tools as ``plan`` says);
+        ``prompt``: the turns already rendered by the model's template (with its tools)."""
         fmt = self.response_format or ResponseFormat()
         schema = fmt.json_schema.schema_ if fmt.type != "text" and fmt.json_schema else None
         forced = plan.json_schema() if plan is not None else None
         stops = plan.stops(self.stops(), MAX_STOP) if plan is not None else self.stops()
         return TextParams(
-            messages=history([m.turn() for m in self.messages], plan),
+            messages=history(self.turns(), plan) if prompt is None else None,
+            prompt=prompt,
             max_tokens=self.token_limit(),
             temperature=self.temperature,
             top_p=self.top_p,

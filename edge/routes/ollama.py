@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from edge import rpc
+from edge import chat_template, rpc
 from edge.body import parse
 from edge.context import caller, ctx
 from edge.errors import OLLAMA, json_response
@@ -83,8 +83,15 @@ async def chat(request: web.Request, session: Session) -> web.StreamResponse:
         request, n=1, max_tokens=None, prompt_chars=sum(len(m.content or "") for m in req.messages)
     )
     plan = req.tool_plan()
-    params = req.job_params(_seed(req), plan)
-    chars = sum(len(m.content) for m in params.messages or ())
+    prompt = None
+    if plan is not None:
+        template = await chat_template.fetch(request, req.model)
+        if template is not None and template.has_tools:
+            prompt = await chat_template.prompt(
+                request, req.model, template, req.turns(), plan.functions
+            )
+    params = req.job_params(_seed(req), plan, prompt)
+    chars = len(prompt or "") + sum(len(m.content) for m in params.messages or ())
     check_bounds(request, n=1, max_tokens=params.max_tokens, prompt_chars=chars)
     fp = fingerprint_of(request, None)
     await session.submit_text(req.model, [params], stream=req.stream, fingerprint=fp)

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from edge import chat_template
 from edge.body import parse
 from edge.context import caller, ctx
 from edge.errors import OPENAI, json_response
@@ -34,8 +35,29 @@ routes = Routes(OPENAI)
 Chunks = dict[str, Any] | list[dict[str, Any]]
 
 
-def _chat_params(req: ChatCompletionRequest, plan: Plan | None) -> list[TextParams]:
-    return [req.job_params(seed, plan) for seed in seeds(req.seed, req.n)]
+async def _chat_params(request: web.Request, req: ChatCompletionRequest) -> tuple[list[TextParams], Plan | None]:  # fmt: skip
+    """Each choice's job parameters, and the tools plan; with tools offered to a model whose
+    template has a tools section, the prompt is that template's rendering (edge.chat_template)."""
+    plan = req.tool_plan()
+    check_bounds(request, n=req.n, max_tokens=req.token_limit(), prompt_chars=_chars(req))
+    prompt = None
+    if plan is not None and plan.choice != "none":
+        template = await chat_template.fetch(request, req.model)
+        if template is not None and template.has_tools:
+            prompt = await chat_template.prompt(
+                request, req.model, template, req.turns(), plan.functions
+            )
+    params = [req.job_params(seed, plan, prompt) for seed in seeds(req.seed, req.n)]
+    chars = len(prompt) if prompt is not None else _chars(req, params[0])
+    check_bounds(request, n=req.n, max_tokens=req.token_limit(), prompt_chars=chars)
+    return params, plan
+
+
+def _chars(req: ChatCompletionRequest, params: TextParams | None = None) -> int:
+    """The prompt's characters: the messages as sent, or as rendered (tools included)."""
+    if params is not None and params.messages is not None:
+        return sum(len(m.content) for m in params.messages)
+    return sum(len(m.text()) for m in req.messages)
 
 
 def _tool_format(maker: ChunkMaker, plan: Plan, n: int) -> tuple[Callable[[Text], Chunks], Callable[[Finished], Chunks]]:  # fmt: skip
@@ -104,10 +126,7 @@ async def _answer(
 async def chat_completions(request: web.Request, session: Session) -> web.StreamResponse:
     """OpenAI chat completions, streamed (SSE) or not."""
     req = await parse(request, ChatCompletionRequest)
-    plan = req.tool_plan()
-    params = _chat_params(req, plan)
-    prompt_chars = sum(len(m.content) for m in params[0].messages or ())
-    check_bounds(request, n=req.n, max_tokens=req.token_limit(), prompt_chars=prompt_chars)
+    params, plan = await _chat_params(request, req)
     fp = fingerprint_of(request, None)
     await session.submit_text(req.model, params, stream=req.stream, fingerprint=fp)
     return await _answer(session, req, chat=True, plan=plan)
