@@ -12,6 +12,7 @@ import jsonschema
 import openai
 import orjson
 import pytest
+from nats.aio.client import Client as NATS
 
 from edge.openai.requests import ChatCompletionRequest
 from edge.tools import (
@@ -29,7 +30,10 @@ from edge.tools import (
     call_schema,
     render,
 )
+from schemas.codec import decode_job
 from schemas.errors import InvalidRequest
+from schemas.jobs import TextJob
+from schemas.subjects import job_subject
 from tests.conftest import API_KEY, running
 from workers.settings import WorkerSettings
 
@@ -54,7 +58,7 @@ def content(events: list[Event]) -> str:
     return "".join(e.text for e in events if isinstance(e, Content))
 
 
-@pytest.mark.parametrize("size", [1, 3, 7, 1000])
+@pytest.mark.parametrize("size", [*range(1, 12), 1000])
 def test_tagged_calls_are_found_in_any_split(size: int) -> None:
     text = (
         "Checking both.\n<tool_call>\n"
@@ -112,7 +116,7 @@ def test_a_bare_call_object_as_the_whole_answer() -> None:
     assert orjson.loads(call.arguments) == {"city": "Oslo"}  # Llama 3 writes "parameters"
 
 
-@pytest.mark.parametrize("size", [1, 2, 5, 1000])
+@pytest.mark.parametrize("size", [*range(1, 12), 1000])
 def test_forced_arguments_stream_in_pieces_that_join_to_json(size: int) -> None:
     text = '{ "name": "get_weather", "arguments": {"city": "Paris", "x": {"y": [1, 2]}} } '
     parser = ToolParser(NAMES, mode="forced")
@@ -237,6 +241,8 @@ async def echo(worker_settings: WorkerSettings) -> AsyncIterator[None]:
         ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
          "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "get weather"}}]},
+         "tools.0.function.name"),
         ({"messages": [*CHAT, {"role": "tool", "content": "18C"}]}, "messages.1"),
         ({"messages": [*CHAT, {"role": "tool", "content": "18C", "tool_call_id": "call_x"}]},
          "messages.1.tool_call_id"),
@@ -280,3 +286,39 @@ async def test_tools_with_the_echo_engine_answer_prose(oai: openai.AsyncOpenAI) 
     assert r.choices[0].message.tool_calls is None
     assert r.choices[0].finish_reason == "length"
     assert r.choices[0].message.content
+
+
+async def test_ollama_history_with_calls_reaches_the_job_rendered(
+    edge: str, nc: NATS, worker_settings: WorkerSettings
+) -> None:
+    ollama = pytest.importorskip("ollama")
+    seen: list[TextJob] = []
+
+    async def keep(msg: Any) -> None:
+        job = decode_job(msg.data)
+        assert isinstance(job, TextJob)
+        seen.append(job)
+
+    await nc.subscribe(job_subject("llm", "echo"), cb=keep)
+    await nc.flush()
+    history = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "content": "-3C", "tool_name": "get_weather"},
+    ]  # fmt: skip
+    client = ollama.AsyncClient(host=edge, headers={"Authorization": f"Bearer {API_KEY}"})
+    async with running(worker_settings):
+        try:
+            r = await client.chat(
+                model="echo", messages=history, tools=[TOOL], options={"num_predict": 3}
+            )
+        finally:
+            await client.close()
+    assert r.message.tool_calls is None  # the echo engine writes prompt words, no call
+    (job,) = seen
+    messages = job.params.messages or []
+    assert [m.role for m in messages] == ["system", "user", "assistant", "user"]
+    assert "<tools>" in messages[0].content
+    assert '{"name":"get_weather","arguments":{"city":"Oslo"}}' in messages[2].content
+    assert messages[3].content == "<tool_response>\n-3C\n</tool_response>"
