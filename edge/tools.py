@@ -259,7 +259,15 @@ Mode = Literal["tagged", "forced"]
 _FORCED_HEAD = re.compile(
     r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*(?=\S)'
 )
-_FORCED_TAIL = re.compile(r"\s*(\}\s*)?$")
+
+
+def _tail(text: str) -> int:
+    """Characters at the end of ``text`` that may close the call object rather than its
+    arguments: trailing whitespace, and one ``}`` with the whitespace before it."""
+    body = text.rstrip()
+    if body.endswith("}"):
+        body = body[:-1].rstrip()
+    return len(text) - len(body)
 
 
 def _holdback(text: str, marker: str) -> int:
@@ -287,6 +295,8 @@ class ToolParser:
     content: list[str] = field(default_factory=list)
     _buf: str = ""
     _state: Literal["start", "text", "call", "bare", "forced"] = "start"
+    _scanned: int = 0  # call: characters of the block searched for its end already
+    _bare: bool = False  # bare: the answer began with ``{"name"``, held to the end
     _found: int = 0  # calls found (``calls`` is filled as their events are handed out)
     _sent_args: int = 0  # forced: characters of arguments passed on
     _forced: CallStarted | None = None
@@ -345,17 +355,23 @@ class ToolParser:
                     return
                 self._state = "text"
             if self._state == "bare":
-                if not self._may_be_bare(self._buf.lstrip()):
+                if self._bare:
+                    return
+                stripped = self._buf.lstrip()
+                if not self._may_be_bare(stripped):
                     self._state = "text"
                     continue
+                self._bare = stripped[1:].lstrip().startswith('"name"')
                 return
             if self._state == "text":
                 if not self._text_step(events):
                     return
             elif self._state == "call":
-                end = self._buf.find(CLOSE)
+                end = self._buf.find(CLOSE, self._scanned)
                 if end < 0:
+                    self._scanned = max(0, len(self._buf) - len(CLOSE) + 1)
                     return
+                self._scanned = 0
                 block, self._buf = self._buf[:end], self._buf[end + len(CLOSE) :]
                 self._state = "text"
                 self._finish_block(events, block, raw=OPEN, close=CLOSE)
@@ -427,24 +443,21 @@ class ToolParser:
             self._forced = CallStarted(0, call_id(), str(name))
             self._buf = self._buf[head.end() :]
             events.append(self._forced)
-        tail = _FORCED_TAIL.search(self._buf)
-        keep = len(tail.group(0)) if tail and not final else 0
-        upto = len(self._buf) - keep
-        if final:
-            body = self._buf.rstrip()
-            upto = len(body) - 1 if body.endswith("}") else len(body)
-            upto = len(body[:upto].rstrip())
+        upto = len(self._buf) - _tail(self._buf)
+        if final and not _is_object(self._buf[:upto]) and _is_object(self._buf.rstrip()):
+            upto = len(self._buf.rstrip())  # cut off after the arguments, before the last brace
         if upto > self._sent_args:
             events.append(Arguments(0, self._buf[self._sent_args : upto]))
             self._sent_args = upto
-        if final:
-            args = self._buf[:upto]
-            try:
-                ok = isinstance(orjson.loads(args), dict)
-            except orjson.JSONDecodeError:
-                ok = False  # cut off by max_tokens: the arguments stay as written
-            if ok:
-                events.append(CallDone(0, Call(self._forced.id, self._forced.name, args)))
+        if final and _is_object(args := self._buf[:upto]):  # else cut off: no call
+            events.append(CallDone(0, Call(self._forced.id, self._forced.name, args)))
+
+
+def _is_object(text: str) -> bool:
+    try:
+        return isinstance(orjson.loads(text), dict)
+    except orjson.JSONDecodeError:
+        return False
 
 
 def parse_all(parser: ToolParser, text: str) -> ToolParser:

@@ -138,6 +138,31 @@ def test_forced_call_cut_off_is_no_call() -> None:
     assert "".join(e.text for e in events if isinstance(e, Arguments)) == '{"city": "Pa'
 
 
+def test_forced_call_cut_off_before_its_last_brace_is_a_call() -> None:
+    parser = ToolParser(NAMES, mode="forced")
+    events = fed(parser, '{"name": "get_time", "arguments": {"zone": "UTC"}', 4)
+    (call,) = parser.calls
+    assert call.arguments == '{"zone": "UTC"}'
+    assert "".join(e.text for e in events if isinstance(e, Arguments)) == call.arguments
+
+
+def test_long_calls_fed_a_character_at_a_time() -> None:
+    parser = ToolParser(NAMES, mode="forced")
+    parser.feed('{"name": "get_time", "arguments": {"zone": "')
+    for _ in range(20_000):
+        parser.feed("a")
+    parser.feed('"} }')
+    parser.finish()
+    assert len(parser.calls) == 1
+    bare = ToolParser(NAMES)
+    bare.feed('{"name": "get_time", "arguments": {"zone": "')
+    for _ in range(20_000):
+        bare.feed("a")
+    bare.feed('"}}')
+    bare.finish()
+    assert len(bare.calls) == 1
+
+
 def test_call_schema_accepts_exactly_the_offered_calls() -> None:
     other = Function("get_time", None, None)  # no parameters: an empty object
     schema = call_schema([WEATHER, other])
