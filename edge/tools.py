@@ -35,7 +35,7 @@ import jsonschema
 import orjson
 
 from schemas.errors import InvalidRequest
-from schemas.jobs import ChatMessage
+from schemas.jobs import MAX_SCHEMA_DEPTH, ChatMessage, json_depth
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 # OpenAI's rule for function names.
@@ -110,23 +110,27 @@ def check_functions(functions: Sequence[Function], param: str) -> None:
                 f"two tools are named '{f.name}'", param=f"{param}.{i}.function.name"
             )
         seen.add(f.name)
-        schema = f.schema()
-        try:
-            jsonschema.validators.validator_for(
-                schema, jsonschema.Draft202012Validator
-            ).check_schema(schema)
-        except jsonschema.SchemaError as e:
-            where = "/".join(map(str, e.absolute_path)) or "(root)"
-            raise InvalidRequest(
-                f"the parameters of tool '{f.name}' are not a valid JSON Schema: "
-                f"{e.message[:200]} (at {where})",
-                param=f"{param}.{i}.function.parameters",
-            ) from None
-        if schema.get("type", "object") != "object":
-            raise InvalidRequest(
-                f"the parameters of tool '{f.name}' must describe an object",
-                param=f"{param}.{i}.function.parameters",
-            )
+        _check_schema(f, f"{param}.{i}.function.parameters")
+
+
+def _check_schema(f: Function, where: str) -> None:
+    schema = f.schema()
+    if not isinstance(schema.get("$schema", ""), str):
+        raise InvalidRequest("$schema must be a string (a metaschema's URI)", param=where)
+    validator = jsonschema.validators.validator_for(schema, jsonschema.Draft202012Validator)
+    try:
+        validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        at = "/".join(map(str, e.absolute_path)) or "(root)"
+        raise InvalidRequest(
+            f"the parameters of tool '{f.name}' are not a valid JSON Schema: "
+            f"{e.message[:200]} (at {at})",
+            param=where,
+        ) from None
+    if schema.get("type", "object") != "object":
+        raise InvalidRequest(
+            f"the parameters of tool '{f.name}' must describe an object", param=where
+        )
 
 
 def call_schema(functions: Sequence[Function]) -> dict[str, Any]:
@@ -510,7 +514,16 @@ class Plan:
                 f"tool_choice names the function '{choice}', which is not in tools",
                 param=choice_param,
             )
-        return cls(tuple(functions), choice or "auto", True if parallel is None else parallel)
+        plan = cls(tuple(functions), choice or "auto", True if parallel is None else parallel)
+        forced = plan.json_schema()
+        if forced is not None and json_depth(forced, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
+            raise InvalidRequest(
+                f"the tools' parameters nest too deeply: a required call's schema (the "
+                f"parameters inside a name-and-arguments object) may nest at most "
+                f"{MAX_SCHEMA_DEPTH} levels",
+                param=param,
+            )
+        return plan
 
     @property
     def forced(self) -> tuple[Function, ...]:

@@ -222,6 +222,11 @@ def test_required_job_carries_the_call_schema_and_none_no_section() -> None:
     assert "# Tools" not in "".join(m.content for m in params.messages)
 
 
+DEEP: dict[str, Any] = {"type": "object"}
+for _ in range(31):  # 63 levels: within the request's bound, past it inside a call's schema
+    DEEP = {"type": "object", "properties": {"a": DEEP}}
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -232,6 +237,14 @@ def test_required_job_carries_the_call_schema_and_none_no_section() -> None:
         ({"tools": [{**TOOL, "function": {"name": "f", "parameters": {"type": "string"}}}]},
          "tools.0.function.parameters"),
         ({"tools": [TOOL, TOOL]}, "tools.1.function.name"),
+        ({"tools": [{**TOOL, "function": {"name": "f", "parameters": {"$schema": []}}}]},
+         "tools.0.function.parameters"),
+        ({"tools": [{**TOOL, "function": {"name": "f", "parameters": {"$schema": 5}}}]},
+         "tools.0.function.parameters"),
+        ({"tools": [{**TOOL, "function": {"name": "f", "parameters": {"pattern": "("}}}]},
+         "tools.0.function.parameters"),
+        ({"tools": [{**TOOL, "function": {"name": "f", "parameters": DEEP}}],
+          "tool_choice": "required"}, "tools"),
         ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
          "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
