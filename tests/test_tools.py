@@ -324,6 +324,15 @@ async def test_tools_with_the_echo_engine_answer_prose(oai: openai.AsyncOpenAI) 
     assert r.choices[0].message.tool_calls is None
     assert r.choices[0].finish_reason == "length"
     assert r.choices[0].message.content
+    stream = await oai.chat.completions.create(
+        model="echo", messages=CHAT, tools=[TOOL], max_tokens=5, n=2, seed=7, stream=True
+    )
+    chunks = [c async for c in stream]
+    for i in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert "".join(ch.delta.content or "" for ch in mine).split()  # each choice's words
+        assert mine[-1].finish_reason == "length"
+        assert not any(ch.delta.tool_calls for ch in mine)
 
 
 async def test_ollama_history_with_calls_reaches_the_job_rendered(

@@ -233,11 +233,18 @@ async def test_langchain_bind_tools_and_structured_output(edge: str) -> None:
         )
         bound = llm.bind_tools([WEATHER], tool_choice="get_weather")
         reply = await bound.ainvoke("Weather in Tokyo, please.")
+        streamed = None
+        async for chunk in bound.astream("Weather in Tokyo, please."):
+            streamed = chunk if streamed is None else streamed + chunk  # LangChain's merge
         structured = llm.with_structured_output(Weather, method="function_calling")
         got = await structured.ainvoke("Paris is 21 degrees today.")
     (call,) = reply.tool_calls
     assert call["name"] == "get_weather"
     jsonschema.validate(call["args"], WEATHER_PARAMS)
+    assert streamed is not None
+    (streamed_call,) = streamed.tool_calls  # stitched from the argument pieces
+    assert streamed_call["name"] == "get_weather"
+    jsonschema.validate(streamed_call["args"], WEATHER_PARAMS)
     assert isinstance(got, Weather)
 
 
