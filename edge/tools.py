@@ -295,15 +295,15 @@ class ToolParser:
     names: frozenset[str]
     mode: Mode = "tagged"
     max_calls: int | None = None
-    calls: list[Call] = field(default_factory=list)
-    content: list[str] = field(default_factory=list)
-    _buf: str = ""
-    _state: Literal["start", "text", "call", "bare", "forced"] = "start"
-    _scanned: int = 0  # call: characters of the block searched for its end already
-    _bare: bool = False  # bare: the answer began with ``{"name"``, held to the end
-    _found: int = 0  # calls found (``calls`` is filled as their events are handed out)
-    _sent_args: int = 0  # forced: characters of arguments passed on
-    _forced: CallStarted | None = None
+    calls: list[Call] = field(default_factory=list, init=False)
+    content: list[str] = field(default_factory=list, init=False)
+    _buf: str = field(default="", init=False)  # text not yet passed on
+    _state: Literal["start", "text", "call", "bare", "forced"] = field(default="start", init=False)
+    _scanned: int = field(default=0, init=False)  # call: block searched for its end so far
+    _bare: bool = field(default=False, init=False)  # the answer began with ``{"name"``: held
+    _found: int = field(default=0, init=False)  # calls found (``calls`` fills as they go out)
+    _sent_args: int = field(default=0, init=False)  # forced: arguments passed on
+    _forced: CallStarted | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if self.mode == "forced":
