@@ -57,7 +57,7 @@ def show(m: ModelInfo, template: str) -> dict[str, Any]:
         "template": template,
         "details": details(),
         "model_info": model_info,
-        "capabilities": ["completion", "tools"],  # every model: edge/tools.py
+        "capabilities": ["completion", "tools"],  # every model: edge/tools/
         "modified_at": timestamp(m.created),
     }
 

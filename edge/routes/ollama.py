@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from edge import chat_template, rpc
+from edge import rpc
 from edge.body import parse
 from edge.context import caller, ctx
 from edge.errors import OLLAMA, json_response
@@ -22,6 +22,7 @@ from edge.routing import Routes
 from edge.session import Session
 from edge.sse import NdjsonStream
 from edge.tools import CallDone, Content, Event, Plan, parse_all
+from edge.tools import template as chat_template
 from schemas.errors import ModelNotFound
 from schemas.fleet import VERSION, ModelInfo
 

@@ -9,7 +9,6 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from edge import chat_template
 from edge.body import parse
 from edge.context import caller, ctx
 from edge.errors import OPENAI, json_response
@@ -22,6 +21,7 @@ from edge.routing import Routes
 from edge.session import Session
 from edge.sse import Bounds, EventStream, SlowClient
 from edge.tools import Plan, parse_all
+from edge.tools import template as chat_template
 from schemas.client import START, Position
 from schemas.codec import encode
 from schemas.errors import InvalidRequest, ModelNotFound
@@ -37,7 +37,7 @@ Chunks = dict[str, Any] | list[dict[str, Any]]
 
 async def _chat_params(request: web.Request, req: ChatCompletionRequest) -> tuple[list[TextParams], Plan | None]:  # fmt: skip
     """Each choice's job parameters, and the tools plan; with tools offered to a model whose
-    template has a tools section, the prompt is that template's rendering (edge.chat_template)."""
+    template has a tools section, the prompt is that template's rendering (edge.tools.template)."""
     plan = req.tool_plan()
     check_bounds(request, n=req.n, max_tokens=req.token_limit(), prompt_chars=_chars(req))
     prompt = None

@@ -7,7 +7,7 @@ model was trained on: the edge asks a worker for the template (``rpc.llm.<model>
 renders the turns and the tools with it here, as Hugging Face's ``apply_chat_template`` would
 (a sandboxed Jinja environment, its ``tojson``, ``raise_exception`` and ``strftime_now``), and
 sends the text as the job's prompt. A template without one (SmolLM2's) leaves the turns to the
-worker, with the tools in the ``<tool_call>`` convention of ``edge.tools``.
+worker, with the tools in the ``<tool_call>`` convention of ``edge.tools.prompt``.
 
 The template is asked for on every request that offers tools: one request/reply to any worker
 of the model, answered from memory.
