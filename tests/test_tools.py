@@ -369,3 +369,32 @@ async def test_ollama_history_with_calls_reaches_the_job_rendered(
     assert "<tools>" in messages[0].content
     assert '{"name":"get_weather","arguments":{"city":"Oslo"}}' in messages[2].content
     assert messages[3].content == "<tool_response>\n-3C\n</tool_response>"
+
+
+def test_a_template_with_tools_renders_like_hugging_face() -> None:
+    from edge.tools.template import Template
+    from edge.tools.template import render as render_template
+
+    source = (
+        "{% if not messages %}{{ raise_exception('no messages') }}{% endif %}"
+        "{{ bos_token }}{{ strftime_now('%Y') | length }}|{{ tools | tojson }}|"
+        "{% for m in messages %}{{ m.role }}:{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}[{{ c.function.arguments | tojson }}]{% endfor %}"
+        "{% if m.name %}({{ m.name }}){% endif %};{% endfor %}"
+    )
+    template = Template(source, bos="<s>")
+    assert template.has_tools
+    turns = [
+        Turn("user", "a < b?"),
+        Turn("assistant", "", calls=(Call("c1", "get_weather", '{"city": "Nice"}'),)),
+        Turn("tool", "ok", tool_call_id="c1"),
+    ]
+    tool = Function("get_weather", "The weather in <city> & 'region'.", WEATHER.parameters)
+    text = render_template(template, turns, [tool])
+    assert text.startswith("<s>4|[{")  # the BOS stays unless the worker's tokenizer adds one
+    assert '"description": "The weather in <city> & \'region\'."' in text  # not \\u003c
+    assert 'user:a < b?;assistant:[{"city": "Nice"}];tool:ok(get_weather);' in text
+    with pytest.raises(InvalidRequest) as e:
+        render_template(template, [], [WEATHER])
+    assert e.value.param == "messages"
+    assert not Template("{{ messages }}").has_tools
