@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from edge.tools import Arguments, CallStarted, Content, Event, ToolParser
 from headrace import __version__
 from schemas.events import Done, TokenLogprob
 
@@ -15,8 +16,10 @@ _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 SYSTEM_FINGERPRINT = f"headrace-{__version__}"
 
 
-def finish_reason(done: Done) -> str:
-    """OpenAI's name for why a choice ended."""
+def finish_reason(done: Done, parser: ToolParser | None = None) -> str:
+    """OpenAI's name for why a choice ended: ``tool_calls`` once it made a complete call."""
+    if parser is not None and parser.calls:
+        return "tool_calls"
     return _FINISH.get(done.finish_reason, "stop")
 
 
@@ -114,7 +117,32 @@ class ChunkMaker:
             }
         )
 
-    def finish(self, index: int, done: Done) -> dict[str, Any]:
+    def tool_events(self, index: int, events: list[Event]) -> list[dict[str, Any]]:
+        """Chunks for what a tool parser found: text, then each call's id and name, then its
+        arguments in pieces (``delta.tool_calls[{index, ...}]``, as OpenAI streams them)."""
+        chunks = []
+        for e in events:
+            if isinstance(e, Content):
+                chunks.append(self.text(index, e.text, None))
+            elif isinstance(e, CallStarted):
+                call = {"index": e.index, "id": e.id, "type": "function",
+                        "function": {"name": e.name, "arguments": ""}}  # fmt: skip
+                chunks.append(self._tool_delta(index, call))
+            elif isinstance(e, Arguments) and e.text:
+                chunks.append(self._tool_delta(index, {"index": e.index, "function": {"arguments": e.text}}))  # fmt: skip
+        return chunks
+
+    def _tool_delta(self, index: int, call: dict[str, Any]) -> dict[str, Any]:
+        return self._chunk(
+            {
+                "index": index,
+                "delta": {"tool_calls": [call]},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        )
+
+    def finish(self, index: int, done: Done, parser: ToolParser | None = None) -> dict[str, Any]:
         """The last chunk of a choice, with its finish_reason."""
         if self.chat:
             return self._chunk(
@@ -122,7 +150,7 @@ class ChunkMaker:
                     "index": index,
                     "delta": {},
                     "logprobs": None,
-                    "finish_reason": finish_reason(done),
+                    "finish_reason": finish_reason(done, parser),
                 }
             )
         return self._chunk(
@@ -134,11 +162,25 @@ class ChunkMaker:
         return {**self.base, "choices": [], "usage": total_usage(dones)}
 
 
+def chat_message(text: str, parser: ToolParser | None) -> dict[str, Any]:
+    """``choices[].message``: with ``tool_calls`` when the parser found calls in ``text``
+    (which it has been fed whole), the rest of the text as ``content`` (null when blank)."""
+    if parser is None or not parser.calls:
+        return {"role": "assistant", "content": text, "refusal": None}
+    calls = [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in parser.calls
+    ]
+    content = parser.text.strip() or None
+    return {"role": "assistant", "content": content, "refusal": None, "tool_calls": calls}
+
+
 def chat_response(
     id_: str, created: int, model: str, texts: list[str], dones: list[Done],
-    logprobs: list[list[TokenLogprob] | None],
+    logprobs: list[list[TokenLogprob] | None], parsers: list[ToolParser | None] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """A whole ``chat.completion``."""
+    """A whole ``chat.completion`` (``parsers``: each choice's, fed its text, with tools)."""
+    parsers = parsers or [None] * len(texts)
     return {
         "id": id_,
         "object": "chat.completion",
@@ -148,11 +190,13 @@ def chat_response(
         "choices": [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": chat_message(text, parser),
                 "logprobs": chat_logprobs(lp),
-                "finish_reason": finish_reason(done),
+                "finish_reason": finish_reason(done, parser),
             }
-            for i, (text, done, lp) in enumerate(zip(texts, dones, logprobs, strict=True))
+            for i, (text, done, lp, parser) in enumerate(
+                zip(texts, dones, logprobs, parsers, strict=True)
+            )
         ],
         "usage": total_usage(dones),
     }
