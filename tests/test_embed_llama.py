@@ -207,3 +207,41 @@ def test_batches_pack_inputs_by_tokens_and_sequences() -> None:
     assert embed.pack([100, 200, 300], 2, 512) == 3
     assert embed.pack([600], 0, 512) == 1  # one input always makes progress
     assert embed.pack([1] * 100, 0, 512) == embed.MAX_SEQUENCES
+
+
+def test_embedding_models_are_configured_beside_text_models(
+    worker_settings: WorkerSettings,
+) -> None:
+    from headrace.worker import llama_engine
+
+    path = str(bundled_gguf())
+    settings = worker_settings.model_copy(
+        update={"llm_models": f"chat={path}", "llm_embedding_models": f"vec={path}", "slots": 2}
+    )
+    configs = llama_engine(settings).configs
+    assert configs["chat"].embeddings
+    assert not configs["chat"].embedding_only
+    assert configs["chat"].contexts == 2
+    assert configs["vec"].embedding_only
+    assert configs["vec"].contexts == 1
+    only = llama_engine(worker_settings.model_copy(update={"llm_embedding_models": f"vec={path}"}))
+    assert list(only.configs) == ["vec"]  # no bundled chat model added beside it
+    off = llama_engine(worker_settings.model_copy(update={"llm_embeddings": False}))
+    assert not off.configs[MODEL].embeddings
+    with pytest.raises(ValueError, match="twice"):
+        llama_engine(settings.model_copy(update={"llm_embedding_models": f"chat={path}"}))
+
+
+async def test_a_model_with_embeddings_off_says_so(
+    oai: openai.AsyncOpenAI, worker_settings: WorkerSettings
+) -> None:
+    async with running(worker_settings, LlamaEngine([config(embeddings=False)])):
+        with pytest.raises(openai.BadRequestError) as e:
+            await oai.embeddings.create(model=MODEL, input="hello")
+        chat = await oai.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    assert e.value.param == "model"
+    assert "does not compute embeddings" in e.value.message
+    assert chat.usage is not None
+    assert chat.usage.completion_tokens == 2
