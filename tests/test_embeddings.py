@@ -19,6 +19,7 @@ import pytest
 
 from edge.embeddings.requests import inputs_of
 from edge.relay import Choice
+from headrace.servers import ValkeyServer
 from schemas.client import Position, Received
 from schemas.codec import decode_job, encode
 from schemas.errors import InvalidRequest, Poison
@@ -28,11 +29,19 @@ from schemas.subjects import job_subject, queue_kind
 from schemas.vectors import decode_vector, encode_vector
 from tests.conftest import API_KEY, running
 from tests.llmunity import embeddings_content, embeddings_request
+from tests.test_ratelimit import (  # the fixtures of edges with rate-limited keys
+    StartEdge,
+    auth,
+    keys_file,
+    start_edge,
+    tokens_charged,
+)
 from workers.engines.echo import EchoEngine
 from workers.engines.vectors import normalize
 from workers.settings import WorkerSettings
 
 ollama = pytest.importorskip("ollama")
+__all__ = ["keys_file", "start_edge"]  # fixtures used by name
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TEXTS = ["the red fox", "a blue whale", "the red fox"]
@@ -243,3 +252,23 @@ def test_embeddings_events_are_keyed_by_index() -> None:
         event = Embeddings(index=index - 1 if index == 1 else index, dims=1, vectors=vectors)
         assert choice.accept(Received(Position(attempt, 1), event)) is None
     assert choice.vectors == {0: "a", 1: "b", 2: "c"}
+
+
+async def test_embeddings_are_charged_their_input_tokens(
+    start_edge: StartEdge, valkey: ValkeyServer, worker_settings: WorkerSettings
+) -> None:
+    base = await start_edge()
+    texts = ["one two three four", "five six"]
+    body = {"model": "echo", "input": texts}
+    async with running(worker_settings, EchoEngine()), aiohttp.ClientSession() as http:
+        async with http.post(f"{base}/v1/embeddings", json=body, headers=auth("headers")) as r:
+            first, used = dict(r.headers), (await r.json())["usage"]["total_tokens"]
+        async with http.post(f"{base}/api/embed", json=body, headers=auth("headers")) as r:
+            second = dict(r.headers)
+    # Admitted at the prompt estimate (4 characters a token, every input) ...
+    estimate = 10000 - int(first["x-ratelimit-remaining-tokens"])
+    assert estimate == math.ceil(len(texts[0]) / 4) + math.ceil(len(texts[1]) / 4)
+    # ... then settled at the real prompt tokens, before the next request was admitted.
+    assert used == 6
+    assert int(second["x-ratelimit-remaining-tokens"]) == 10000 - used - estimate
+    assert await tokens_charged(valkey, "headers") == 2 * used
