@@ -4,6 +4,7 @@ compared with what llama-cpp-python itself computes for the same text."""
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ from workers.settings import WorkerSettings
 pytest.importorskip("llama_cpp", reason="the llm extra is not installed (make install-llm)")
 import llama_cpp
 
+from schemas.events import Done, Embeddings
+from schemas.jobs import EmbedJob, EmbedParams
 from workers.engines import embed
 from workers.engines.gguf import DEFAULT_MODEL_ID, ModelConfig, bundled_gguf
 from workers.engines.llama import LlamaEngine
@@ -39,7 +42,9 @@ TOLERANCE = 1e-5  # float32 rounding of the same computation
 
 
 def config(**extra: Any) -> ModelConfig:
-    return ModelConfig(id=MODEL, path=bundled_gguf(), n_ctx=512, n_threads=1, **extra)
+    return ModelConfig(
+        **{"id": MODEL, "path": bundled_gguf(), "n_ctx": 512, "n_threads": 1, **extra}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +169,14 @@ async def test_an_input_over_the_context_is_a_400(
     async with running(worker_settings, engine):
         with pytest.raises(openai.BadRequestError) as e:
             await oai.embeddings.create(model=MODEL, input=["short", "word " * 600])
+        with pytest.raises(openai.BadRequestError) as vocab:
+            await oai.embeddings.create(model=MODEL, input=[[1, 2, 10_000_000]])
         ok = await oai.embeddings.create(model=MODEL, input="still serving")
     assert e.value.code == "context_length_exceeded"
     assert e.value.param == "input"
     assert "input 1" in e.value.message
+    assert vocab.value.param == "input"
+    assert "outside the vocabulary" in vocab.value.message
     assert len(ok.data[0].embedding) == 576
 
 
@@ -245,3 +254,34 @@ async def test_a_model_with_embeddings_off_says_so(
     assert "does not compute embeddings" in e.value.message
     assert chat.usage is not None
     assert chat.usage.completion_tokens == 2
+
+
+async def test_many_inputs_are_several_batches_and_events_of_bounded_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(embed, "EVENT_BYTES", 16 * 4 * 576)  # 16 vectors an event, not 227
+    engine = LlamaEngine([config(n_ctx=64)])  # batches of at most 64 tokens
+    await engine.start()
+    texts = [f"n{i}" for i in range(40)]  # about 120 tokens
+    job = EmbedJob(id="e" * 16, model=MODEL, created_ms=0, params=EmbedParams(inputs=texts))
+    events = []
+    batches: list[int] = []
+    real = embed.Embedder.evaluate
+
+    def counted(self: embed.Embedder, inputs: Any, norm: int) -> list[str]:
+        batches.append(sum(len(i) for i in inputs))
+        return real(self, inputs, norm)
+
+    monkeypatch.setattr(embed.Embedder, "evaluate", counted)
+    try:
+        async for event in engine.embed(job, threading.Event()):
+            events.append(event)
+    finally:
+        await engine.close()
+    pieces = [e for e in events if isinstance(e, Embeddings)]
+    assert len(batches) >= 2
+    assert all(n <= 64 for n in batches)
+    assert [p.index for p in pieces] == [0, 16, 32]
+    assert [len(p.vectors) for p in pieces] == [16, 16, 8]
+    assert isinstance(events[-1], Done)
+    assert events[-1].usage.prompt_tokens == sum(batches)

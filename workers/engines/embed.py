@@ -104,7 +104,13 @@ class Embedder:
         self.ctx = llama_cpp.llama_init_from_model(llama_model, params)
         if not self.ctx:
             raise RuntimeError(f"llama.cpp could not make an embedding context for {config.id}")
-        self.n_ctx = int(llama_cpp.llama_n_ctx(self.ctx))
+        # What one input (and one batch) may hold: llama.cpp pads the context (to 256
+        # cells) but not the batch, and a batch past n_batch aborts the process.
+        self.n_ctx = min(
+            int(llama_cpp.llama_n_ctx(self.ctx)),
+            int(llama_cpp.llama_n_batch(self.ctx)),
+            int(llama_cpp.llama_n_ubatch(self.ctx)),
+        )
         self.n_embd = int(llama_cpp.llama_model_n_embd_out(llama_model))
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(self.n_ctx, 0, 1)
@@ -168,6 +174,8 @@ class Embedder:
         with self.lock:
             if self._closed:
                 raise EngineError("the model was unloaded")
+            if sum(len(t) for t in inputs) > self.n_ctx:  # pack() keeps to it; llama.cpp aborts
+                raise EngineError(f"a batch of embeddings exceeds {self.n_ctx} tokens")
             if self.memory is not None:
                 llama_cpp.llama_memory_clear(self.memory, True)
             self._fill(inputs)
