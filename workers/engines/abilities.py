@@ -3,7 +3,7 @@
 The core ``Engine`` (``base.py``) is what every engine must have. An ability
 here is optional: an engine has it by having its method, and the runtime looks
 for each one once, when it is built, rather than asking the engine at every
-call. A new ability (embeddings are next) is one more Protocol here and one
+call. A new ability (``Embeds`` was the last) is one more Protocol here and one
 more check in ``Runtime.__init__``.
 """
 

@@ -131,7 +131,8 @@ class LlamaEngine:
             signals.abort.set()
         if self._jobs:
             await asyncio.gather(*self._jobs, return_exceptions=True)
-        self._embedders.close()  # before the models their contexts use
+        # Before the models their contexts use; waits out a batch in progress, off the loop.
+        await asyncio.to_thread(self._embedders.close)
         for slot in self._slots:  # also the contexts of a model whose loading failed half way
             slot.llm.close()
             slot.thread.shutdown(wait=True)
