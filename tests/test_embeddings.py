@@ -212,6 +212,11 @@ async def test_bad_inputs_are_400s_in_each_shape(
         status, body, _ = await post(edge, "/embedding", {"content": long})
         assert status == 400
         assert body["error"]["code"] == "context_length_exceeded"
+        status, body, _ = await post(
+            edge, "/v1/embeddings", {"model": "echo", "input": "x" * 1_000_001}
+        )
+        assert status == 400
+        assert body["error"]["param"] == "input"
         status, body, _ = await post(edge, "/embeddings", {"nothing": 1})
         assert status == 400
         assert "content" in body["error"]["message"]

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StrictBool, StrictInt, StrictStr
+from pydantic import Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from edge.body import Lenient
+from edge.body import Lenient, invalid
 from schemas.errors import InvalidRequest
 from schemas.jobs import MAX_EMBED_INPUTS, MAX_PROMPT_CHARS, EmbedParams
 
@@ -51,6 +51,14 @@ def inputs_of(value: Input, param: str) -> list[str | list[int]]:
     return items
 
 
+def _params(param: str, **fields: Any) -> EmbedParams:
+    """The job's parameters; what the job's own bounds refuse is a 400 naming ``param``."""
+    try:
+        return EmbedParams(**fields)
+    except ValidationError as e:
+        raise InvalidRequest(invalid(e).message, param=param) from None
+
+
 def chars_of(inputs: list[str | list[int]]) -> int:
     """What the prompt bound counts: characters of text, four per token id."""
     return sum(len(i) if isinstance(i, str) else 4 * len(i) for i in inputs)
@@ -68,7 +76,8 @@ class OpenAIEmbeddingRequest(Lenient):
 
     def job_params(self) -> EmbedParams:
         """The job's parameters (an empty string is an input: the tokenizer decides)."""
-        return EmbedParams(
+        return _params(
+            "input",
             inputs=inputs_of(self.input, "input"),
             normalize=self.embd_normalize,
             dimensions=self.dimensions,
@@ -94,7 +103,7 @@ class LlamaCppEmbeddingRequest(Lenient):
         param = "input" if self.input is not None else "content"
         if value is None:
             raise InvalidRequest('"input" or "content" must be provided', param="content")
-        return EmbedParams(inputs=inputs_of(value, param), normalize=self.embd_normalize)
+        return _params(param, inputs=inputs_of(value, param), normalize=self.embd_normalize)
 
 
 class OllamaEmbedRequest(Lenient):
@@ -119,7 +128,7 @@ class OllamaEmbedRequest(Lenient):
                 f"'input' holds {len(texts)} inputs; at most {MAX_EMBED_INPUTS} are accepted",
                 param="input",
             )
-        return EmbedParams(inputs=texts, truncate=self.truncate, dimensions=self.dimensions)
+        return _params("input", inputs=texts, truncate=self.truncate, dimensions=self.dimensions)
 
 
 class OllamaEmbeddingsRequest(Lenient):
@@ -132,4 +141,4 @@ class OllamaEmbeddingsRequest(Lenient):
 
     def job_params(self) -> EmbedParams:
         """Ollama's older route does not normalize its vector."""
-        return EmbedParams(inputs=[self.prompt], normalize=-1)
+        return _params("prompt", inputs=[self.prompt], normalize=-1)
