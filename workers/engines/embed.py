@@ -41,6 +41,9 @@ from workers.engines.vectors import normalize
 log = logging.getLogger(__name__)
 
 MAX_SEQUENCES = 64  # inputs in one evaluated batch (llama.cpp allows up to 256 sequences)
+# The most tokens of one input (and one batch): the micro-batch is all of it, and its compute
+# buffers grow with it (a model trained on 128k tokens would otherwise ask for 128k).
+MAX_TOKENS = 8192
 EVENT_BYTES = 512 * 1024  # vector bytes per Embeddings event: well under a NATS message
 
 POOLING = {
@@ -88,7 +91,7 @@ class Embedder:
         llama_model = model.contexts[0].model
         self.pooling = model_pooling(model.contexts[0].metadata, config.pooling)
         trained = model.n_ctx_train
-        wanted = config.n_ctx or trained
+        wanted = min(config.n_ctx or trained or MAX_TOKENS, MAX_TOKENS)
         self.n_ctx = min(wanted, trained) if trained > 0 else wanted
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = params.n_batch = params.n_ubatch = self.n_ctx
@@ -225,7 +228,13 @@ class Embedders:
         if not (config.embeddings or config.embedding_only):
             return
         loop = asyncio.get_running_loop()
-        embedder = await loop.run_in_executor(thread, Embedder, model, config)
+        try:
+            embedder = await loop.run_in_executor(thread, Embedder, model, config)
+        except RuntimeError:
+            if config.embedding_only:
+                raise
+            log.warning("%s: no embedding context could be made; it serves text only", config.id)
+            return
         self._by_model[config.id] = embedder
         log.info(
             "%s computes embeddings: %d dimensions, %s pooling, inputs up to %d tokens",
