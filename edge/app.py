@@ -21,7 +21,16 @@ from edge.options import Options
 from edge.queues import QueueDepth
 from edge.ratelimit import http as ratelimit
 from edge.ratelimit.admission import Limiter
-from edge.routes import a1111, health, llamacpp, ollama, openai, openai_images, openapi
+from edge.routes import (
+    a1111,
+    embeddings,
+    health,
+    llamacpp,
+    ollama,
+    openai,
+    openai_images,
+    openapi,
+)
 from edge.settings import EdgeSettings
 from edge.tasks import TaskBook
 from schemas.client import JobClient
@@ -64,6 +73,8 @@ def build_app(settings: EdgeSettings, registry: CollectorRegistry | None = None)
         app.on_response_prepare.append(cors.stamp)
     for module in (openai, openai_images, a1111, llamacpp, ollama, health, openapi):
         module.routes.add_to(app)
+    for table in embeddings.tables:
+        table.add_to(app)
     return app
 
 

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from schemas.client import JobStream, Received
-from schemas.events import Delta, Done, Error, Progress, Started, TokenLogprob
+from schemas.events import Delta, Done, Embeddings, Error, Progress, Started, TokenLogprob
 
 Tick = float | None
 _JOIN_EVERY = 256  # deltas of a choice's text kept apart before they are joined into one str
@@ -87,6 +87,7 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # of the deltas passed on
     loose: int = 0  # parts at the end of ``parts`` not yet joined into one
+    vectors: dict[int, str] = field(default_factory=dict)  # an embedding job's, by input
 
     def accept(self, received: Received) -> Out | None:
         """What this event means for the client, if anything."""
@@ -103,6 +104,9 @@ class Choice:
             self.finished = True
             return Failed(self.index, event_id, event)
         self.started = True
+        if isinstance(event, Embeddings):  # kept by index: a redelivery sends the same again
+            self.vectors.update(enumerate(event.vectors, event.index))
+            return None
         if isinstance(event, Progress):
             return Stepped(self.index, event)
         if isinstance(event, Started):

@@ -23,7 +23,8 @@ def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]
 _COMMON = ("nats_url", "nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key", "region",
            "log_level")  # fmt: skip
 _SD = ("sd_device", "sd_threads", "image_inline_chars")
-_LLM = ("llm_n_ctx", "llm_threads", "llm_threads_batch", "llm_gpu_layers", "llm_chat_template_file")
+_LLM = ("llm_n_ctx", "llm_threads", "llm_threads_batch", "llm_gpu_layers", "llm_chat_template_file",
+        "llm_pooling")  # fmt: skip
 _LIMITS = (
     "jobs_max_msgs",
     "jobs_max_bytes",
@@ -125,6 +126,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     overrides = _overrides(args, names)
     if args.engine in ("llm", "sd") and args.model:
         overrides[f"{args.engine}_models"] = ",".join(args.model)
+    if args.engine == "llm" and args.embedding_model:
+        overrides["llm_embedding_models"] = ",".join(args.embedding_model)
     settings = WorkerSettings(**overrides)
     logs.setup(settings.log_level, f"worker {args.engine}")
     if args.engine == "llm":
@@ -299,6 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="echo: the model id (default 'echo'); llm: ID=PATH.gguf, repeatable "
         "(HEADRACE_LLM_MODELS, default: the bundled SmolLM2-135M-Instruct); sd: ID=DIR or "
         "ID=hub-id, repeatable (HEADRACE_SD_MODELS, default: the demo tiny-sd, random weights)",
+    )
+    p.add_argument(
+        "--embedding-model",
+        action="append",
+        metavar="ID=PATH",
+        help="llm: a dedicated embedding GGUF, served for embeddings only, repeatable "
+        "(HEADRACE_LLM_EMBEDDING_MODELS)",
+    )
+    p.add_argument(
+        "--pooling",
+        dest="llm_pooling",
+        choices=["mean", "cls", "last"],
+        help="llm: pooling of embeddings (default: the GGUF's own, else mean)",
     )
     p.add_argument("--slots", type=int, help="jobs run at once (default 1)")
     p.add_argument("--worker-id", help="registry id (default host-pid-random)")

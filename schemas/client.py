@@ -32,13 +32,14 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, PubAck
 from schemas.codec import decode_event, encode
 from schemas.errors import DeadlineExceeded, QueueFull, Unavailable
 from schemas.events import Done, Error
-from schemas.jobs import ImageJob, TextJob
+from schemas.jobs import AnyJob
 from schemas.subjects import (
     JOBS_STREAM,
     RESULTS_STREAM,
     Header,
     cancel_subject,
     job_subject,
+    queue_kind,
     results_subject,
 )
 
@@ -133,7 +134,7 @@ class JobClient:
 
     async def submit(
         self,
-        job: TextJob | ImageJob,
+        job: AnyJob,
         *,
         reply: str | None = None,
         headers: dict[str, str] | None = None,
@@ -183,7 +184,7 @@ class JobClient:
 
     async def publish(
         self,
-        job: TextJob | ImageJob,
+        job: AnyJob,
         *,
         reply: str | None = None,
         headers: dict[str, str] | None = None,
@@ -196,7 +197,7 @@ class JobClient:
         }
         if job.deadline_ms is not None:
             hdrs[Header.DEADLINE] = str(job.deadline_ms)
-        subject = job_subject(job.kind, job.model)
+        subject = job_subject(queue_kind(job.kind), job.model)
         payload = encode(job)
         delay = self.backoff_s
         for attempt in range(1, self.publish_attempts + 1):
@@ -312,7 +313,7 @@ async def _logged(recovery: Coroutine[Any, Any, None], job_id: str) -> None:
 class Placed:
     """How a job was published, so it can be published again if the broker loses it."""
 
-    job: TextJob | ImageJob
+    job: AnyJob
     reply: str
     headers: dict[str, str]
     seq: int  # its sequence in JOBS

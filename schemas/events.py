@@ -89,6 +89,21 @@ class Progress(Contract):
     preview: str | None = None
 
 
+class Embeddings(Contract):
+    """Vectors of an embedding job's inputs ``index``, ``index + 1`` ...: each one is
+    ``dims`` little-endian float32 values in base64 (OpenAI's ``encoding_format: base64``).
+
+    A job sends them in pieces (one per evaluated batch, each well under a NATS message),
+    then ``done`` with the prompt tokens in ``usage``. A redelivered job sends them again;
+    a reader keys them by index.
+    """
+
+    type: Literal["embeddings"] = "embeddings"
+    index: int = Field(ge=0)
+    dims: int = Field(ge=1)
+    vectors: list[str]
+
+
 class Done(Contract):
     """The job finished (also when it was cancelled)."""
 
@@ -133,5 +148,7 @@ class Error(Contract):
         )
 
 
-Event = Annotated[Started | Delta | Progress | Done | Error, Field(discriminator="type")]
-EngineEvent = Delta | Progress | Done
+Event = Annotated[
+    Started | Delta | Progress | Embeddings | Done | Error, Field(discriminator="type")
+]
+EngineEvent = Delta | Progress | Embeddings | Done

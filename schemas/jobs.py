@@ -15,6 +15,7 @@ MAX_STOP_CHARS = 256
 MAX_TOKENS_LIMIT = 1_000_000
 SEED_MAX = 2**32 - 1
 MAX_INIT_IMAGES = 16
+MAX_EMBED_INPUTS = 2048  # OpenAI's bound on one embeddings request's inputs
 MAX_INLINE_IMAGE_CHARS = 8 * 1024 * 1024  # an inline image must also fit one NATS message
 # Levels of objects and arrays in a JSON schema (``{"type": "string"}`` is 1; each nested
 # ``{"properties": {"x": ...}}`` adds 2). Real schemas stay far below it; what it guards is
@@ -154,6 +155,30 @@ class ImageParams(Params):
     preview_every: int = Field(default=0, ge=0)
 
 
+EmbedInput = (
+    Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+    | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_TOKENS_LIMIT)]
+)
+
+
+class EmbedParams(Params):
+    """What an embedding job computes: one vector per input, all in one job.
+
+    An input is text (tokenized by the worker, special tokens added as the model's
+    vocabulary says) or token ids. ``normalize`` is llama.cpp's ``embd_normalize``:
+    -1 none, 0 scaled to the int16 range by the largest magnitude, 1 taxicab, 2
+    Euclidean (L2, the default), p > 2 the p-norm. ``truncate`` cuts an input that
+    does not fit the model's context (Ollama's default) instead of failing the job;
+    ``dimensions``, when set, must be the model's own (no model here is trained to be
+    cut shorter, so a shorter vector would be a different, worse one).
+    """
+
+    inputs: Annotated[list[EmbedInput], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+    normalize: int = Field(default=2, ge=-1, le=16)
+    truncate: bool = False
+    dimensions: int | None = Field(default=None, ge=1)
+
+
 class JobBase(Contract):
     """Fields every job carries."""
 
@@ -194,7 +219,16 @@ class ImageJob(JobBase):
     params: ImageParams
 
 
-Job = Annotated[TextJob | ImageJob, Field(discriminator="kind")]
+class EmbedJob(JobBase):
+    """An embedding job. It travels on its model's text subject, ``jobs.llm.<model>``: the
+    same consumer, slots and engine as text jobs (``kind`` tells the worker what to do)."""
+
+    kind: Literal["embed"] = "embed"
+    params: EmbedParams
+
+
+AnyJob = TextJob | ImageJob | EmbedJob
+Job = Annotated[AnyJob, Field(discriminator="kind")]
 
 _ID = r"[A-Za-z0-9_-]{16,64}"
 

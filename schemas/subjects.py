@@ -1,4 +1,21 @@
-"""Subject, stream, bucket and header names: the one place they are spelled."""
+"""Subject, stream, bucket and header names: the one place they are spelled.
+
+===========================  =========================================================
+``jobs.llm.<model>``         text jobs (``TextJob``) and embedding jobs (``EmbedJob``,
+                             ``kind: "embed"``) for a text model, in stream ``JOBS``;
+                             one durable consumer ``llm-<model>`` serves both
+``jobs.sd.<model>``          image jobs (``ImageJob``), consumer ``sd-<model>``
+``results.<job id>``         a job's events (``results.<user>.<job id>`` for a native
+                             client), also kept in stream ``RESULTS``
+``cancel.<job id>``          stop a job
+``rpc.llm.<model>.<op>``     tokenize, detokenize, apply-template, props
+``dlq.jobs.<kind>.<model>``  dead letters, in stream ``DLQ``
+===========================  =========================================================
+
+Embedding jobs share the text queue on purpose: the same worker, context and slots
+compute them (one model copy), so a second consumer would only split one fleet's slots
+between two queues. ``queue_kind`` maps a job's ``kind`` to its queue.
+"""
 
 from __future__ import annotations
 
@@ -66,6 +83,13 @@ def is_job_id(value: str) -> bool:
 def job_subject(kind: JobKind, model: str) -> str:
     """Where jobs for ``model`` are published: ``jobs.<kind>.<slug>``."""
     return f"{JOBS_PREFIX}.{kind}.{model_slug(model)}"
+
+
+def queue_kind(job_kind: str) -> JobKind:
+    """The queue a job of ``job_kind`` travels on: an embedding job (``EmbedJob``, kind
+    ``embed``) rides its model's text queue, ``jobs.llm.<model>``, so text and embedding
+    jobs share one consumer, one fleet of slots and one engine per model."""
+    return "sd" if job_kind == "sd" else "llm"
 
 
 def consumer_name(kind: JobKind, model: str) -> str:

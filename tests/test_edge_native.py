@@ -7,7 +7,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 from nats.js import JetStreamContext
 
 from tests.conftest import API_KEY, running
@@ -95,13 +94,6 @@ async def test_health_in_llamacpp_shape_needs_no_key(
         async with running(worker_settings), http.get(f"{edge}/health") as resp:
             assert resp.status == 200
             assert await resp.json() == {"status": "ok"}
-
-
-@pytest.mark.parametrize("path", ["/embeddings", "/v1/embeddings"])
-async def test_embeddings_are_a_clear_400(edge: str, path: str) -> None:
-    status, raw, _ = await post(edge, path, {"model": "echo", "input": "hi"})
-    assert status == 400
-    assert "embeddings are not supported" in orjson.loads(raw)["error"]["message"]
 
 
 async def test_identical_inflight_completions_share_one_job(

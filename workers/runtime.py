@@ -22,11 +22,11 @@ from nats.js import JetStreamContext
 
 from schemas.codec import decode_job
 from schemas.connection import connect
-from schemas.errors import ErrorCode, HeadraceError, Poison, Retry, Unavailable
+from schemas.errors import ErrorCode, HeadraceError, InvalidRequest, Poison, Retry, Unavailable
 from schemas.events import Done, EngineEvent, Error, Started
 from schemas.fleet import VERSION, WorkerInfo
 from schemas.image_store import ImageStore
-from schemas.jobs import ImageJob, TextJob
+from schemas.jobs import AnyJob, EmbedJob, ImageJob
 from schemas.subjects import (
     CANCEL_ALL,
     JOBS_STREAM,
@@ -43,7 +43,7 @@ from schemas.subjects import (
 from schemas.topology import Limits, ensure_present
 from workers.cancels import CancelBook
 from workers.emitter import Emitter
-from workers.engines.abilities import AnswersRpc, ReportsGpuMemory
+from workers.engines.abilities import AnswersRpc, Embeds, ReportsGpuMemory
 from workers.engines.base import Engine
 from workers.heartbeat import Heartbeat
 from workers.metrics import Outcome, WorkerMetrics
@@ -90,6 +90,7 @@ class Runtime:
         # Optional abilities are looked for once, here; the rest of the runtime reads these.
         # The rpc subjects belong to text models (rpc.llm.<model>.<op>): only text engines serve them.
         self._rpc = engine if engine.kind == "llm" and isinstance(engine, AnswersRpc) else None
+        self._embed = engine if isinstance(engine, Embeds) else None
         if isinstance(engine, ReportsGpuMemory):
             gpu_memory = engine.gpu_memory_bytes
             self.metrics.gpu_memory_bytes.set_function(lambda: gpu_memory() or 0)
@@ -321,14 +322,16 @@ class Runtime:
         self,
         b: Binding,
         msg: Msg,
-        job: TextJob | ImageJob,
+        job: AnyJob,
         emitter: Emitter,
         attempt: int,
         headers: dict[str, str],
     ) -> None:
         """Skip a cancelled or expired job; run any other."""
         if self.cancels.was_cancelled(job.id):
-            await emitter.emit(Done(finish_reason="cancelled", seed=job.params.seed))
+            await emitter.emit(
+                Done(finish_reason="cancelled", seed=getattr(job.params, "seed", None))
+            )
             await self._settle(msg)
             self._ended(b, msg, job, "cancelled")
             return
@@ -346,7 +349,7 @@ class Runtime:
         self,
         b: Binding,
         msg: Msg,
-        job: TextJob | ImageJob,
+        job: AnyJob,
         emitter: Emitter,
         attempt: int,
         deadline_ms: int | None,
@@ -407,7 +410,7 @@ class Runtime:
         self._ended(b, msg, job, outcome, done=done, ran_from=ran_from)
 
     async def _events(
-        self, job: TextJob | ImageJob, cancel: threading.Event, attempt: int
+        self, job: AnyJob, cancel: threading.Event, attempt: int
     ) -> AsyncGenerator[EngineEvent, None]:
         """The engine's events, with image bytes moved through the object store where too large."""
         images = self._images
@@ -415,7 +418,7 @@ class Runtime:
         try:
             if isinstance(job, ImageJob):
                 job = await images.resolve(job)
-            async with contextlib.aclosing(self.engine.run(job, cancel)) as events:
+            async with contextlib.aclosing(self._engine_events(job, cancel)) as events:
                 async for event in events:
                     if isinstance(event, Done) and event.images:
                         event = await images.offload(event, job.id, attempt)
@@ -423,11 +426,20 @@ class Runtime:
         except Unavailable as e:  # the object store, not the job: another attempt may succeed
             raise Retry(e.message, delay_s=self.settings.retry_delay_s) from e
 
+    def _engine_events(
+        self, job: AnyJob, cancel: threading.Event
+    ) -> AsyncGenerator[EngineEvent, None]:
+        if not isinstance(job, EmbedJob):
+            return self.engine.run(job, cancel)
+        if self._embed is None:
+            raise InvalidRequest(f"this worker computes no embeddings for {job.model}")
+        return self._embed.embed(job, cancel)
+
     def _ended(
         self,
         b: Binding,
         msg: Msg,
-        job: TextJob | ImageJob,
+        job: AnyJob,
         outcome: Outcome,
         *,
         done: Done | None = None,
@@ -515,7 +527,7 @@ class Runtime:
         await msg.term()
 
 
-def _deadline_ms(job: TextJob | ImageJob, headers: dict[str, str]) -> int | None:
+def _deadline_ms(job: AnyJob, headers: dict[str, str]) -> int | None:
     raw = headers.get(Header.DEADLINE)
     if raw is not None and raw.isdigit():
         return int(raw)

@@ -6,6 +6,7 @@ import os
 import secrets
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -48,6 +49,20 @@ class WorkerSettings(CommonSettings):
     llm_models: str = Field(
         default="",
         description="llm: models as ID=PATH.gguf, comma-separated (empty: the bundled SmolLM2)",
+    )
+    llm_embedding_models: str = Field(
+        default="",
+        description="llm: embedding-only models (a dedicated embedding GGUF) as ID=PATH.gguf, "
+        "comma-separated: they compute embeddings and generate nothing",
+    )
+    llm_embeddings: bool = Field(
+        default=True,
+        description="llm: the text models also compute embeddings (a second, embedding-mode "
+        "context on the same weights)",
+    )
+    llm_pooling: Literal["mean", "cls", "last"] | None = Field(
+        default=None,
+        description="llm: pooling of embeddings (default: the GGUF's own, else mean)",
     )
     llm_n_ctx: int = Field(
         default=2048, ge=0, description="llm: context size in tokens (0: the model's own)"

@@ -116,14 +116,3 @@ async def health(request: web.Request) -> web.Response:
         return json_response({"status": "ok"})
     error = {"code": 503, "message": "Loading model", "type": "unavailable_error"}
     return json_response({"error": error}, 503)
-
-
-@routes.post("/embeddings")
-@routes.post("/v1/embeddings")
-async def embeddings(request: web.Request) -> web.Response:
-    """No configured model computes embeddings: a clear 400 rather than a 404."""
-    body = await read_object(request)
-    model = body.get("model") or "this deployment's models"
-    raise InvalidRequest(
-        f"embeddings are not supported by {model}: no embedding model is configured", param="model"
-    )

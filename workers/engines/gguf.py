@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import jinja2
 import llama_cpp
@@ -80,6 +80,11 @@ class ModelConfig:
     n_batch: int = 512
     chat_template: str | None = None  # None: the template in the GGUF metadata
     contexts: int = 1
+    # Embeddings (workers/engines/embed.py): a second, embedding-mode context on the same
+    # weights. ``embedding_only``: a dedicated embedding GGUF, which generates no text.
+    embeddings: bool = True
+    embedding_only: bool = False
+    pooling: Literal["mean", "cls", "last"] | None = None  # None: the GGUF's, else mean
 
     def threads(self) -> int:
         """CPU threads per context while generating."""
@@ -90,14 +95,20 @@ class ModelConfig:
         return self.n_threads_batch or self.threads()
 
 
+_TOKENIZER_CTX = 16
+
+
 def load_context(config: ModelConfig) -> llama_cpp.Llama:
     """Load the GGUF with one llama.cpp context (blocking: call it on the context's own thread)."""
     if not config.path.is_file():
         raise FileNotFoundError(f"model file not found: {config.path}")
+    # An embedding-only model computes in its embedding context (embed.py); this one is
+    # only the weights' owner and the tokenizer, so its KV cache is kept tiny.
+    tiny = config.embedding_only
     return llama_cpp.Llama(
         model_path=str(config.path),
-        n_ctx=config.n_ctx,
-        n_batch=config.n_batch,
+        n_ctx=_TOKENIZER_CTX if tiny else config.n_ctx,
+        n_batch=_TOKENIZER_CTX if tiny else config.n_batch,
         n_threads=config.threads(),
         n_threads_batch=config.threads_batch(),
         n_gpu_layers=config.n_gpu_layers,

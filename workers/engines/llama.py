@@ -29,13 +29,15 @@ from typing import Any
 
 import llama_cpp
 
+from schemas.errors import InvalidRequest
 from schemas.events import Done, EngineEvent
 from schemas.fleet import ModelInfo
-from schemas.jobs import TextJob
+from schemas.jobs import EmbedJob, TextJob
 from schemas.subjects import JobKind
 from workers.engines import llama_rpc
 from workers.engines.base import by_id, loaded_model
 from workers.engines.decode import Piece, Signals, generate, merge
+from workers.engines.embed import Embedders
 from workers.engines.gguf import GgufModel, ModelConfig, load_context, route_native_logs
 from workers.engines.thread_stream import ThreadStream
 from workers.queue_time import queue_ms, with_queue_ms
@@ -52,7 +54,7 @@ class _Slot:
 
 
 class LlamaEngine:
-    """A ``TextEngine`` serving GGUF models with llama.cpp; it ``AnswersRpc``."""
+    """A ``TextEngine`` serving GGUF models with llama.cpp; it ``AnswersRpc`` and ``Embeds``."""
 
     kind: JobKind = "llm"
 
@@ -62,14 +64,18 @@ class LlamaEngine:
         self._slots: list[_Slot] = []
         self._free: dict[str, asyncio.Queue[_Slot]] = {}
         self._jobs: dict[asyncio.Future[None], Signals] = {}
+        self._embedders = Embedders()
 
     def models(self) -> list[ModelInfo]:
         """The configured models; their context length is the loaded n_ctx."""
         return [
-            ModelInfo(
-                id=c.id,
-                kind="llm",
-                context_length=self._models[c.id].n_ctx if c.id in self._models else c.n_ctx,
+            ModelInfo.model_validate(
+                {
+                    "id": c.id,
+                    "kind": "llm",
+                    "context_length": self._models[c.id].n_ctx if c.id in self._models else c.n_ctx,
+                    **self._embedders.info(c),
+                }
             )
             for c in self.configs.values()
         ]
@@ -111,6 +117,7 @@ class LlamaEngine:
             slots.append(_Slot(llm, thread))
             self._slots.append(slots[-1])
         self._models[c.id] = GgufModel(c, [s.llm for s in slots])
+        await self._embedders.open(c, self._models[c.id], slots[0].thread)
         free: asyncio.Queue[_Slot] = asyncio.Queue()
         for slot in slots:
             free.put_nowait(slot)
@@ -124,6 +131,8 @@ class LlamaEngine:
             signals.abort.set()
         if self._jobs:
             await asyncio.gather(*self._jobs, return_exceptions=True)
+        # Before the models their contexts use; waits out a batch in progress, off the loop.
+        await asyncio.to_thread(self._embedders.close)
         for slot in self._slots:  # also the contexts of a model whose loading failed half way
             slot.llm.close()
             slot.thread.shutdown(wait=True)
@@ -143,6 +152,8 @@ class LlamaEngine:
     async def run(self, job: TextJob, cancel: threading.Event) -> AsyncGenerator[EngineEvent, None]:
         """Generate on a borrowed context's thread; yield coalesced deltas, then done."""
         model_id, model = self._model(job.model)
+        if model.config.embedding_only:
+            raise InvalidRequest(f"{model_id} computes embeddings only", param="model")
         free = self._free[model_id]
         slot = await free.get()
         waited_ms = queue_ms(job)  # once the context is ours: waiting for one is queueing too
@@ -167,3 +178,24 @@ class LlamaEngine:
             yield with_queue_ms(stream.result, waited_ms)
         finally:
             signals.abort.set()  # the runtime stopped listening (or we are done): stop the thread
+
+    async def embed(
+        self, job: EmbedJob, cancel: threading.Event
+    ) -> AsyncGenerator[EngineEvent, None]:
+        """An embedding job on the model's embedding context (``embed.py``), evaluated on the
+        thread of a borrowed slot: only threads that already drive llama.cpp compute do."""
+        model_id, _ = self._model(job.model)
+        self._embedders.get(model_id)  # refused before waiting for a slot
+        free = self._free[model_id]
+        slot = await free.get()
+        waited_ms = queue_ms(job)
+        loop = asyncio.get_running_loop()
+        try:
+            events = self._embedders.run(
+                model_id, job, cancel, lambda call: loop.run_in_executor(slot.thread, call)
+            )
+            async with contextlib.aclosing(events) as running:
+                async for event in running:
+                    yield with_queue_ms(event, waited_ms) if isinstance(event, Done) else event
+        finally:
+            free.put_nowait(slot)  # its thread runs calls in order: the next waits its turn
