@@ -210,8 +210,9 @@ async def test_bad_inputs_are_400s_in_each_shape(
             await oai.embeddings.create(model="echo", input="x", encoding_format="hex")  # type: ignore[arg-type]
         assert e.value.param == "encoding_format"
         status, body, _ = await post(edge, "/embedding", {"content": long})
-        assert status == 400
-        assert body["error"]["code"] == "context_length_exceeded"
+        assert status == 400  # llama.cpp's shape: the status as the code, the kind as the type
+        assert body["error"]["code"] == 400
+        assert body["error"]["type"] == "exceed_context_size_error"
         status, body, _ = await post(
             edge, "/v1/embeddings", {"model": "echo", "input": "x" * 1_000_001}
         )
