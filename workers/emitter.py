@@ -13,7 +13,8 @@ from nats.js.api import PubAck
 from pydantic import BaseModel
 
 from schemas.codec import encode
-from schemas.events import Done, Error
+from schemas.events import Delta, Done, Error
+from schemas.jobs import Resume
 from schemas.subjects import RESULTS_PREFIX, Header
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,10 @@ class Emitter:
         self.js = nc.jetstream(timeout=2.0)
         self._stored = reply.startswith(f"{RESULTS_PREFIX}.")  # a client's own subject is not
         self._sent: list[Sent] = []  # until the final event is stored
+        # What this attempt delivered, for a hand-over (workers.runtime, SIGTERM).
+        self.token_ids: list[int] = []
+        self.texts: list[str] = []
+        self.tokens = 0
         self._headers: dict[str, str] = {Header.JOB: job_id, Header.ATTEMPT: str(attempt)}
         if owner:
             # Echoed so that any edge can check who may replay the job's events.
@@ -67,6 +72,10 @@ class Emitter:
         self.seq += 1
         headers = {**self._headers, Header.SEQ: str(self.seq)}
         data = encode(event)
+        if isinstance(event, Delta):
+            self.tokens += event.tokens
+            self.token_ids.extend(event.token_ids or ())
+            self.texts.append(event.text)
         if not isinstance(event, Done | Error):
             ack = None
             if self._stored:
@@ -82,6 +91,22 @@ class Emitter:
         await self._confirm_sent()
         await self._store(data, headers)
         self._sent.clear()
+
+    def resume(self, before: Resume | None) -> Resume | None:
+        """What a continuation of this attempt goes on from: ``before`` (what the attempt
+        itself resumed) and what it delivered; None when nothing was, or the ids are not all
+        known (the continuation then starts again)."""
+        if len(self.token_ids) != self.tokens:
+            return None
+        ids = [*(before.token_ids if before else ()), *self.token_ids]
+        if not ids:
+            return None
+        return Resume(token_ids=ids, text=(before.text if before else "") + "".join(self.texts))
+
+    async def confirm(self) -> None:
+        """Return once every event sent so far is stored (before a hand-over)."""
+        if self._stored:
+            await self._confirm_sent()
 
     def close(self) -> None:
         """Stop waiting for confirmations (the attempt is over): an unanswered one would hold
