@@ -175,7 +175,7 @@ class JobClient:
         replay: bool = False,
     ) -> JobStream:
         """Follow a job's events live; with ``replay`` (or ``after``) stored ones come first from RESULTS."""
-        queue: asyncio.Queue[Received | Lost] = asyncio.Queue()
+        queue: asyncio.Queue[Received | Lost | Wake] = asyncio.Queue()
 
         async def deliver(msg: Msg) -> None:
             try:
@@ -187,7 +187,8 @@ class JobClient:
 
         async def beat(msg: Msg) -> None:
             if following:
-                following[0].heard((msg.headers or {}).get(Header.ATTEMPT))
+                h = msg.headers or {}
+                following[0].heard(h.get(Header.ATTEMPT), leaving=Header.LEAVING in h)
 
         reply = reply or results_subject(job_id, self.user)
         sub = await self.nc.subscribe(reply, cb=deliver)
@@ -363,6 +364,13 @@ class Lost:
 LOST = Lost()
 
 
+class Wake:
+    """Queued when the running attempt's worker says it is leaving: hand the job over now."""
+
+
+WAKE = Wake()
+
+
 class JobStream:
     """The ordered events of one job: duplicates dropped, gaps filled from RESULTS, its
     attempts stitched into one sequence, and the job handed over when its worker is lost."""
@@ -372,7 +380,7 @@ class JobStream:
         client: JobClient,
         job_id: str,
         sub: Subscription,
-        queue: asyncio.Queue[Received | Lost],
+        queue: asyncio.Queue[Received | Lost | Wake],
         deadline_ms: int | None,
         *,
         alive: Subscription | None = None,
@@ -397,6 +405,7 @@ class JobStream:
         self._heard_at = time.monotonic()  # its last event or beat
         self._job_seq: int | None = None  # its message in JOBS
         self._floor = 0  # events of epochs below this one are dropped: handed over
+        self._leaving = False  # the running attempt's worker stopped (SIGTERM)
 
     async def __aenter__(self) -> JobStream:
         return self
@@ -420,10 +429,14 @@ class JobStream:
         """What the stream has passed on or queued: text, tokens and their ids."""
         return self._stitch
 
-    def heard(self, attempt: str | None) -> None:
-        """A beat of the worker running ``attempt`` (from the alive subject)."""
+    def heard(self, attempt: str | None, *, leaving: bool = False) -> None:
+        """A beat of the worker running ``attempt`` (from the alive subject); ``leaving``:
+        its last, the worker stopped and every event it sent is stored."""
         if attempt is not None and attempt.isdigit() and int(attempt) == self._running:
             self._heard_at = time.monotonic()
+            if leaving and not self._leaving:
+                self._leaving = True
+                self._queue.put_nowait(WAKE)
 
     async def next(self, timeout_s: float | None = None) -> Received | None:
         """The next event in order; None when ``timeout_s`` passes first.
@@ -433,7 +446,7 @@ class JobStream:
         until = None if timeout_s is None else time.monotonic() + timeout_s
         while not self._ready:
             item = await self._get(until)
-            if item is None:
+            if item is None or isinstance(item, Wake):
                 if until is not None and time.monotonic() >= until:
                     return None
                 continue  # its worker was checked on (see _check_lost)
@@ -450,7 +463,7 @@ class JobStream:
         self.finished = received.final
         return received
 
-    async def _get(self, until: float | None) -> Received | Lost | None:
+    async def _get(self, until: float | None) -> Received | Lost | Wake | None:
         """The next queued item; None when ``until`` passes or the worker was checked on."""
         now = time.monotonic()
         wait = None if until is None else max(0.0, until - now)
@@ -481,6 +494,8 @@ class JobStream:
         """Seconds until the running attempt counts as lost; None when nothing is watched."""
         if self._running is None or self._beat_s is None or not self.client.hand_over:
             return None
+        if self._leaving:
+            return 0.0
         return self._heard_at + self._beat_s * self.client.missed_beats - now
 
     async def _accept(self, received: Received) -> None:
@@ -507,6 +522,7 @@ class JobStream:
         event = received.event
         if isinstance(event, Started):
             self._running, self._heard_at = received.pos.attempt, time.monotonic()
+            self._leaving = False
             self._beat_s = event.beat_ms / 1000 if event.beat_ms else None
             self._job_seq = event.job_seq or self._job_seq
         elif received.final and received.pos.attempt >= (self._running or 0):

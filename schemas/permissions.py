@@ -8,7 +8,8 @@ The roles:
 * ``edge``: publishes jobs, cancels, interrupts and rpc requests; reads the results of
   edge jobs (``results.<job id>``), the ``workers`` and ``options`` buckets and images.
 * ``worker``: fetches from and acks the JOBS consumers, publishes results, dead letters,
-  heartbeats, per-job beats and (when stopped) continuations, answers rpc requests. It
+  heartbeats and per-job beats, answers rpc requests. It publishes no job (a stopped
+  worker's jobs are continued by their followers, ``schemas.failover``). It
   reads no result: no subscribe permission on ``results.>``, no consumer on RESULTS; only
   the fence of a redelivered job (``results.[<user>.]<job id>.fence``, by direct get).
 * ``observer``: read-only JetStream information and the ``workers`` bucket (``headrace
@@ -171,8 +172,6 @@ def worker() -> Permissions:
     publish = [
         f"{RESULTS_PREFIX}.>",
         f"{ALIVE_PREFIX}.>",  # a held job's beats
-        # A worker stopped by SIGTERM hands its long jobs over as continuations.
-        f"{JOBS_PREFIX}.>",
         # A redelivered job's fence, the one result subject it reads (schemas.failover).
         f"{API}.DIRECT.GET.{RESULTS_STREAM}.{RESULTS_PREFIX}.*.{FENCE_SUFFIX}",
         f"{API}.DIRECT.GET.{RESULTS_STREAM}.{RESULTS_PREFIX}.*.*.{FENCE_SUFFIX}",

@@ -46,6 +46,7 @@ class Header(StrEnum):
     OWNER = "Headrace-Owner"  # id (never the secret) of the API key that submitted the job
     EPOCH = "Headrace-Epoch"  # a continuation's epoch (absent: 0, the job as first published)
     RESUMED_AFTER = "Headrace-Resumed-After"  # the last event (attempt-seq) it continues
+    LEAVING = "Headrace-Leaving"  # on a worker's last beat: it stopped; hand the job over
 
 
 _UNSAFE = re.compile(r"[^a-z0-9_-]+")

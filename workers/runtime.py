@@ -497,25 +497,24 @@ class Runtime:
         )
 
     async def _leave(self, held: Held) -> Outcome:
-        """Stop an attempt without a final event: hand the job over as a continuation in the
-        next epoch (SIGTERM), or drop it (a continuation superseded it); then term it."""
-        if held.leaving == "hand_over":
-            emitter, job = held.emitter, held.job
-            await emitter.confirm()  # followers may need any of them from RESULTS
-            resume = emitter.resume(job.resume if isinstance(job, TextJob) else None)
-            base = job.model_copy(update={"resume": None}) if isinstance(job, TextJob) else job
-            await failover.hand_over(
-                self.nc.jetstream(timeout=2.0),
-                base,
-                held.reply,
-                held.msg.headers or {},
-                epoch=held.epoch + 1,
-                after=f"{held.attempt}-{emitter.seq}",
-                resume=resume,
-            )
-            log.info("job %s: handed over (%d tokens delivered)", job.id, emitter.tokens)
-        await held.msg.term()
-        return "handed_over" if held.leaving == "hand_over" else "superseded"
+        """Stop an attempt without a final event.
+
+        Stopped (SIGTERM): once every event it sent is stored, a last beat says so, and the
+        job's followers hand it over at once, as a continuation of what they received
+        (they publish jobs; a worker may not). The message is nak'ed with a delay: when
+        nobody follows the job it starts again elsewhere, and when somebody handed it over
+        its fence has the redelivery terminated unrun. Superseded (a continuation took over
+        while this worker was paused): terminated.
+        """
+        if held.leaving == "superseded":
+            await held.msg.term()
+            return "superseded"
+        await held.emitter.confirm()  # followers may need any of them from RESULTS
+        headers = {Header.ATTEMPT: str(held.attempt), Header.LEAVING: str(held.emitter.seq)}
+        await self.nc.publish(alive_subject(held.reply), b"", headers=headers)
+        await held.msg.nak(delay=self.settings.handover_nak_delay_s)
+        log.info("job %s: handed over (%d tokens delivered)", held.job.id, held.emitter.tokens)
+        return "handed_over"
 
     async def _raise_fence(self, held: Held) -> None:
         """A finished job's fence: a redelivery (its ack lost in an election) is not run."""
@@ -598,6 +597,8 @@ class Runtime:
                 held.cancel.set()
                 return
             late = time.monotonic() - slept_from - wait
+            if held.leaving:
+                return  # _leave sends the last beat
             with contextlib.suppress(nats.errors.Error, TimeoutError):
                 await self.nc.publish(subject, b"", headers=beat)
                 if time.monotonic() >= wpi_at:

@@ -40,6 +40,12 @@ class WorkerSettings(CommonSettings):
         description="SIGTERM: jobs expected to end within this finish here; the others are "
         "handed over to another worker at once",
     )
+    handover_nak_delay_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="SIGTERM: a handed-over job's message comes back after this (run again "
+        "when nobody followed it to continue it, terminated when somebody did)",
+    )
     retry_delay_s: float = Field(
         default=1.0, ge=0, description="nak delay after an unexpected failure"
     )
