@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import subprocess
 import time
@@ -267,3 +268,39 @@ async def test_sigterm_hands_a_long_job_over_at_once(
     # It left long before the 7 s of tokens it still had (not after them, nor after a grace).
     assert left_s < 5.0, left_s
     print(f"SIGTERM: job took {took_s:.1f} s (8 s of tokens), worker left in {left_s:.1f} s")
+
+
+async def test_the_openai_sdk_stream_goes_on_when_its_worker_is_killed(
+    edge: str,
+    js: JetStreamContext,
+    nats_server: AuthNatsServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import openai
+
+    caplog.set_level(logging.INFO, logger="schemas.client")
+    from tests.conftest import API_KEY
+
+    chat = [{"role": "user", "content": PROMPT}]
+    delay = ("--echo-token-delay-s", "0.05")
+    doomed = spawn_worker(nats_server, "doomed", *delay, log=tmp_path / "doomed.log")
+    with workers(doomed) as started:
+        await wait_registered(js, "doomed")
+        async with openai.AsyncOpenAI(base_url=f"{edge}/v1", api_key=API_KEY, max_retries=0) as oai:
+            stream = await oai.chat.completions.create(
+                model="echo", messages=chat, max_tokens=150, seed=9, stream=True
+            )
+            chunks = [await stream.__anext__() for _ in range(6)]  # the role chunk, 5 tokens
+            # Only "doomed" could take the job; the rescuer is alive before the kill.
+            started.append(spawn_worker(nats_server, "rescuer", *delay, log=tmp_path / "r.log"))
+            await wait_registered(js, "rescuer")
+            doomed.send_signal(signal.SIGKILL)
+            chunks += [c async for c in stream]
+            whole = await oai.chat.completions.create(
+                model="echo", messages=chat, max_tokens=150, seed=9
+            )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content  # nothing lost, nothing repeated
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert "attempt 1 went silent; continued in epoch 1" in caplog.text  # by the edge
