@@ -92,7 +92,7 @@ def continuation_headers(
 
 async def write_fence(js: JetStreamContext, reply: str, epoch: int) -> None:
     """Let no delivery of an epoch below ``epoch`` start any more (stored before returning)."""
-    headers = {Header.EPOCH: str(epoch), Header.MSG_ID: f"{reply}.fence.{epoch}"}
+    headers: dict[str, str] = {Header.EPOCH: str(epoch), Header.MSG_ID: f"{reply}.fence.{epoch}"}
     await js.publish(fence_subject(reply), b"", headers=headers)
 
 
@@ -226,7 +226,7 @@ def _trimmed(delta: Delta, chars: int, tokens: int) -> Delta:
         n -= tokens
     else:
         ids = None  # the tokens cannot be told apart: the ids are dropped, ``exact`` goes
-    logprobs = delta.logprobs[tokens:] if delta.logprobs and 0 <= tokens else delta.logprobs
+    logprobs = delta.logprobs[tokens:] if delta.logprobs and tokens >= 0 else delta.logprobs
     return delta.model_copy(
         update={"text": delta.text[chars:], "tokens": n, "token_ids": ids, "logprobs": logprobs}
     )

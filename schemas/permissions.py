@@ -226,9 +226,7 @@ def native_client(user: str, models: Iterable[str]) -> Permissions:
     fences = f"{RESULTS_PREFIX}.{user}.*.{FENCE_SUFFIX}"  # of the jobs it hands over
     publish = [*jobs, f"{CANCEL_PREFIX}.*", fences, *_history(own)]
     beats = f"{ALIVE_PREFIX}.{user}.>"
-    return Permissions(
-        publish=tuple(publish), subscribe=(own, beats, f"{inbox_prefix(user)}.>")
-    )
+    return Permissions(publish=tuple(publish), subscribe=(own, beats, f"{inbox_prefix(user)}.>"))
 
 
 def for_role(role: str) -> Permissions:

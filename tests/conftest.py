@@ -236,7 +236,8 @@ async def finished_history(client: JobClient, job_id: str, timeout_s: float = 5.
 async def only_job_id(js: JetStreamContext) -> str:
     """The id of the one job that has events in RESULTS."""
     subjects = (await js.stream_info("RESULTS", subjects_filter=">")).state.subjects or {}
-    (job_id,) = (s.removeprefix("results.") for s in subjects)
+    # A finished job's fence (results.<job id>.fence, schemas.failover) is no job.
+    (job_id,) = (s.removeprefix("results.") for s in subjects if not s.endswith(".fence"))
     return job_id
 
 

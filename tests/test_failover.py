@@ -106,9 +106,7 @@ async def test_a_killed_workers_stream_goes_on_from_the_next_token(
     client: JobClient, js: JetStreamContext, nats_server: AuthNatsServer, tmp_path: Path
 ) -> None:
     delay = ("--echo-token-delay-s", "0.05")
-    procs = {
-        w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")
-    }
+    procs = {w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")}
     with workers(*procs.values()):
         for w in procs:
             await wait_registered(js, w)
@@ -122,7 +120,8 @@ async def test_a_killed_workers_stream_goes_on_from_the_next_token(
         events += await collect(stream)
     assert text_of(events) == expected  # nothing repeated, nothing missing
     done = events[-1].event
-    assert isinstance(done, Done) and done.usage.completion_tokens == 40
+    assert isinstance(done, Done)
+    assert done.usage.completion_tokens == 40
     rescuer = workers_of(events)[-1]
     assert rescuer != doomed
     # Handed over by the follower (epoch 1), not redelivered after ack_wait (the stall is
@@ -136,9 +135,7 @@ async def test_the_lost_delivery_never_runs_again(
     client: JobClient, js: JetStreamContext, nats_server: AuthNatsServer, tmp_path: Path
 ) -> None:
     delay = ("--echo-token-delay-s", "0.05")
-    procs = {
-        w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")
-    }
+    procs = {w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")}
     with workers(*procs.values()) as started:
         for w in procs:
             await wait_registered(js, w)
@@ -166,9 +163,7 @@ async def test_two_followers_start_one_continuation(
     other = await nats.connect(nats_server.url, **TEST_LOGIN)
     first, second = JobClient(nc), JobClient(other)
     delay = ("--echo-token-delay-s", "0.05")
-    procs = {
-        w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")
-    }
+    procs = {w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")}
     try:
         with workers(*procs.values()):
             for w in procs:
@@ -196,9 +191,7 @@ async def test_a_paused_worker_resumed_after_the_hand_over_gets_nothing_through(
     client: JobClient, js: JetStreamContext, nats_server: AuthNatsServer, tmp_path: Path
 ) -> None:
     delay = ("--echo-token-delay-s", "0.05")
-    procs = {
-        w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")
-    }
+    procs = {w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")}
     with workers(*procs.values()):
         for w in procs:
             await wait_registered(js, w)
@@ -243,9 +236,7 @@ async def test_sigterm_hands_a_long_job_over_at_once(
     client: JobClient, js: JetStreamContext, nats_server: AuthNatsServer, tmp_path: Path
 ) -> None:
     delay = ("--echo-token-delay-s", "0.1")
-    procs = {
-        w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")
-    }
+    procs = {w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")}
     with workers(*procs.values()):
         for w in procs:
             await wait_registered(js, w)
@@ -304,3 +295,37 @@ async def test_the_openai_sdk_stream_goes_on_when_its_worker_is_killed(
     assert streamed == whole.choices[0].message.content  # nothing lost, nothing repeated
     assert chunks[-1].choices[0].finish_reason == "length"
     assert "attempt 1 went silent; continued in epoch 1" in caplog.text  # by the edge
+
+
+async def test_a_native_client_continues_with_its_own_permissions(
+    js: JetStreamContext, nats_server: AuthNatsServer, tmp_path: Path
+) -> None:
+    from schemas.connection import credentials
+    from schemas.settings import CommonSettings
+
+    violations: list[str] = []
+
+    async def on_error(e: Exception) -> None:
+        violations.append(str(e))
+
+    settings = CommonSettings(nats_url=nats_server.url, **nats_server.login("alice"))
+    alice = await nats.connect(nats_server.url, error_cb=on_error, **credentials(settings))
+    client = JobClient(alice, user="alice")  # results.alice.<id>, alive.alice.<id>
+    delay = ("--echo-token-delay-s", "0.05")
+    procs = {
+        w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")
+    }
+    try:
+        with workers(*procs.values()):
+            for w in procs:
+                await wait_registered(js, w)
+            expected = await uninterrupted(client, max_tokens=30, seed=4)
+            stream = await client.submit(text_job(PROMPT, max_tokens=30, seed=4))
+            events: list[Received] = []
+            procs[await until_serving(events, stream, 6)].send_signal(signal.SIGKILL)
+            events += await collect(stream)
+    finally:
+        await alice.close()
+    assert text_of(events) == expected
+    assert stream.handovers == 1
+    assert violations == []  # beats, the fence and the continuation are all its own to use

@@ -510,7 +510,10 @@ class Runtime:
             await held.msg.term()
             return "superseded"
         await held.emitter.confirm()  # followers may need any of them from RESULTS
-        headers = {Header.ATTEMPT: str(held.attempt), Header.LEAVING: str(held.emitter.seq)}
+        headers: dict[str, str] = {
+            Header.ATTEMPT: str(held.attempt),
+            Header.LEAVING: str(held.emitter.seq),
+        }
         await self.nc.publish(alive_subject(held.reply), b"", headers=headers)
         await held.msg.nak(delay=self.settings.handover_nak_delay_s)
         log.info("job %s: handed over (%d tokens delivered)", held.job.id, held.emitter.tokens)
@@ -519,7 +522,7 @@ class Runtime:
     async def _raise_fence(self, held: Held) -> None:
         """A finished job's fence: a redelivery (its ack lost in an election) is not run."""
         if held.reply.startswith(f"{RESULTS_PREFIX}."):
-            headers = {Header.EPOCH: str(held.epoch + 1)}
+            headers: dict[str, str] = {Header.EPOCH: str(held.epoch + 1)}
             await self.nc.publish(fence_subject(held.reply), b"", headers=headers)
 
     async def _events(
@@ -563,7 +566,9 @@ class Runtime:
                 "job_id": job.id,
                 "model": b.model,
                 "attempt": attempt_number(
-                    int(raw) if (raw := (msg.headers or {}).get(Header.EPOCH, "0")).isdigit() else 0,
+                    int(raw)
+                    if (raw := (msg.headers or {}).get(Header.EPOCH, "0")).isdigit()
+                    else 0,
                     msg.metadata.num_delivered or 1,
                 ),
                 "outcome": outcome,
@@ -584,7 +589,7 @@ class Runtime:
         starved of CPU), the job may have gone on elsewhere meanwhile: the fence says.
         """
         s = self.settings
-        beat = {Header.ATTEMPT: str(held.attempt)}
+        beat: dict[str, str] = {Header.ATTEMPT: str(held.attempt)}
         subject = alive_subject(held.reply)
         wpi_at = time.monotonic() + s.in_progress_s
         while True:
@@ -604,11 +609,11 @@ class Runtime:
                 if time.monotonic() >= wpi_at:
                     wpi_at = time.monotonic() + s.in_progress_s
                     await held.msg.in_progress()
-                if late > s.job_beat_s * (failover.MISSED_BEATS - 1):
-                    if await self._superseded(held.reply, held.epoch):
-                        log.warning("job %s: taken over elsewhere while stalled", held.job.id)
-                        held.leave("superseded")
-                        return
+                stalled = late > s.job_beat_s * (failover.MISSED_BEATS - 1)
+                if stalled and await self._superseded(held.reply, held.epoch):
+                    log.warning("job %s: taken over elsewhere while stalled", held.job.id)
+                    held.leave("superseded")
+                    return
 
     async def _settle(self, msg: Msg) -> None:
         """Ack and wait for the server's confirmation (a lost ack would rerun the job).
