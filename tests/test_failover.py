@@ -155,6 +155,11 @@ async def test_the_lost_delivery_never_runs_again(
     assert text_of(events) == expected
     assert [epoch_of(a) for a in attempts([r for r in history])] == [0, 1]
     assert (info.num_pending, info.num_ack_pending) == (0, 0)  # nothing left to run
+    # A client resuming from an event before the hand-over (Last-Event-ID) gets the rest.
+    upto = [r for r in events if isinstance(r.event, Delta)][2]
+    resumed = await collect(await client.watch(job.id, after=upto.pos))
+    head = text_of(events[: events.index(upto) + 1])
+    assert head + text_of(resumed) == expected
 
 
 async def test_two_followers_start_one_continuation(
