@@ -334,3 +334,37 @@ async def test_a_native_client_continues_with_its_own_permissions(
     assert text_of(events) == expected
     assert stream.handovers == 1
     assert violations == []  # beats, the fence and the continuation are all its own to use
+
+
+async def test_a_finished_job_whose_ack_was_lost_does_not_run_again(
+    client: JobClient,
+    js: JetStreamContext,
+    worker_settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from collections import Counter
+
+    from tests.conftest import running
+    from tests.test_cluster import RecordingEcho
+    from workers.runtime import Runtime
+
+    async def ack_lost(self: Runtime, msg: Any) -> None:
+        """What a broker election does to an ack: the job is done, the queue never hears."""
+
+    ran: Counter[str] = Counter()
+    job = text_job(PROMPT, max_tokens=5)
+    async with running(worker_settings, RecordingEcho(ran)) as runtime:
+        monkeypatch.setattr(Runtime, "_settle", ack_lost)
+        events = await collect(await client.submit(job))
+        while runtime.jobs_done < 1:  # its attempt is over, the ack "sent"
+            await asyncio.sleep(0.02)
+        monkeypatch.undo()  # acks work again; the lost one comes back after ack_wait (2 s)
+        for _ in range(100):
+            info = await js.consumer_info(JOBS_STREAM, "llm-echo")
+            if (info.num_pending, info.num_ack_pending) == (0, 0):
+                break
+            await asyncio.sleep(0.1)
+        assert runtime.metrics.jobs.labels("echo", "superseded")._value.get() == 1
+    assert isinstance(events[-1].event, Done)
+    assert ran[job.id] == 1  # its fence had the redelivery terminated unrun
+    assert (info.num_pending, info.num_ack_pending) == (0, 0)
