@@ -151,7 +151,8 @@ class Runtime:
         return self._nc
 
     def stop(self) -> None:
-        """Stop fetching; held jobs finish (or are nak'ed after the grace period)."""
+        """Stop fetching; held jobs that end soon finish, the others are handed over (see
+        ``_shutdown``)."""
         self._stopping.set()
 
     def describe(self) -> WorkerInfo:

@@ -213,7 +213,7 @@ async def _kills(
             await wait_worker(nc, fleet.spawn())
         progress(f"{label} kills", n + 1, kills)
     return {
-        "engine": fleet.engine,
+        "engine": "llama.cpp" if llama else "echo",
         "temperature": temperature,
         "kills": kills,
         "tokens": tokens,
