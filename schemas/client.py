@@ -587,7 +587,12 @@ class JobStream:
             return
         for r in missed:  # the last events before it went silent
             await self._accept(r)
-        await self._hand_over()
+        try:
+            await self._hand_over()
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
+            # JetStream did not take it now (an election): tried again after more silence.
+            log.warning("job %s: handing it over failed (%s)", self.job_id, type(e).__name__)
+            self._heard_at = time.monotonic()
 
     async def _hand_over(self) -> None:
         """Publish the job's continuation in the next epoch (once, whoever else follows it)."""

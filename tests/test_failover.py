@@ -317,9 +317,7 @@ async def test_a_native_client_continues_with_its_own_permissions(
     alice = await nats.connect(nats_server.url, error_cb=on_error, **credentials(settings))
     client = JobClient(alice, user="alice")  # results.alice.<id>, alive.alice.<id>
     delay = ("--echo-token-delay-s", "0.05")
-    procs = {
-        w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")
-    }
+    procs = {w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")}
     try:
         with workers(*procs.values()):
             for w in procs:
@@ -348,16 +346,18 @@ async def test_a_finished_job_whose_ack_was_lost_does_not_run_again(
     from tests.test_cluster import RecordingEcho
     from workers.runtime import Runtime
 
+    lost = asyncio.Event()
+
     async def ack_lost(self: Runtime, msg: Any) -> None:
         """What a broker election does to an ack: the job is done, the queue never hears."""
+        lost.set()
 
     ran: Counter[str] = Counter()
     job = text_job(PROMPT, max_tokens=5)
     async with running(worker_settings, RecordingEcho(ran)) as runtime:
         monkeypatch.setattr(Runtime, "_settle", ack_lost)
         events = await collect(await client.submit(job))
-        while runtime.jobs_done < 1:  # its attempt is over, the ack "sent"
-            await asyncio.sleep(0.02)
+        await asyncio.wait_for(lost.wait(), 10)  # its attempt is over, the ack "sent"
         monkeypatch.undo()  # acks work again; the lost one comes back after ack_wait (2 s)
         for _ in range(100):
             info = await js.consumer_info(JOBS_STREAM, "llm-echo")

@@ -25,7 +25,8 @@ from tests.conftest import AuthNatsServer, collect, spawn_worker, text_job, wait
 from tests.test_failover import attempts, text_of, until_serving, workers, workers_of
 from workers.engines.gguf import DEFAULT_MODEL_ID
 
-pytestmark = pytest.mark.slow
+# Worker processes load a model each (llama.cpp, torch): longer than the default timeout.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 def llm_worker(server: AuthNatsServer, worker_id: str, tmp_path: Path, n_ctx: int = 512) -> Any:

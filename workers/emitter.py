@@ -14,7 +14,6 @@ from pydantic import BaseModel
 
 from schemas.codec import encode
 from schemas.events import Delta, Done, Error
-from schemas.jobs import Resume
 from schemas.subjects import RESULTS_PREFIX, Header
 
 log = logging.getLogger(__name__)
@@ -58,10 +57,7 @@ class Emitter:
         self.js = nc.jetstream(timeout=2.0)
         self._stored = reply.startswith(f"{RESULTS_PREFIX}.")  # a client's own subject is not
         self._sent: list[Sent] = []  # until the final event is stored
-        # What this attempt delivered, for a hand-over (workers.runtime, SIGTERM).
-        self.token_ids: list[int] = []
-        self.texts: list[str] = []
-        self.tokens = 0
+        self.tokens = 0  # delivered by this attempt
         self._headers: dict[str, str] = {Header.JOB: job_id, Header.ATTEMPT: str(attempt)}
         if owner:
             # Echoed so that any edge can check who may replay the job's events.
@@ -74,8 +70,6 @@ class Emitter:
         data = encode(event)
         if isinstance(event, Delta):
             self.tokens += event.tokens
-            self.token_ids.extend(event.token_ids or ())
-            self.texts.append(event.text)
         if not isinstance(event, Done | Error):
             ack = None
             if self._stored:
@@ -91,17 +85,6 @@ class Emitter:
         await self._confirm_sent()
         await self._store(data, headers)
         self._sent.clear()
-
-    def resume(self, before: Resume | None) -> Resume | None:
-        """What a continuation of this attempt goes on from: ``before`` (what the attempt
-        itself resumed) and what it delivered; None when nothing was, or the ids are not all
-        known (the continuation then starts again)."""
-        if len(self.token_ids) != self.tokens:
-            return None
-        ids = [*(before.token_ids if before else ()), *self.token_ids]
-        if not ids:
-            return None
-        return Resume(token_ids=ids, text=(before.text if before else "") + "".join(self.texts))
 
     async def confirm(self) -> None:
         """Return once every event sent so far is stored (before a hand-over)."""
