@@ -23,6 +23,7 @@ import pytest
 from nats.js import JetStreamContext
 
 from schemas.client import JobClient, Received
+from schemas.errors import Unavailable
 from schemas.events import Delta, Done, Started
 from schemas.subjects import JOBS_STREAM, epoch_of
 from tests.conftest import (
@@ -368,3 +369,45 @@ async def test_a_finished_job_whose_ack_was_lost_does_not_run_again(
     assert isinstance(events[-1].event, Done)
     assert ran[job.id] == 1  # its fence had the redelivery terminated unrun
     assert (info.num_pending, info.num_ack_pending) == (0, 0)
+
+
+async def test_a_watcher_that_only_knows_the_id_continues_the_job_from_jobs(
+    nc: Any, js: JetStreamContext, nats_server: AuthNatsServer, tmp_path: Path
+) -> None:
+    other = await nats.connect(nats_server.url, **TEST_LOGIN)
+    submitter = JobClient(nc, hand_over=False)  # leaves it to the other follower
+    watcher = JobClient(other)
+    delay = ("--echo-token-delay-s", "0.05")
+    procs = {w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")}
+    try:
+        with workers(*procs.values()):
+            for w in procs:
+                await wait_registered(js, w)
+            expected = await uninterrupted(submitter, max_tokens=30, seed=8)
+            job = text_job(PROMPT, max_tokens=30, seed=8)
+            mine = await submitter.submit(job)
+            theirs = await watcher.watch(job.id)
+            events: list[Received] = []
+            procs[await until_serving(events, mine, 5)].send_signal(signal.SIGKILL)
+            rest, seen = await asyncio.gather(collect(mine), collect(theirs))
+    finally:
+        await other.close()
+    assert (mine.handovers, theirs.handovers) == (0, 1)
+    assert text_of(events + rest) == expected
+    assert text_of(seen) == expected
+
+
+async def test_followers_give_up_on_a_job_whose_workers_keep_dying(
+    js: JetStreamContext, nc: Any, nats_server: AuthNatsServer, tmp_path: Path
+) -> None:
+    client = JobClient(nc, max_handovers=0)  # the default gives up after 3 hand-overs
+    doomed = spawn_worker(
+        nats_server, "doomed", "--echo-token-delay-s", "0.05", log=tmp_path / "d.log"
+    )
+    with workers(doomed):
+        await wait_registered(js, "doomed")
+        stream = await client.submit(text_job(PROMPT, max_tokens=30))
+        await until_serving([], stream, 3)
+        doomed.send_signal(signal.SIGKILL)
+        with pytest.raises(Unavailable, match="lost again and again"):
+            await collect(stream)
