@@ -1,9 +1,9 @@
 """From job events to what a route writes: text per choice, a diffusion step, finish,
 failure, or an idle tick.
 
-The relay hides attempts: when a job is redelivered (its worker died), the new
-attempt starts over with the same seed, and the relay skips the text it already
-passed on, so the client's stream continues without repeating itself.
+Attempts are hidden below it: ``schemas.client.JobStream`` stitches a job's attempts
+into one sequence (a continuation goes on from the text delivered, a restart's repeated
+text and steps are dropped), so the relay passes every delta on as it comes.
 """
 
 from __future__ import annotations
@@ -73,9 +73,6 @@ class Choice:
 
     index: int
     stream: JobStream
-    attempt: int = 0
-    sent: int = 0  # characters passed on to the client, across attempts
-    seen: int = 0  # characters seen in the current attempt
     finished: bool = False
     started: bool = False  # a worker took the job
     tokens: int = 0  # completion tokens passed on (what a job that never finishes is charged)
@@ -92,8 +89,6 @@ class Choice:
     def accept(self, received: Received) -> Out | None:
         """What this event means for the client, if anything."""
         event = received.event
-        if received.pos.attempt != self.attempt:
-            self.attempt, self.seen = received.pos.attempt, 0
         event_id = received.pos.event_id()
         if isinstance(event, Delta):
             return self._text(event, event_id)
@@ -114,12 +109,9 @@ class Choice:
         return None
 
     def _text(self, delta: Delta, event_id: str) -> Text | None:
-        start = self.seen
-        self.seen += len(delta.text)
-        if self.seen <= self.sent:
-            return None  # a redelivered attempt replaying text the client already has
-        text = delta.text[max(0, self.sent - start) :]
-        self.sent = self.seen
+        text = delta.text
+        if not text:
+            return None
         self.last_text_at = time.perf_counter()
         if self.first_text_at is None:
             self.first_text_at = self.last_text_at

@@ -218,9 +218,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """
     from headrace.bench import edge, pipeline
 
-    what = {"echo": ("pipeline", "edge"), "all": ("pipeline", "edge", "llm", "sd", "restarts")}.get(
-        args.what, (args.what,)
-    )
+    everything = ("pipeline", "edge", "llm", "sd", "restarts", "failover")
+    what = {"echo": ("pipeline", "edge"), "all": everything}.get(args.what, (args.what,))
     if args.quick:  # smaller echo runs too
         args.jobs, args.samples, args.requests = (min(args.jobs, 500), min(args.samples, 100),
                                                   min(args.requests, 500))  # fmt: skip
@@ -242,6 +241,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         count = min(args.restarts, 2) if args.quick else args.restarts
         status |= restarts.run(restarts=count, in_flight=args.in_flight, out=args.out)
+    if "failover" in what:
+        from headrace.bench import failover
+
+        kills = min(args.kills, 3) if args.quick else args.kills
+        job_s = min(args.sigterm_job_s, 5.0) if args.quick else args.sigterm_job_s
+        status |= failover.run(kills, args.out, engine=args.engine, sigterm_job_s=job_s or None)
     return status
 
 
@@ -430,13 +435,13 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmarks: pipeline and edge (echo engine; echo = both), llm (SmolLM2 "
         "in-process vs llama_cpp.server vs headrace), sd (tiny-sd in-process vs headrace, and "
-        "the object store), restarts (nats-server restarted under load); all (the default) "
-        "runs every one",
+        "the object store), restarts (nats-server restarted under load), failover (workers "
+        "SIGKILLed mid-stream, one SIGTERMed with a long job); all (the default) runs every one",
     )
     p.add_argument(
         "what",
         nargs="?",
-        choices=["all", "echo", "pipeline", "edge", "llm", "sd", "restarts"],
+        choices=["all", "echo", "pipeline", "edge", "llm", "sd", "restarts", "failover"],
         default="all",
     )
     p.add_argument("--jobs", type=int, default=2000, help="jobs for the throughput run")
@@ -448,11 +453,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--in-flight", type=int, default=20, help="restarts: requests in flight at each restart"
     )
+    p.add_argument("--kills", type=int, default=100, help="failover: workers SIGKILLed")
+    p.add_argument(
+        "--engine",
+        choices=["echo", "llama"],
+        default="echo",
+        help="failover: echo workers, or SmolLM2 on llama.cpp (temperature 0 and 0.8)",
+    )
+    p.add_argument(
+        "--sigterm-job-s",
+        type=float,
+        default=30.0,
+        help="failover: length of the job whose worker is SIGTERMed (0: skip; echo only)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
         help="small runs: echo at most 500 jobs; llm 2 prompts, 16 tokens, 1 and 4 clients; "
-        "sd 4 and 10 steps, 2 repeats; restarts 2",
+        "sd 4 and 10 steps, 2 repeats; restarts 2; failover 3 kills, a 5 s SIGTERM job",
     )
     p.add_argument(
         "--threads",

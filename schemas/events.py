@@ -65,6 +65,18 @@ class Started(Contract):
     region: str
     attempt: int = Field(ge=1)
     queue_ms: float = Field(ge=0)
+    # While it holds the job the worker beats on ``alive.[<user>.]<job id>`` every
+    # ``beat_ms``: a follower that hears nothing for a few beats hands the job over
+    # (``schemas.failover``). None: a worker that does not beat (nobody hands over).
+    beat_ms: int | None = Field(default=None, ge=1)
+    # A continuation: the event (``attempt-seq``) it goes on from, and how many
+    # characters and tokens were delivered up to there.
+    resumed_after: str | None = None
+    resumed_chars: int = Field(default=0, ge=0)
+    resumed_tokens: int = Field(default=0, ge=0)
+    # The job message's sequence in JOBS: a follower that did not publish the job reads
+    # its parameters there to hand it over.
+    job_seq: int | None = Field(default=None, ge=1)
 
 
 class Delta(Contract):

@@ -241,9 +241,9 @@ class JobHeaders(BaseModel):
 
     msg_id: str = Field(
         alias="Nats-Msg-Id",
-        pattern=f"^{_ID}$",
-        description="the job's id: JetStream drops a copy published again within the "
-        "JOBS stream's duplicate window",
+        pattern=rf"^{_ID}(\.[0-9]+)?$",
+        description="the job's id (a continuation: <job id>.<epoch>): JetStream drops a "
+        "copy published again within the JOBS stream's duplicate window",
     )
     reply: str = Field(
         alias="Headrace-Reply",
@@ -258,6 +258,19 @@ class JobHeaders(BaseModel):
         alias="Headrace-Deadline",
         pattern=r"^[0-9]+$",
         description="milliseconds since the epoch after which the job is not worth running",
+    )
+    epoch: str | None = Field(
+        default=None,
+        alias="Headrace-Epoch",
+        pattern=r"^[0-9]+$",
+        description="a continuation's epoch (schemas.failover): the job went on elsewhere "
+        "this many times; absent on a job as first published",
+    )
+    resumed_after: str | None = Field(
+        default=None,
+        alias="Headrace-Resumed-After",
+        pattern=r"^[0-9]+-[0-9]+$",
+        description="a continuation: the last event (attempt-seq) whose text it goes on from",
     )
     request_id: str | None = Field(
         default=None, alias="Headrace-Request-Id", description="for log lines"

@@ -7,9 +7,11 @@ The roles:
 * ``admin``: the JetStream API, nothing else (``headrace provision``, ``headrace up``).
 * ``edge``: publishes jobs, cancels, interrupts and rpc requests; reads the results of
   edge jobs (``results.<job id>``), the ``workers`` and ``options`` buckets and images.
-* ``worker``: fetches from and acks the JOBS consumers, publishes results, dead letters and
-  heartbeats, answers rpc requests. It can read no result: it holds no subscribe permission
-  on ``results.>`` and may not create consumers on RESULTS.
+* ``worker``: fetches from and acks the JOBS consumers, publishes results, dead letters,
+  heartbeats and per-job beats, answers rpc requests. It publishes no job (a stopped
+  worker's jobs are continued by their followers, ``schemas.failover``). It
+  reads no result: no subscribe permission on ``results.>``, no consumer on RESULTS; only
+  the fence of a redelivered job (``results.[<user>.]<job id>.fence``, by direct get).
 * ``observer``: read-only JetStream information and the ``workers`` bucket (``headrace
   status``, dashboards).
 * a native client ``<user>``: publishes jobs for its allowed models and reads only
@@ -29,9 +31,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from schemas.subjects import (
+    ALIVE_PREFIX,
     CANCEL_PREFIX,
     DLQ_PREFIX,
     DLQ_STREAM,
+    FENCE_SUFFIX,
     IMAGES_BUCKET,
     INTERRUPT_PREFIX,
     JOBS_PREFIX,
@@ -133,7 +137,8 @@ def admin() -> Permissions:
 def edge() -> Permissions:
     """The HTTP edge."""
     publish = [
-        f"{JOBS_PREFIX}.>",
+        f"{JOBS_PREFIX}.>",  # continuations too (schemas.failover)
+        f"{RESULTS_PREFIX}.*.{FENCE_SUFFIX}",  # the fence of a job it hands over
         f"{CANCEL_PREFIX}.*",
         f"{INTERRUPT_PREFIX}.*",
         f"{RPC_PREFIX}.>",
@@ -155,6 +160,7 @@ def edge() -> Permissions:
         # Edge jobs reply on results.<job id>: one token, so native clients' results
         # (results.<user>.<job id>) stay out of the edge's reach.
         f"{RESULTS_PREFIX}.*",
+        f"{ALIVE_PREFIX}.*",  # the beats of the workers running its jobs
         f"{INTERRUPT_PREFIX}.*",
         f"{inbox_prefix(EDGE)}.>",
     ]
@@ -165,6 +171,10 @@ def worker() -> Permissions:
     """A worker of any engine."""
     publish = [
         f"{RESULTS_PREFIX}.>",
+        f"{ALIVE_PREFIX}.>",  # a held job's beats
+        # A redelivered job's fence, the one result subject it reads (schemas.failover).
+        f"{API}.DIRECT.GET.{RESULTS_STREAM}.{RESULTS_PREFIX}.*.{FENCE_SUFFIX}",
+        f"{API}.DIRECT.GET.{RESULTS_STREAM}.{RESULTS_PREFIX}.*.*.{FENCE_SUFFIX}",
         f"{DLQ_PREFIX}.>",
         f"$KV.{WORKERS_BUCKET}.*",
         # A worker creates its model's consumer when it is missing (never updates it), binds
@@ -213,8 +223,10 @@ def native_client(user: str, models: Iterable[str]) -> Permissions:
     if not jobs:
         raise ValueError(f"native client {user!r} is allowed no model")
     own = f"{RESULTS_PREFIX}.{user}.>"
-    publish = [*jobs, f"{CANCEL_PREFIX}.*", *_history(own)]
-    return Permissions(publish=tuple(publish), subscribe=(own, f"{inbox_prefix(user)}.>"))
+    fences = f"{RESULTS_PREFIX}.{user}.*.{FENCE_SUFFIX}"  # of the jobs it hands over
+    publish = [*jobs, f"{CANCEL_PREFIX}.*", fences, *_history(own)]
+    beats = f"{ALIVE_PREFIX}.{user}.>"
+    return Permissions(publish=tuple(publish), subscribe=(own, beats, f"{inbox_prefix(user)}.>"))
 
 
 def for_role(role: str) -> Permissions:

@@ -39,6 +39,13 @@ CANCEL_PREFIX = "cancel"
 RPC_PREFIX = "rpc"
 DLQ_PREFIX = "dlq"
 INTERRUPT_PREFIX = "interrupt"
+ALIVE_PREFIX = "alive"
+FENCE_SUFFIX = "fence"
+# A continuation's attempts are numbered from EPOCH_SPAN x its epoch (the original job is
+# epoch 0: attempts 1, 2 ... as JetStream counts deliveries), so any attempt of a later
+# epoch ranks above every attempt of an earlier one: followers drop what a superseded
+# delivery still sends. Larger than any consumer's max_deliver.
+EPOCH_SPAN = 1000
 
 
 class Header(StrEnum):
@@ -54,6 +61,9 @@ class Header(StrEnum):
     ATTEMPT = "Headrace-Attempt"
     REASON = "Headrace-Reason"
     OWNER = "Headrace-Owner"  # id (never the secret) of the API key that submitted the job
+    EPOCH = "Headrace-Epoch"  # a continuation's epoch (absent: 0, the job as first published)
+    RESUMED_AFTER = "Headrace-Resumed-After"  # the last event (attempt-seq) it continues
+    LEAVING = "Headrace-Leaving"  # on a worker's last beat: it stopped; hand the job over
 
 
 _UNSAFE = re.compile(r"[^a-z0-9_-]+")
@@ -127,6 +137,34 @@ def is_reply_subject(reply: str, job_id: str) -> bool:
         return False
     prefix, _, user = head.partition(".")
     return prefix == RESULTS_PREFIX and (not user or is_nats_user(user))
+
+
+def alive_subject(reply: str) -> str:
+    """Where the worker running a job beats while it holds it (core NATS, never stored):
+    ``alive.<job id>`` or ``alive.<user>.<job id>`` for the reply ``results.[<user>.]<job id>``."""
+    return f"{ALIVE_PREFIX}.{reply.partition('.')[2]}"
+
+
+def fence_subject(reply: str) -> str:
+    """The job's fence in RESULTS: its last message names the lowest epoch still allowed to
+    run (``results.[<user>.]<job id>.fence``)."""
+    return f"{reply}.{FENCE_SUFFIX}"
+
+
+def attempt_number(epoch: int, delivered: int) -> int:
+    """The attempt number of a message's ``delivered``-th delivery in ``epoch``."""
+    return epoch * EPOCH_SPAN + min(max(delivered, 1), EPOCH_SPAN - 1)
+
+
+def epoch_of(attempt: int) -> int:
+    """The epoch an attempt number belongs to."""
+    return attempt // EPOCH_SPAN
+
+
+def continuation_msg_id(job_id: str, epoch: int) -> str:
+    """The ``Nats-Msg-Id`` of a job's continuation in ``epoch``: JOBS keeps one per epoch
+    however many followers publish it."""
+    return f"{job_id}.{epoch}"
 
 
 def inbox_prefix(user: str) -> str:

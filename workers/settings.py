@@ -26,7 +26,27 @@ class WorkerSettings(CommonSettings):
     slots: int = Field(default=1, ge=1, le=1024, description="jobs run at once")
     fetch_timeout_s: float = Field(default=2.0, gt=0, description="long-poll of one fetch")
     heartbeat_s: float = Field(default=3.0, gt=0, description="registry heartbeat interval")
-    in_progress_s: float = Field(default=10.0, gt=0, description="+WPI interval while a job runs")
+    in_progress_s: float = Field(
+        default=1.0, gt=0, description="+WPI interval while a job runs (below ack_wait)"
+    )
+    job_beat_s: float = Field(
+        default=0.2,
+        gt=0,
+        description="per-job liveness beat while a job runs: followers hand a job over "
+        "after a few missed beats (schemas.failover)",
+    )
+    handover_below_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="SIGTERM: jobs expected to end within this finish here; the others are "
+        "handed over to another worker at once",
+    )
+    handover_nak_delay_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="SIGTERM: a handed-over job's message comes back after this (run again "
+        "when nobody followed it to continue it, terminated when somebody did)",
+    )
     retry_delay_s: float = Field(
         default=1.0, ge=0, description="nak delay after an unexpected failure"
     )
