@@ -192,7 +192,9 @@ async def test_json_response_formats_parse(
     engine: LlamaEngine,
     params: dict[str, Any],
 ) -> None:
-    job = chat("Describe a cat as JSON with its name and age.", temperature=0, max_tokens=120)
+    # A prompt whose greedy JSON ends within the budget with flash attention on or off (the
+    # two round differently; "as JSON with its name and age" nests on and on with it on).
+    job = chat("Describe a cat in JSON: its name and its age.", temperature=0, max_tokens=120)
     job = job.model_copy(update={"params": job.params.model_copy(update=params)})
     async with running(worker_settings, engine):
         events = await collect(await client.submit(job))

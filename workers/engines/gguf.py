@@ -90,7 +90,7 @@ class ModelConfig:
     n_batch: int = 512  # tokens per llama_decode step (decodes and prompt chunks together)
     chat_template: str | None = None  # None: the template in the GGUF metadata
     contexts: int = 1
-    flash_attn: bool | None = False  # None: llama.cpp decides (on where the backend has it)
+    flash_attn: bool | None = None  # None: llama.cpp decides (on where the backend has it)
     cache_seqs: int | None = None  # finished sequences kept for prefix reuse; None: contexts
 
     def threads(self) -> int:
