@@ -99,6 +99,8 @@ class Batcher:
         self._waiting: deque[Sequence] = deque()
         self._cache: OrderedDict[int, list[int]] = OrderedDict()  # seq id -> its tokens
         self._free: list[int] = []
+        self.steps = 0  # llama_decode calls that succeeded
+        self.tokens = 0  # tokens they evaluated
 
     async def start(self) -> GgufModel:
         """Load the model and its context on the scheduler thread, which then runs the steps."""
@@ -251,6 +253,8 @@ class Batcher:
         if rc != 0:
             self._fail(added, ctx.memory, f"llama_decode returned {rc}")
             return
+        self.steps += 1
+        self.tokens += n
         for seq, tokens in added:
             seq.cells.extend(tokens)
             if seq.next is not None:  # a decoding sequence (it has no pending tokens)

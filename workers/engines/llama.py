@@ -69,6 +69,10 @@ class LlamaEngine:
         """A loaded model (its weights hand out ``llama_model`` for other contexts)."""
         return self._model(model_id)[1]
 
+    def batcher(self, model_id: str) -> batch.Batcher:
+        """The scheduler of a loaded model (its ``steps`` and ``tokens`` count its work)."""
+        return self._batchers[self._model(model_id)[0]]
+
     async def start(self) -> None:
         """Load every model, logging progress; a second call does nothing."""
         if self._models:
