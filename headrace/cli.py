@@ -23,8 +23,15 @@ def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]
 _COMMON = ("nats_url", "nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key", "region",
            "log_level")  # fmt: skip
 _SD = ("sd_device", "sd_threads", "image_inline_chars")
-_LLM = ("llm_n_ctx", "llm_threads", "llm_threads_batch", "llm_gpu_layers", "llm_chat_template_file",
-        "llm_flash_attn", "llm_cache_seqs")
+_LLM = (
+    "llm_n_ctx",
+    "llm_threads",
+    "llm_threads_batch",
+    "llm_gpu_layers",
+    "llm_chat_template_file",
+    "llm_flash_attn",
+    "llm_cache_seqs",
+)
 _LIMITS = (
     "jobs_max_msgs",
     "jobs_max_bytes",

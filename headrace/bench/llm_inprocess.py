@@ -26,14 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import orjson
 
 from headrace.bench.llm_workload import SAMPLING, Level, Sample, Workload, run_levels
 from schemas.events import Delta, Done
 from schemas.jobs import ChatMessage, TextJob, TextParams
 from schemas.subjects import new_job_id
-import llama_cpp
-
 from workers.engines.gguf import ModelConfig
 from workers.engines.llama import LlamaEngine
 

@@ -221,40 +221,14 @@ class Batcher:
 
     def _step(self, ctx: LlamaContext, batch: llama_cpp.llama_batch, capacity: int) -> None:
         """One llama_decode over every running sequence, then one sample each."""
-        n = 0
-        outputs: list[tuple[Sequence, int]] = []
-        added: list[tuple[Sequence, list[int]]] = []
-
-        def put(seq: Sequence, tokens: list[int], last_out: bool) -> None:
-            nonlocal n
-            pos = len(seq.cells)
-            for j, token in enumerate(tokens):
-                batch.token[n] = token
-                batch.pos[n] = pos + j
-                batch.n_seq_id[n] = 1
-                batch.seq_id[n][0] = seq.seq_id
-                batch.logits[n] = False
-                n += 1
-            if last_out:
-                batch.logits[n - 1] = True
-                outputs.append((seq, n - 1))
-            added.append((seq, tokens))
-
-        for seq in self._running:  # decoding sequences first: one token each
-            if seq.next is not None:
-                put(seq, [seq.next], True)
-        for seq in self._running:  # then prompt chunks, in the room left
-            if seq.pending and n < capacity:
-                chunk = seq.pending[: capacity - n]
-                put(seq, chunk, len(chunk) == len(seq.pending))
-        batch.n_tokens = n
+        outputs, added = self._fill(batch, capacity)
         while (rc := llama_cpp.llama_decode(ctx.ctx, batch)) == 1 and self._cache:
             self._drop(next(iter(self._cache)), ctx.memory)  # the least recently used
         if rc != 0:
             self._fail(added, ctx.memory, f"llama_decode returned {rc}")
             return
         self.steps += 1
-        self.tokens += n
+        self.tokens += batch.n_tokens
         for seq, tokens in added:
             seq.cells.extend(tokens)
             if seq.next is not None:  # a decoding sequence (it has no pending tokens)
@@ -272,6 +246,41 @@ class Batcher:
                     continue
             if seq.gen.reason is not None:
                 self._end(seq, ctx.memory)
+
+    def _fill(
+        self, batch: llama_cpp.llama_batch, capacity: int
+    ) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, list[int]]]]:
+        """Put the step's tokens into ``batch``: every decoding sequence's next token first,
+        then prompt chunks in the room left. Returns the (sequence, batch index) pairs whose
+        logits come out, and the tokens each sequence adds."""
+        n = 0
+        outputs: list[tuple[Sequence, int]] = []
+        added: list[tuple[Sequence, list[int]]] = []
+
+        def put(seq: Sequence, tokens: list[int], last_out: bool) -> None:
+            nonlocal n
+            pos = len(seq.cells)
+            for j, token in enumerate(tokens):
+                batch.token[n] = token
+                batch.pos[n] = pos + j  # type: ignore[call-overload]  # llama_pos per token
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq.seq_id
+                batch.logits[n] = False
+                n += 1
+            if last_out:
+                batch.logits[n - 1] = True
+                outputs.append((seq, n - 1))
+            added.append((seq, tokens))
+
+        for seq in self._running:
+            if seq.next is not None:
+                put(seq, [seq.next], True)
+        for seq in self._running:
+            if seq.pending and n < capacity:
+                chunk = seq.pending[: capacity - n]
+                put(seq, chunk, len(chunk) == len(seq.pending))
+        batch.n_tokens = n
+        return outputs, added
 
     def _fail(
         self, added: list[tuple[Sequence, list[int]]], memory: llama_cpp.llama_memory_t, why: str

@@ -274,16 +274,19 @@ class Generation:
         token: int = llama_cpp.llama_sampler_sample(self.sampler.sampler, ctx, idx)
         if token in self.model.eog:  # not counted: it ends the text, it is not part of it
             self.out.finish()
-            return self._end("stop")
+            self._end("stop")
+            return None
         self.n += 1
         lp = None
         if self.top_n is not None:
             lp = token_logprob(self.model, ctx, idx, token, self.top_n)
         if self.out.token(self.model.piece(token), token, lp):
-            return self._end("stop")
+            self._end("stop")
+            return None
         if self.n >= self.budget:
             self.out.finish()
-            return self._end("length")
+            self._end("length")
+            return None
         return token
 
     def cancel(self) -> None:

@@ -182,7 +182,8 @@ class GgufModel:
     def llama_model(self) -> llama_cpp.llama_model_p:
         """The native ``llama_model`` (for ``llama_init_from_model``: another context on the
         same weights)."""
-        return self.weights.model
+        model: llama_cpp.llama_model_p = self.weights.model
+        return model
 
     def _special_text(self, token: int) -> str:
         return "" if token < 0 else self.piece(token, special=True).decode(errors="replace")
