@@ -129,7 +129,11 @@ class LlamaEngine:
         signals = Signals(cancel)
         gen = await asyncio.to_thread(Generation, model, job, stream.send)
         if gen.reason is None:
-            batcher.submit(batch.Sequence(job, gen, signals, stream))
+            try:
+                batcher.submit(batch.Sequence(job, gen, signals, stream))
+            except BaseException:
+                gen.sampler.close()
+                raise
         else:  # a continuation whose first attempt had ended its text: nothing to evaluate
             stream.finish(with_queue_ms(gen.done(), queue_ms(job)))
         try:
