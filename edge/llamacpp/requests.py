@@ -188,6 +188,7 @@ class CompletionRequest(Lenient):
         list[Annotated[str, Field(max_length=256)]], Field(max_length=64)
     ] = []
     stream: StrictBool = False
+    cache_prompt: StrictBool = True
 
     @field_validator("n_predict", "max_tokens")
     @classmethod
@@ -269,4 +270,5 @@ class CompletionRequest(Lenient):
             logit_bias=biases.job_form(),
             logprobs=self.n_probs > 0,
             top_logprobs=self.n_probs or None,
+            cache_prompt=self.cache_prompt,
         )

@@ -43,7 +43,7 @@ def timings(t: Timings) -> dict[str, float]:
     prompt_per_token, prompt_per_s = per(t.prompt_ms, t.prompt_n)
     predicted_per_token, predicted_per_s = per(t.predicted_ms, t.predicted_n)
     return {
-        "cache_n": 0,
+        "cache_n": t.cache_n,
         "prompt_n": t.prompt_n,
         "prompt_ms": t.prompt_ms,
         "prompt_per_token_ms": prompt_per_token,
@@ -199,7 +199,9 @@ class CompletionView:
             "truncated": truncated(done, limit),
             "stop_type": stop_type(done, limit),
             "stopping_word": done.stop_word or "",
-            "tokens_cached": 0,
+            # What the sequence's cells hold at the end, as llama.cpp counts it: the reused
+            # prefix, what was evaluated and what was generated.
+            "tokens_cached": done.usage.prompt_tokens + done.usage.completion_tokens,
             "timings": timings(done.timings),
         }
         if probs is not None and self.req.n_probs and probs[0]:

@@ -15,7 +15,8 @@ pooled wrong. Vectors are normalized as llama.cpp's ``common_embd_normalize`` do
 (``EmbedParams.normalize`` is its ``embd_normalize``) and travel as base64 float32.
 
 The context is not thread safe: one job evaluates on it at a time (``Embedder.lock``),
-on the thread of the text slot it borrowed (see ``LlamaEngine.embed``).
+on the model's scheduler thread between two steps of the text batch (``Batcher.call``,
+see ``LlamaEngine.embed``): only that thread ever drives llama.cpp's compute.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from concurrent.futures import Executor
 from typing import Any
 
 import llama_cpp
@@ -35,7 +35,7 @@ from schemas.errors import ContextLengthExceeded, EngineError, InvalidRequest
 from schemas.events import Done, Embeddings, EngineEvent, Timings, Usage
 from schemas.jobs import EmbedJob
 from schemas.vectors import encode_vector
-from workers.engines.gguf import GgufModel, ModelConfig
+from workers.engines.gguf import GgufModel, ModelConfig, flash_attn_type
 from workers.engines.vectors import normalize
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,8 @@ class Embedder:
 
     def __init__(self, model: GgufModel, config: ModelConfig) -> None:
         self.model = model
-        llama_model = model.contexts[0].model
-        self.pooling = model_pooling(model.contexts[0].metadata, config.pooling)
+        llama_model = model.llama_model
+        self.pooling = model_pooling(model.weights.metadata(), config.pooling)
         trained = model.n_ctx_train
         wanted = min(config.n_ctx or trained or MAX_TOKENS, MAX_TOKENS)
         self.n_ctx = min(wanted, trained) if trained > 0 else wanted
@@ -99,9 +99,8 @@ class Embedder:
         params.kv_unified = True
         params.embeddings = True
         params.pooling_type = self.pooling
-        # As the text contexts (llama-cpp-python leaves flash attention off): the same
-        # kernels, so the same vectors as llama-cpp-python's own Llama(embedding=True).
-        params.flash_attn_type = model.contexts[0].context_params.flash_attn_type
+        # As the text context: flash attention as configured (llama.cpp decides by default).
+        params.flash_attn_type = flash_attn_type(config)
         params.n_threads = config.threads()
         params.n_threads_batch = config.threads_batch()
         self.ctx = llama_cpp.llama_init_from_model(llama_model, params)
@@ -223,13 +222,18 @@ class Embedders:
                 out["context_length"] = embedder.n_ctx
         return out
 
-    async def open(self, config: ModelConfig, model: GgufModel, thread: Executor) -> None:
-        """Make a model's embedding context (on ``thread``), when the model serves embeddings."""
+    async def open(
+        self,
+        config: ModelConfig,
+        model: GgufModel,
+        on_thread: Callable[[Callable[[], Any]], asyncio.Future[Any]],
+    ) -> None:
+        """Make a model's embedding context (through ``on_thread``: the model's scheduler
+        thread), when the model serves embeddings."""
         if not (config.embeddings or config.embedding_only):
             return
-        loop = asyncio.get_running_loop()
         try:
-            embedder = await loop.run_in_executor(thread, Embedder, model, config)
+            embedder: Embedder = await on_thread(functools.partial(Embedder, model, config))
         except RuntimeError:
             if config.embedding_only:
                 raise
@@ -266,8 +270,8 @@ class Embedders:
     ) -> AsyncGenerator[EngineEvent, None]:
         """The job's vectors, a batch at a time, then ``done`` with the prompt tokens.
 
-        ``on_thread`` runs a blocking call where llama.cpp may compute (the borrowed
-        slot's thread). Cancelled between batches.
+        ``on_thread`` runs a blocking call where llama.cpp may compute (the model's
+        scheduler thread, between two steps of its text batch). Cancelled between batches.
         """
         embedder = self.get(model_id)
         started = time.perf_counter()
