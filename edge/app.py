@@ -22,7 +22,16 @@ from edge.placement import Placement
 from edge.queues import QueueDepth
 from edge.ratelimit import http as ratelimit
 from edge.ratelimit.admission import Limiter
-from edge.routes import a1111, health, llamacpp, ollama, openai, openai_images, openapi
+from edge.routes import (
+    a1111,
+    embeddings,
+    health,
+    llamacpp,
+    ollama,
+    openai,
+    openai_images,
+    openapi,
+)
 from edge.settings import EdgeSettings
 from edge.tasks import TaskBook
 from schemas.client import JobClient
@@ -66,6 +75,8 @@ def build_app(settings: EdgeSettings, registry: CollectorRegistry | None = None)
         app.on_response_prepare.append(cors.stamp)
     for module in (openai, openai_images, a1111, llamacpp, ollama, health, openapi):
         module.routes.add_to(app)
+    for table in embeddings.tables:
+        table.add_to(app)
     return app
 
 
@@ -101,6 +112,7 @@ async def _connect(app: web.Application) -> None:
             poll_s=s.region_poll_s,
             lost_s=s.region_lost_s,
         )
+        jobs.placer = c.placement  # where a continuation goes when its region is lost
         c.placement.start()
         log.info("edge of region %s in a super-cluster of %s", s.scope, ", ".join(s.region_names()))
     await c.tasks.start(jobs)

@@ -2,7 +2,8 @@
 
 Statuses are the same for every API; the body's shape is the API family's (``Api``):
 OpenAI's error object for most routes, Ollama's ``{"error": "<message>"}``, and
-llama.cpp's in-stream ``{"error": {"code", "message"}}``.
+llama.cpp's ``{"error": {"code": <status>, "message", "type"}}``. A context overflow adds
+llama.cpp's ``n_prompt_tokens`` and ``n_ctx`` to OpenAI's and llama.cpp's error objects.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from schemas.errors import ErrorCode, HeadraceError, RateLimited
+from schemas.errors import ContextLengthExceeded, ErrorCode, HeadraceError, RateLimited
 
 # (status, OpenAI "type"). The OpenAI SDK retries 408/409/429/5xx: only retryable errors get those.
 _STATUS: dict[str, tuple[int, str]] = {
@@ -68,12 +69,24 @@ def stream_error_of(e: HeadraceError) -> dict[str, Any]:
     return body_of(e.code, e.message, e.param)
 
 
+def _sizes(e: HeadraceError) -> dict[str, int]:
+    """What a context overflow adds to an error object (llama.cpp's ``n_prompt_tokens``, ``n_ctx``)."""
+    return e.detail() if isinstance(e, ContextLengthExceeded) else {}
+
+
+def _openai_body(
+    status: int, message: str, type_: str, code: str | None, param: str | None
+) -> dict[str, Any]:
+    return error_body(message, type_, code, param)
+
+
 @dataclass(frozen=True)
 class Api:
     """How one API family shapes an error: as a response body, and as an event in a stream."""
 
     name: str
-    body: Callable[[str, str, str | None, str | None], dict[str, Any]] = error_body
+    # (status, message, OpenAI type, code, param) -> body
+    body: Callable[[int, str, str, str | None, str | None], dict[str, Any]] = _openai_body
     stream_error: Callable[[HeadraceError], dict[str, Any]] = stream_error_of
 
     def response(
@@ -84,9 +97,13 @@ class Api:
         code: str | None = None,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        detail: dict[str, int] | None = None,
     ) -> web.Response:
-        """An error response in this API's shape."""
-        return json_response(self.body(message, type_, code, param), status, headers)
+        """An error response in this API's shape (``detail``: more fields of its error object)."""
+        body = self.body(status, message, type_, code, param)
+        if detail and isinstance(body.get("error"), dict):
+            body["error"].update(detail)
+        return json_response(body, status, headers)
 
     def from_exception(self, e: HeadraceError, retry_after_s: int) -> web.Response:
         """Translate a headrace error; a retryable one carries Retry-After (a rate limit says
@@ -97,17 +114,52 @@ class Api:
             type_ = e.limit or type_  # as OpenAI: "requests" or "tokens"
         headers = {"Retry-After": str(retry_after_s)} if e.retryable else None
         code = None if e.code == ErrorCode.INVALID_REQUEST else str(e.code)
-        return self.response(status, e.message, type_, code, e.param, headers)
+        return self.response(status, e.message, type_, code, e.param, headers, _sizes(e))
 
 
-def _ollama_body(message: str, *_: str | None) -> dict[str, Any]:
+def _ollama_body(_status: int, message: str, *_: str | None) -> dict[str, Any]:
     return {"error": message}
 
 
+# llama.cpp's error types by status (its server's format_error_response).
+_LLAMACPP_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    501: "not_supported_error",
+    503: "unavailable_error",
+}
+
+
+def _llamacpp_body(
+    status: int, message: str, _type: str, code: str | None, param: str | None
+) -> dict[str, Any]:
+    """llama.cpp's ``{"error": {"code": <status>, "message", "type"}}``, with headrace's
+    ``param`` when a field is at fault."""
+    if code == ErrorCode.CONTEXT_LENGTH_EXCEEDED:
+        type_ = "exceed_context_size_error"
+    else:
+        type_ = _LLAMACPP_TYPES.get(status, "rate_limit_error" if status == 429 else "server_error")
+    error: dict[str, Any] = {"code": status, "message": message, "type": type_}
+    if param is not None:
+        error["param"] = param
+    return {"error": error}
+
+
 def _llamacpp_stream_error(e: HeadraceError) -> dict[str, Any]:
-    return {"error": {"code": e.code, "message": e.message}}
+    status, _ = status_of(e.code)
+    body = _llamacpp_body(status, e.message, "", str(e.code), e.param)
+    body["error"].update(_sizes(e))
+    return body
 
 
-OPENAI = Api("openai")
-OLLAMA = Api("ollama", body=_ollama_body, stream_error=lambda e: _ollama_body(e.message))
-LLAMACPP = Api("llamacpp", stream_error=_llamacpp_stream_error)
+def _openai_stream_error(e: HeadraceError) -> dict[str, Any]:
+    body = stream_error_of(e)
+    body["error"].update(_sizes(e))
+    return body
+
+
+OPENAI = Api("openai", stream_error=_openai_stream_error)
+OLLAMA = Api("ollama", body=_ollama_body, stream_error=lambda e: {"error": e.message})
+LLAMACPP = Api("llamacpp", body=_llamacpp_body, stream_error=_llamacpp_stream_error)

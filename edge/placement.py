@@ -14,13 +14,17 @@ there since that poll. Other edges' jobs show up at the next poll: placement is 
 guess, and a wrong one costs a wait in a queue, never a job.
 
 A region whose JetStream does not answer a poll (its servers are gone, or its gateway) is
-*down*: nothing is placed there. Once it has been down for ``region_lost_s``, every open
-job placed there is placed again, in a live region, under the same id and reply subject,
-its attempts counted on from a higher base (``Headrace-Attempt-Base``) so that its events
-supersede the lost region's and the relay skips the text the client already has (as for a
-redelivery). The lost region's copy is deleted from its queue once it is back, so it does
-not run there a second time. A region that comes back answers the poll
-again and is placed into again, without anyone stepping in.
+*down*: nothing is placed there. Moving a job away from a region is a hand-over
+(``schemas.failover``), the same as when a worker is lost: the job's stream publishes a
+continuation of what the client already has, in the next epoch, into a live region's
+queue, after writing the job's fence in the submitter's region's RESULTS. A running job
+whose worker's beats stop (its region went with it) is handed over by its stream within
+a second, into a live region (``continue_in``); once a region has been down for
+``region_lost_s``, every open job still placed there (waiting in its queue, so nothing
+beats for it) is handed over too (``hand_over_from``). A lost region's worker that fetches
+an old copy after it is back reads the fence and terminates it unrun; the old copies are
+also deleted from that region's queue once it answers. A region that comes back answers
+the poll again and is placed into again, without anyone stepping in.
 """
 
 from __future__ import annotations
@@ -40,13 +44,10 @@ from edge.fleet import Fleet
 from edge.metrics import EdgeMetrics
 from schemas.client import JobClient, JobStream, Placed
 from schemas.errors import NoWorker
-from schemas.subjects import Header, JobKind, consumer_name, jobs_stream
+from schemas.jobs import AnyJob
+from schemas.subjects import consumer_name, jobs_stream, queue_kind
 
 log = logging.getLogger(__name__)
-
-# Attempt numbers of a job's n-th placement start at n * ATTEMPTS_PER_PLACEMENT (a job is
-# never delivered this often: max_deliver is a handful).
-ATTEMPTS_PER_PLACEMENT = 100
 
 
 @dataclass
@@ -67,7 +68,7 @@ class RegionState:
 
 @dataclass
 class Stale:
-    """A copy of a re-placed job left in a lost region's queue: deleted once it is back."""
+    """A copy of a job handed over away from a region: deleted once that region answers."""
 
     region: str
     seq: int
@@ -76,7 +77,8 @@ class Stale:
 
 
 class Placement:
-    """Chooses the region of each job and re-places the jobs of a lost region."""
+    """Chooses the region of each job and hands over the jobs of a lost region
+    (``schemas.client.Placer``: where a job's continuation goes)."""
 
     def __init__(
         self,
@@ -104,16 +106,17 @@ class Placement:
 
     # -- choosing ------------------------------------------------------------------------
 
-    def choose(self, kind: JobKind, model: str) -> str:
+    def choose(self, kind: str, model: str) -> str:
         """The region whose queue takes the next job for ``model`` (see the module docstring).
 
         The job is reserved in that region's load at once (``release`` once it is published
         or failed), so requests arriving together spread out before a poll shows them.
         """
-        consumer = consumer_name(kind, model)
+        qk = queue_kind(kind)  # an embedding job rides its model's text queue
+        consumer = consumer_name(qk, model)
         slots: dict[str, int] = defaultdict(int)
         for w in self.fleet.live():
-            if w.region in self.states and any(m.id == model and m.kind == kind for m in w.models):
+            if w.region in self.states and any(m.id == model and m.kind == qk for m in w.models):
                 slots[w.region] += w.slots
         live = [r for r in slots if self.states[r].up]
         if not live:
@@ -143,10 +146,10 @@ class Placement:
                   {r: load(r) for r in live})  # fmt: skip
         return chosen
 
-    def release(self, kind: JobKind, model: str, region: str, *, published: bool) -> None:
+    def release(self, kind: str, model: str, region: str, *, published: bool) -> None:
         """End ``choose``'s reservation; count a published job (and a spill)."""
         reserved = self.states[region].reserved
-        consumer = consumer_name(kind, model)
+        consumer = consumer_name(queue_kind(kind), model)
         reserved[consumer] = max(0, reserved[consumer] - 1)
         if published:
             self.metrics.region_placed.labels(region).inc()
@@ -159,7 +162,7 @@ class Placement:
         for stream in self.jobs.open:
             placed = stream.placed
             if placed is not None and not stream.finished and placed.region == region:
-                out[consumer_name(placed.job.kind, placed.job.model)] += 1
+                out[consumer_name(queue_kind(placed.job.kind), placed.job.model)] += 1
         return out
 
     def _open(self, consumer: str) -> dict[str, int]:
@@ -170,7 +173,7 @@ class Placement:
             placed = stream.placed
             if placed is None or stream.finished or placed.region is None:
                 continue
-            if consumer_name(placed.job.kind, placed.job.model) == consumer:
+            if consumer_name(queue_kind(placed.job.kind), placed.job.model) == consumer:
                 out[placed.region] += 1
         return out
 
@@ -234,6 +237,31 @@ class Placement:
         for i in infos:
             self.metrics.region_queue_depth.labels(state.name, i.name).set(i.num_pending or 0)
 
+    # -- handing over ------------------------------------------------------------------
+
+    def continue_in(self, job: AnyJob, region: str | None) -> str | None:
+        """Where a continuation of ``job`` goes: the region it was in while that answers,
+        else the region ``choose`` picks among the live ones (it stays when none has the
+        model: its publish fails, and it is tried again)."""
+        if region is not None and region in self.states and self.states[region].up:
+            return region
+        try:
+            target = self.choose(job.kind, job.model)
+        except NoWorker:
+            return region
+        self.release(job.kind, job.model, target, published=False)
+        return target
+
+    def moved(self, job: AnyJob, source: Placed, target: str | None) -> None:
+        """A continuation went to ``target``: count it, and delete the old copy from
+        ``source``'s region once it answers (its fence would stop it anyway)."""
+        if source.region is None or target is None:
+            return
+        deadline_ms = job.deadline_ms or int(time.time() * 1000) + 3_600_000
+        self._stale.append(Stale(source.region, source.seq, job.id, deadline_ms / 1000))
+        self.metrics.region_replaced.labels(source.region, target).inc()
+        log.warning("job %s: region %s is lost; continued in %s", job.id, source.region, target)
+
     def _replace_open(self, lost: str) -> None:
         for stream in list(self.jobs.open):
             placed = stream.placed
@@ -241,45 +269,23 @@ class Placement:
                 continue
             if any(t.get_name() == stream.job_id for t in self._replacing):
                 continue
-            task = asyncio.create_task(self._replace(stream, placed), name=stream.job_id)
+            task = asyncio.create_task(self._replace(stream, lost), name=stream.job_id)
             self._replacing.add(task)
             task.add_done_callback(self._replacing.discard)
 
-    async def _replace(self, stream: JobStream, placed: Placed) -> None:
-        """Publish the job again in a live region; remember the lost copy for deletion."""
-        job = placed.job
+    async def _replace(self, stream: JobStream, lost: str) -> None:
+        """Hand the job over into a live region (``JobStream.hand_over_from``)."""
         try:
-            target = self.choose(job.kind, job.model)
-        except NoWorker:
-            return  # no live region has the model now: tried again at the next poll
-        if target == placed.region:
-            return
-        base = int(placed.headers.get(Header.ATTEMPT_BASE, "0") or 0) + ATTEMPTS_PER_PLACEMENT
-        headers = {**placed.headers, Header.ATTEMPT_BASE: str(base)}
-        try:
-            ack = await self.jobs.publish(
-                job, reply=placed.reply, headers=headers, place=target, attempts=2
-            )
-        except Exception as e:  # Unavailable, QueueFull, NATS away: the next poll tries again
-            self.release(job.kind, job.model, target, published=False)
-            log.warning("job %s: placing it again failed (%s)", job.id, type(e).__name__)
-            return
-        self.release(job.kind, job.model, target, published=True)
-        if stream.finished:  # it finished meanwhile after all: undo
-            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, TimeoutError):
-                await self.js.delete_msg(jobs_stream(target), ack.seq)
-            return
-        stream.placed = Placed(job, placed.reply, headers, ack.seq, target)
-        deadline_ms = job.deadline_ms or int(time.time() * 1000) + 3_600_000
-        self._stale.append(Stale(placed.region or "", placed.seq, job.id, deadline_ms / 1000))
-        self.metrics.region_replaced.labels(placed.region or "", target).inc()
-        log.warning("job %s: region %s is lost; placed again in %s", job.id, placed.region, target)
+            await stream.hand_over_from(lost)
+        except Exception as e:  # NATS away, no live region, too many hand-overs: next poll
+            log.warning("job %s: handing it over failed (%s)", stream.job_id, type(e).__name__)
 
     async def _clean_stale(self) -> None:
-        """Delete the copies of re-placed jobs from regions that answer again. (Not cancelled:
-        a cancel names the job id, and would stop the new placement too. A worker of that
-        region that fetched the copy before the loss and goes on with it publishes events of
-        lower attempts, which followers drop as superseded.)"""
+        """Delete the copies of handed-over jobs from regions that answer again. (Not
+        cancelled: a cancel names the job id, and would stop the continuation too. A worker
+        of that region that fetched the copy before the loss and goes on with it publishes
+        events of an older epoch, which followers drop; one that fetches it now reads the
+        fence and terminates it.)"""
         keep: list[Stale] = []
         for stale in self._stale:
             if time.time() > stale.until:

@@ -1,9 +1,9 @@
 """From job events to what a route writes: text per choice, a diffusion step, finish,
 failure, or an idle tick.
 
-The relay hides attempts: when a job is redelivered (its worker died), the new
-attempt starts over with the same seed, and the relay skips the text it already
-passed on, so the client's stream continues without repeating itself.
+Attempts are hidden below it: ``schemas.client.JobStream`` stitches a job's attempts
+into one sequence (a continuation goes on from the text delivered, a restart's repeated
+text and steps are dropped), so the relay passes every delta on as it comes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from schemas.client import JobStream, Received
-from schemas.events import Delta, Done, Error, Progress, Started, TokenLogprob
+from schemas.events import Delta, Done, Embeddings, Error, Progress, Started, TokenLogprob
 
 Tick = float | None
 _JOIN_EVERY = 256  # deltas of a choice's text kept apart before they are joined into one str
@@ -30,6 +30,7 @@ class Text:
     text: str
     tokens: int
     logprobs: list[TokenLogprob] | None = None
+    token_ids: list[int] | None = None  # from engines with a tokenizer
 
 
 @dataclass(slots=True)
@@ -72,9 +73,6 @@ class Choice:
 
     index: int
     stream: JobStream
-    attempt: int = 0
-    sent: int = 0  # characters passed on to the client, across attempts
-    seen: int = 0  # characters seen in the current attempt
     finished: bool = False
     started: bool = False  # a worker took the job
     tokens: int = 0  # completion tokens passed on (what a job that never finishes is charged)
@@ -85,13 +83,13 @@ class Choice:
     region: str | None = None  # of the worker that started the latest attempt
     parts: list[str] = field(default_factory=list)  # the text passed on: "".join(parts)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # of the deltas passed on
     loose: int = 0  # parts at the end of ``parts`` not yet joined into one
+    vectors: dict[int, str] = field(default_factory=dict)  # an embedding job's, by input
 
     def accept(self, received: Received) -> Out | None:
         """What this event means for the client, if anything."""
         event = received.event
-        if received.pos.attempt != self.attempt:
-            self.attempt, self.seen = received.pos.attempt, 0
         event_id = received.pos.event_id()
         if isinstance(event, Delta):
             return self._text(event, event_id)
@@ -102,6 +100,9 @@ class Choice:
             self.finished = True
             return Failed(self.index, event_id, event)
         self.started = True
+        if isinstance(event, Embeddings):  # kept by index: a redelivery sends the same again
+            self.vectors.update(enumerate(event.vectors, event.index))
+            return None
         if isinstance(event, Progress):
             return Stepped(self.index, event)
         if isinstance(event, Started):
@@ -110,12 +111,9 @@ class Choice:
         return None
 
     def _text(self, delta: Delta, event_id: str) -> Text | None:
-        start = self.seen
-        self.seen += len(delta.text)
-        if self.seen <= self.sent:
-            return None  # a redelivered attempt replaying text the client already has
-        text = delta.text[max(0, self.sent - start) :]
-        self.sent = self.seen
+        text = delta.text
+        if not text:
+            return None
         self.last_text_at = time.perf_counter()
         if self.first_text_at is None:
             self.first_text_at = self.last_text_at
@@ -129,7 +127,9 @@ class Choice:
             self.loose = 0
         if delta.logprobs:
             self.logprobs.extend(delta.logprobs)
-        return Text(self.index, event_id, text, delta.tokens, delta.logprobs)
+        if delta.token_ids:
+            self.token_ids.extend(delta.token_ids)
+        return Text(self.index, event_id, text, delta.tokens, delta.logprobs, delta.token_ids)
 
 
 class Relay:

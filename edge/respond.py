@@ -30,6 +30,7 @@ class Collected:
     texts: list[str]
     dones: list[Done]
     logprobs: list[list[TokenLogprob] | None]
+    token_ids: list[list[int]] = field(default_factory=list)  # per choice, where engines say
 
 
 def _nothing(*_: object) -> list[dict[str, Any]]:
@@ -40,8 +41,9 @@ def _nothing(*_: object) -> list[dict[str, Any]]:
 class StreamFormat:
     """What a route writes for each kind of relay output, and how it frames the stream."""
 
-    text: Callable[[Text], dict[str, Any]]
-    finished: Callable[[Finished], dict[str, Any]]
+    # One chunk, or several (none: text held back, as a tool call's start is)
+    text: Callable[[Text], dict[str, Any] | list[dict[str, Any]]]
+    finished: Callable[[Finished], dict[str, Any] | list[dict[str, Any]]]
     opening: Callable[[int], list[dict[str, Any]]] = _nothing  # sent with the headers, given n
     closing: Callable[[list[Done]], list[dict[str, Any]]] = _nothing
     framing: type[Framing] = EventStream
@@ -80,7 +82,8 @@ async def collect(session: Session) -> Collected:
     _observe(session, relay)
     dones = [c.done for c in relay.choices if c.done is not None]
     logprobs = [c.logprobs or None for c in relay.choices]
-    return Collected(["".join(c.parts) for c in relay.choices], dones, logprobs)
+    texts = ["".join(c.parts) for c in relay.choices]
+    return Collected(texts, dones, logprobs, [c.token_ids for c in relay.choices])
 
 
 async def stream(session: Session, fmt: StreamFormat) -> web.StreamResponse:
@@ -140,13 +143,18 @@ async def _write(session: Session, sse: Framing, fmt: StreamFormat, out: Out, n:
     if isinstance(out, Idle):
         await sse.keepalive()
     elif isinstance(out, Text):
-        await sse.send(orjson.dumps(fmt.text(out)), id=_sse_id(out.index, out.event_id, n))
+        await _send(sse, fmt.text(out), _sse_id(out.index, out.event_id, n))
     elif isinstance(out, Finished):
-        await sse.send(orjson.dumps(fmt.finished(out)), id=_sse_id(out.index, out.event_id, n))
+        await _send(sse, fmt.finished(out), _sse_id(out.index, out.event_id, n))
     elif isinstance(out, Failed):  # after the headers went out: an error event, then the end
         await _send_error(session, sse, fmt, out.error.exception())
     elif isinstance(out, Stepped):
         pass  # diffusion steps mean nothing to a text answer
+
+
+async def _send(sse: Framing, chunks: dict[str, Any] | list[dict[str, Any]], id: str) -> None:
+    for chunk in chunks if isinstance(chunks, list) else [chunks]:
+        await sse.send(orjson.dumps(chunk), id=id)
 
 
 def _sse_id(index: int, event_id: str, n: int) -> str:

@@ -37,6 +37,20 @@ async def default_model(request: web.Request, asked: str | None) -> str:
     )
 
 
+async def served_model(request: web.Request, asked: str | None) -> str:
+    """The model a llama.cpp-style request gets: the one it names when that one is live (and
+    allowed), else the default (``default_model``) whatever it names.
+
+    llama.cpp's server answers with the one model it has, whatever ``model`` says, and its
+    clients and test suite send names like ``gpt-3.5-turbo``; a deployment serving several
+    models still lets them pick one by name.
+    """
+    live = ctx(request).fleet.models("llm")
+    if asked and asked in live and caller(request).allows(asked):
+        return asked
+    return await default_model(request, None)
+
+
 async def call(
     request: web.Request, model: str, op: str, payload: dict[str, Any]
 ) -> dict[str, Any]:

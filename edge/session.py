@@ -25,17 +25,25 @@ from aiohttp import web
 from edge.context import JOB_IDS, REQUEST_ID, caller, ctx
 from edge.errors import Api
 from edge.jobs import deadline_ms, job_headers
-from edge.ratelimit.admission import prompt_estimate, token_estimate
+from edge.ratelimit.admission import embed_estimate, prompt_estimate, token_estimate
 from edge.ratelimit.charge import charge_of
 from edge.ratelimit.limits import megapixel_steps
 from edge.relay import Relay
 from edge.sse import Bounds, Framing, SlowClient
 from edge.tasks import Task
 from schemas.client import JobStream
-from schemas.errors import ModelNotFound, Unavailable
+from schemas.errors import InvalidRequest, ModelNotFound, Unavailable
 from schemas.events import Done
 from schemas.fleet import ModelInfo
-from schemas.jobs import ImageInput, ImageJob, ImageParams, TextJob, TextParams
+from schemas.jobs import (
+    EmbedJob,
+    EmbedParams,
+    ImageInput,
+    ImageJob,
+    ImageParams,
+    TextJob,
+    TextParams,
+)
 from schemas.subjects import new_job_id
 
 log = logging.getLogger(__name__)
@@ -118,6 +126,8 @@ class Session:
                 prompt_tokens=max((prompt_estimate(p) for p in params), default=0),
             )
         self.model = await c.fleet.require("llm", model, c.settings.no_worker_wait_s)
+        if self.model.embedding_only:
+            raise InvalidRequest(f"{model} computes embeddings only", param="model")
         jobs = [self._text_job(model, p, stream) for p in params]
         if fingerprint is None:
             self._follow(await self._publish(jobs))
@@ -138,6 +148,27 @@ class Session:
             raise
         c.dedup.published(entry, self.job_ids, self.created_s)
         self._follow(streams)
+
+    async def submit_embed(self, model: str, params: EmbedParams) -> None:
+        """Admit (charging the inputs' estimated tokens), wait for a worker of the model,
+        publish one ``EmbedJob`` with every input; its vectors gather in the relay."""
+        c = self.edge
+        self.key.check(model)
+        if c.limiter is not None:
+            estimate = embed_estimate(params)
+            await self.charge.acquire(tokens=estimate, prompt_tokens=estimate)
+        self.model = await c.fleet.require("llm", model, c.settings.no_worker_wait_s)
+        if not self.model.embeddings:
+            raise InvalidRequest(f"{model} does not compute embeddings", param="model")
+        job = EmbedJob(
+            id=new_job_id(),
+            model=model,
+            created_ms=int(time.time() * 1000),
+            deadline_ms=self.deadline_ms,
+            stream=False,
+            params=params,
+        )
+        self._follow(await self._publish([job]))
 
     async def submit_image(
         self, model: str, params: ImageParams, init_images: list[bytes], task_id: str | None
@@ -181,7 +212,9 @@ class Session:
             params=params,
         )
 
-    async def _publish(self, jobs: list[TextJob] | list[ImageJob]) -> list[JobStream]:
+    async def _publish(
+        self, jobs: list[TextJob] | list[ImageJob] | list[EmbedJob]
+    ) -> list[JobStream]:
         """Publish every job, all or nothing (half of an n>1 request is not left running)."""
         self.job_ids = [j.id for j in jobs]
         self.created_s = jobs[0].created_ms // 1000
@@ -199,7 +232,9 @@ class Session:
             raise
         return streams
 
-    async def _submit(self, job: TextJob | ImageJob, headers: dict[str, str]) -> JobStream:
+    async def _submit(
+        self, job: TextJob | ImageJob | EmbedJob, headers: dict[str, str]
+    ) -> JobStream:
         """Publish one job: in a super-cluster, into the region ``edge.placement`` chooses,
         and into the next choice when that region's JetStream does not answer."""
         c = self.edge

@@ -24,7 +24,16 @@ def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]
 _COMMON = ("nats_url", "nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key", "region",
            "regions", "log_level")  # fmt: skip
 _SD = ("sd_device", "sd_threads", "image_inline_chars")
-_LLM = ("llm_n_ctx", "llm_threads", "llm_threads_batch", "llm_gpu_layers", "llm_chat_template_file")
+_LLM = (
+    "llm_n_ctx",
+    "llm_threads",
+    "llm_threads_batch",
+    "llm_gpu_layers",
+    "llm_chat_template_file",
+    "llm_flash_attn",
+    "llm_cache_seqs",
+    "llm_pooling",
+)
 _LIMITS = (
     "jobs_max_msgs",
     "jobs_max_bytes",
@@ -134,6 +143,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     overrides = _overrides(args, names)
     if args.engine in ("llm", "sd") and args.model:
         overrides[f"{args.engine}_models"] = ",".join(args.model)
+    if args.engine == "llm" and args.embedding_model:
+        overrides["llm_embedding_models"] = ",".join(args.embedding_model)
     settings = WorkerSettings(**overrides)
     logs.setup(settings.log_level, f"worker {args.engine}")
     if args.engine == "llm":
@@ -248,10 +259,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """
     from headrace.bench import edge, pipeline
 
-    what = {
-        "echo": ("pipeline", "edge"),
-        "all": ("pipeline", "edge", "llm", "sd", "restarts", "regions"),
-    }.get(args.what, (args.what,))
+    everything = ("pipeline", "edge", "llm", "sd", "restarts", "failover", "regions")
+    what = {"echo": ("pipeline", "edge"), "all": everything}.get(args.what, (args.what,))
     if args.quick:  # smaller echo runs too
         args.jobs, args.samples, args.requests = (min(args.jobs, 500), min(args.samples, 100),
                                                   min(args.requests, 500))  # fmt: skip
@@ -278,6 +287,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         count = min(args.restarts, 2) if args.quick else args.restarts
         status |= restarts.run(restarts=count, in_flight=args.in_flight, out=args.out)
+    if "failover" in what:
+        from headrace.bench import failover
+
+        kills = min(args.kills, 3) if args.quick else args.kills
+        job_s = min(args.sigterm_job_s, 5.0) if args.quick else args.sigterm_job_s
+        status |= failover.run(kills, args.out, engine=args.engine, sigterm_job_s=job_s or None)
     return status
 
 
@@ -347,6 +362,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(HEADRACE_LLM_MODELS, default: the bundled SmolLM2-135M-Instruct); sd: ID=DIR or "
         "ID=hub-id, repeatable (HEADRACE_SD_MODELS, default: the demo tiny-sd, random weights)",
     )
+    p.add_argument(
+        "--embedding-model",
+        action="append",
+        metavar="ID=PATH",
+        help="llm: a dedicated embedding GGUF, served for embeddings only, repeatable "
+        "(HEADRACE_LLM_EMBEDDING_MODELS)",
+    )
+    p.add_argument(
+        "--pooling",
+        dest="llm_pooling",
+        choices=["mean", "cls", "last"],
+        help="llm: pooling of embeddings (default: the GGUF's own, else mean)",
+    )
     p.add_argument("--slots", type=int, help="jobs run at once (default 1)")
     p.add_argument("--worker-id", help="registry id (default host-pid-random)")
     p.add_argument(
@@ -365,14 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="llm_threads",
         type=int,
         metavar="N",
-        help="llm: CPU threads per slot (CPUs / slots)",
+        help="llm: CPU threads of a model's context, all slots together (CPUs)",
     )
     p.add_argument(
         "--threads-batch",
         dest="llm_threads_batch",
         type=int,
         metavar="N",
-        help="llm: CPU threads per slot for prompts (as --threads)",
+        help="llm: CPU threads for steps of more than one token (as --threads)",
     )
     p.add_argument(
         "--gpu-layers",
@@ -380,6 +408,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="llm: layers on the GPU (-1: all)",
+    )
+    p.add_argument(
+        "--flash-attn",
+        dest="llm_flash_attn",
+        choices=["auto", "on", "off"],
+        help="llm: flash attention (default auto: where llama.cpp has it)",
+    )
+    p.add_argument(
+        "--cache-seqs",
+        dest="llm_cache_seqs",
+        type=int,
+        metavar="N",
+        help="llm: finished sequences kept for prompt-prefix reuse (default: slots; 0: off)",
     )
     p.add_argument(
         "--chat-template",
@@ -485,14 +526,14 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="benchmarks: pipeline and edge (echo engine; echo = both), llm (SmolLM2 "
         "in-process vs llama_cpp.server vs headrace), sd (tiny-sd in-process vs headrace, and "
-        "the object store), restarts (nats-server restarted under load), regions (own region vs "
-        "spilled, on loopback and over a 40 ms proxy); all (the default) "
-        "runs every one",
+        "the object store), restarts (nats-server restarted under load), failover (workers "
+        "SIGKILLed mid-stream, one SIGTERMed with a long job), regions (own region vs spilled, "
+        "on loopback and over a 40 ms proxy); all (the default) runs every one",
     )
     p.add_argument(
         "what",
         nargs="?",
-        choices=["all", "echo", "pipeline", "edge", "llm", "sd", "restarts", "regions"],
+        choices=["all", "echo", "pipeline", "edge", "llm", "sd", "restarts", "failover", "regions"],
         default="all",
     )
     p.add_argument("--jobs", type=int, default=2000, help="jobs for the throughput run")
@@ -504,11 +545,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--in-flight", type=int, default=20, help="restarts: requests in flight at each restart"
     )
+    p.add_argument("--kills", type=int, default=100, help="failover: workers SIGKILLed")
+    p.add_argument(
+        "--engine",
+        choices=["echo", "llama"],
+        default="echo",
+        help="failover: echo workers, or SmolLM2 on llama.cpp (temperature 0 and 0.8)",
+    )
+    p.add_argument(
+        "--sigterm-job-s",
+        type=float,
+        default=30.0,
+        help="failover: length of the job whose worker is SIGTERMed (0: skip; echo only)",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
         help="small runs: echo at most 500 jobs; llm 2 prompts, 16 tokens, 1 and 4 clients; "
-        "sd 4 and 10 steps, 2 repeats; restarts 2",
+        "sd 4 and 10 steps, 2 repeats; restarts 2; failover 3 kills, a 5 s SIGTERM job",
     )
     p.add_argument(
         "--threads",

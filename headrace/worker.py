@@ -53,29 +53,42 @@ def parse_models(spec: str) -> dict[str, Path]:
 def llama_engine(settings: WorkerSettings) -> LlamaEngine:
     """The llama.cpp engine configured from worker settings (the bundled SmolLM2 by default).
 
-    One llama.cpp context per slot and model, so ``--slots`` jobs really run side by side.
+    One llama.cpp context per model with room for ``--slots`` sequences, decoded together.
     """
     # Imported here: llama-cpp-python is the optional ``llm`` extra, and echo workers do without.
     from workers.engines.gguf import DEFAULT_MODEL_ID, ModelConfig, bundled_gguf
     from workers.engines.llama import LlamaEngine
 
-    paths = parse_models(settings.llm_models) or {DEFAULT_MODEL_ID: bundled_gguf()}
+    embedding_only = parse_models(settings.llm_embedding_models)
+    paths = parse_models(settings.llm_models)
+    if not paths and not embedding_only:
+        paths = {DEFAULT_MODEL_ID: bundled_gguf()}
+    if twice := paths.keys() & embedding_only.keys():
+        raise ValueError(f"model {sorted(twice)[0]!r} is given twice")
     template_file = settings.llm_chat_template_file
     template = template_file.read_text() if template_file is not None else None
+
+    def config(model_id: str, path: Path, only: bool) -> ModelConfig:
+        return ModelConfig(
+            id=model_id,
+            path=path,
+            n_ctx=settings.llm_n_ctx,
+            n_threads=settings.llm_threads,
+            n_threads_batch=settings.llm_threads_batch,
+            n_gpu_layers=settings.llm_gpu_layers,
+            chat_template=template,
+            # An embedding-only model has one context: its jobs take turns on it.
+            contexts=1 if only else settings.slots,
+            embeddings=settings.llm_embeddings,
+            embedding_only=only,
+            pooling=settings.llm_pooling,
+            flash_attn={"auto": None, "on": True, "off": False}[settings.llm_flash_attn],
+            cache_seqs=settings.llm_cache_seqs,
+        )
+
     return LlamaEngine(
-        [
-            ModelConfig(
-                id=model_id,
-                path=path,
-                n_ctx=settings.llm_n_ctx,
-                n_threads=settings.llm_threads,
-                n_threads_batch=settings.llm_threads_batch,
-                n_gpu_layers=settings.llm_gpu_layers,
-                chat_template=template,
-                contexts=settings.slots,
-            )
-            for model_id, path in paths.items()
-        ]
+        [config(m, p, False) for m, p in paths.items()]
+        + [config(m, p, True) for m, p in embedding_only.items()]
     )
 
 

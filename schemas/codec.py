@@ -10,9 +10,9 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from schemas.errors import Poison
 from schemas.events import Event
 from schemas.fleet import WorkerInfo
-from schemas.jobs import ImageJob, Job, TextJob
+from schemas.jobs import AnyJob, Job
 
-_JOB: TypeAdapter[TextJob | ImageJob] = TypeAdapter(Job)
+_JOB: TypeAdapter[AnyJob] = TypeAdapter(Job)
 _EVENT: TypeAdapter[Any] = TypeAdapter(Event)
 
 
@@ -21,7 +21,7 @@ def encode(model: BaseModel) -> bytes:
     return orjson.dumps(model.model_dump(mode="json", exclude_none=True))
 
 
-def decode_job(data: bytes) -> TextJob | ImageJob:
+def decode_job(data: bytes) -> AnyJob:
     """Parse a job message; anything unparseable or schema-invalid is ``Poison``."""
     try:
         return _JOB.validate_python(orjson.loads(data))

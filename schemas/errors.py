@@ -60,9 +60,30 @@ class ModelNotFound(HeadraceError):
 
 
 class ContextLengthExceeded(HeadraceError):
-    """The prompt (plus requested tokens) does not fit the model's context."""
+    """The prompt (plus requested tokens) does not fit the model's context.
+
+    ``n_prompt_tokens`` and ``n_ctx`` say by how much, when the engine knows (llama.cpp's
+    server puts both in its ``exceed_context_size_error`` body).
+    """
 
     code = ErrorCode.CONTEXT_LENGTH_EXCEEDED
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        n_prompt_tokens: int | None = None,
+        n_ctx: int | None = None,
+    ) -> None:
+        super().__init__(message, param=param)
+        self.n_prompt_tokens = n_prompt_tokens
+        self.n_ctx = n_ctx
+
+    def detail(self) -> dict[str, int]:
+        """The sizes, for error bodies and events (empty when unknown)."""
+        sizes = {"n_prompt_tokens": self.n_prompt_tokens, "n_ctx": self.n_ctx}
+        return {k: v for k, v in sizes.items() if v is not None}
 
 
 class QueueFull(HeadraceError):
@@ -152,10 +173,15 @@ _BY_CODE: dict[ErrorCode, type[HeadraceError]] = {
 
 
 def error_from_code(
-    code: str, message: str, *, param: str | None = None, retryable: bool | None = None
+    code: str,
+    message: str,
+    *,
+    param: str | None = None,
+    retryable: bool | None = None,
+    detail: dict[str, object] | None = None,
 ) -> HeadraceError:
     """Rebuild the exception an ``error`` event or RPC reply describes, with its detail
-    (unknown codes become internal errors)."""
+    (unknown codes become internal errors; ``detail`` holds a class's own fields)."""
     try:
         cls = _BY_CODE.get(ErrorCode(code), HeadraceError)
     except ValueError:
@@ -164,4 +190,8 @@ def error_from_code(
     error.param = param
     if retryable is not None:
         error.retryable = retryable
+    if isinstance(error, ContextLengthExceeded) and detail:
+        n_prompt, n_ctx = detail.get("n_prompt_tokens"), detail.get("n_ctx")
+        error.n_prompt_tokens = n_prompt if isinstance(n_prompt, int) else None
+        error.n_ctx = n_ctx if isinstance(n_ctx, int) else None
     return error

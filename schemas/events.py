@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from schemas.errors import HeadraceError, error_from_code
+from schemas.errors import ContextLengthExceeded, HeadraceError, error_from_code
 from schemas.jobs import Contract
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -28,13 +28,15 @@ class Timings(Contract):
     prompt_ms: float = 0.0
     predicted_n: int = 0
     predicted_ms: float = 0.0
+    cache_n: int = 0  # prompt tokens whose KV cells were reused (not in prompt_n)
 
 
 class TopLogprob(Contract):
-    """One alternative token and its log-probability."""
+    """One alternative token and its log-probability (``id``: its token id, when known)."""
 
     token: str
     logprob: float
+    id: int | None = None
 
 
 class TokenLogprob(Contract):
@@ -43,6 +45,7 @@ class TokenLogprob(Contract):
     token: str
     logprob: float
     top_logprobs: list[TopLogprob] = []
+    id: int | None = None
 
 
 class ImageRef(Contract):
@@ -63,6 +66,18 @@ class Started(Contract):
     region: str
     attempt: int = Field(ge=1)
     queue_ms: float = Field(ge=0)
+    # While it holds the job the worker beats on ``alive.[<user>.]<job id>`` every
+    # ``beat_ms``: a follower that hears nothing for a few beats hands the job over
+    # (``schemas.failover``). None: a worker that does not beat (nobody hands over).
+    beat_ms: int | None = Field(default=None, ge=1)
+    # A continuation: the event (``attempt-seq``) it goes on from, and how many
+    # characters and tokens were delivered up to there.
+    resumed_after: str | None = None
+    resumed_chars: int = Field(default=0, ge=0)
+    resumed_tokens: int = Field(default=0, ge=0)
+    # The job message's sequence in JOBS: a follower that did not publish the job reads
+    # its parameters there to hand it over.
+    job_seq: int | None = Field(default=None, ge=1)
 
 
 class Delta(Contract):
@@ -87,6 +102,21 @@ class Progress(Contract):
     preview: str | None = None
 
 
+class Embeddings(Contract):
+    """Vectors of an embedding job's inputs ``index``, ``index + 1`` ...: each one is
+    ``dims`` little-endian float32 values in base64 (OpenAI's ``encoding_format: base64``).
+
+    A job sends them in pieces (one per evaluated batch, each well under a NATS message),
+    then ``done`` with the prompt tokens in ``usage``. A redelivered job sends them again;
+    a reader keys them by index.
+    """
+
+    type: Literal["embeddings"] = "embeddings"
+    index: int = Field(ge=0)
+    dims: int = Field(ge=1)
+    vectors: list[str]
+
+
 class Done(Contract):
     """The job finished (also when it was cancelled)."""
 
@@ -101,7 +131,11 @@ class Done(Contract):
 
 
 class Error(Contract):
-    """The job failed; ``code`` is an ``ErrorCode`` value, ``param`` the field at fault."""
+    """The job failed; ``code`` is an ``ErrorCode`` value, ``param`` the field at fault.
+
+    A context overflow also carries ``n_prompt_tokens`` and ``n_ctx`` (extra fields, as
+    ``Contract`` keeps them: older readers ignore them).
+    """
 
     type: Literal["error"] = "error"
     code: str
@@ -113,12 +147,21 @@ class Error(Contract):
     def of(cls, e: HeadraceError, *, retryable: bool | None = None) -> Error:
         """The event that reports ``e`` (``retryable`` overrides the error's own hint)."""
         hint = e.retryable if retryable is None else retryable
-        return cls(code=e.code, message=e.message, param=e.param, retryable=hint)
+        detail = e.detail() if isinstance(e, ContextLengthExceeded) else {}
+        return cls(code=e.code, message=e.message, param=e.param, retryable=hint, **detail)
 
     def exception(self) -> HeadraceError:
         """The error this event reports, as the class its code names, detail kept."""
-        return error_from_code(self.code, self.message, param=self.param, retryable=self.retryable)
+        return error_from_code(
+            self.code,
+            self.message,
+            param=self.param,
+            retryable=self.retryable,
+            detail=self.model_extra,
+        )
 
 
-Event = Annotated[Started | Delta | Progress | Done | Error, Field(discriminator="type")]
-EngineEvent = Delta | Progress | Done
+Event = Annotated[
+    Started | Delta | Progress | Embeddings | Done | Error, Field(discriminator="type")
+]
+EngineEvent = Delta | Progress | Embeddings | Done

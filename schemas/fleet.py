@@ -21,6 +21,9 @@ class ModelInfo(Contract):
     id: str
     kind: JobKind
     context_length: int | None = None
+    # Text models only: it computes embeddings (``EmbedJob``); it computes nothing else.
+    embeddings: bool = False
+    embedding_only: bool = False
     owned_by: str = "headrace"
     created: int = 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
 
 # Bounds every producer must respect; the edge rejects requests outside them
 # before anything is enqueued, and a worker treats a job outside them as poison.
@@ -15,6 +15,7 @@ MAX_STOP_CHARS = 256
 MAX_TOKENS_LIMIT = 1_000_000
 SEED_MAX = 2**32 - 1
 MAX_INIT_IMAGES = 16
+MAX_EMBED_INPUTS = 2048  # OpenAI's bound on one embeddings request's inputs
 MAX_INLINE_IMAGE_CHARS = 8 * 1024 * 1024  # an inline image must also fit one NATS message
 # Levels of objects and arrays in a JSON schema (``{"type": "string"}`` is 1; each nested
 # ``{"properties": {"x": ...}}`` adds 2). Real schemas stay far below it; what it guards is
@@ -73,6 +74,17 @@ Stops = Annotated[
 ]
 
 
+def _ban_only(value: bool | float) -> bool | float:
+    if value is True:
+        raise ValueError("a logit bias is a number, or false to ban the token")
+    return value
+
+
+# A logit bias: a number, or ``false`` for "never" (StrictBool, not Literal[False]: a
+# literal compares by equality, and 0.0 == False would read a zero bias as a ban).
+Bias = Annotated[StrictBool | float, AfterValidator(_ban_only)]
+
+
 class ChatMessage(Params):
     """One chat turn; content parts are flattened to text by the producer."""
 
@@ -101,13 +113,18 @@ class TextParams(Params):
     mirostat_eta: float = 0.1
     seed: int = Field(ge=0, le=SEED_MAX)
     stop: Stops = []
-    logit_bias: dict[str, float] = {}
+    # Token id (decimal) -> bias added to its logit; ``false`` bans it outright (llama.cpp's
+    # -inf, which JSON cannot spell).
+    logit_bias: dict[str, Bias] = {}
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     grammar: str | None = None
     json_schema: Annotated[dict[str, Any] | None, SchemaDepth] = None
     response_format: Literal["text", "json_object", "json_schema"] = "text"
     ignore_eos: bool = False
+    # Reuse the KV cells of a prefix this worker holds (llama.cpp's cache_prompt): faster, but
+    # the logits may differ in their last bits from evaluating the whole prompt.
+    cache_prompt: bool = True
 
 
 class ImageInput(Params):
@@ -139,6 +156,30 @@ class ImageParams(Params):
     denoising_strength: float = Field(default=0.75, ge=0.0, le=1.0)
     init_images: Annotated[list[ImageInput], Field(max_length=MAX_INIT_IMAGES)] = []
     preview_every: int = Field(default=0, ge=0)
+
+
+EmbedInput = (
+    Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+    | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=MAX_TOKENS_LIMIT)]
+)
+
+
+class EmbedParams(Params):
+    """What an embedding job computes: one vector per input, all in one job.
+
+    An input is text (tokenized by the worker, special tokens added as the model's
+    vocabulary says) or token ids. ``normalize`` is llama.cpp's ``embd_normalize``:
+    -1 none, 0 scaled to the int16 range by the largest magnitude, 1 taxicab, 2
+    Euclidean (L2, the default), p > 2 the p-norm. ``truncate`` cuts an input that
+    does not fit the model's context (Ollama's default) instead of failing the job;
+    ``dimensions``, when set, must be the model's own (no model here is trained to be
+    cut shorter, so a shorter vector would be a different, worse one).
+    """
+
+    inputs: Annotated[list[EmbedInput], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+    normalize: int = Field(default=2, ge=-1, le=16)
+    truncate: bool = False
+    dimensions: int | None = Field(default=None, ge=1)
 
 
 class JobBase(Contract):
@@ -181,7 +222,16 @@ class ImageJob(JobBase):
     params: ImageParams
 
 
-Job = Annotated[TextJob | ImageJob, Field(discriminator="kind")]
+class EmbedJob(JobBase):
+    """An embedding job. It travels on its model's text subject, ``jobs.llm.<model>``: the
+    same consumer, slots and engine as text jobs (``kind`` tells the worker what to do)."""
+
+    kind: Literal["embed"] = "embed"
+    params: EmbedParams
+
+
+AnyJob = TextJob | ImageJob | EmbedJob
+Job = Annotated[AnyJob, Field(discriminator="kind")]
 
 _ID = r"[A-Za-z0-9_-]{16,64}"
 
@@ -194,9 +244,9 @@ class JobHeaders(BaseModel):
 
     msg_id: str = Field(
         alias="Nats-Msg-Id",
-        pattern=f"^{_ID}$",
-        description="the job's id: JetStream drops a copy published again within the "
-        "JOBS stream's duplicate window",
+        pattern=rf"^{_ID}(\.[0-9]+)?$",
+        description="the job's id (a continuation: <job id>.<epoch>): JetStream drops a "
+        "copy published again within the JOBS stream's duplicate window",
     )
     reply: str = Field(
         alias="Headrace-Reply",
@@ -211,6 +261,19 @@ class JobHeaders(BaseModel):
         alias="Headrace-Deadline",
         pattern=r"^[0-9]+$",
         description="milliseconds since the epoch after which the job is not worth running",
+    )
+    epoch: str | None = Field(
+        default=None,
+        alias="Headrace-Epoch",
+        pattern=r"^[0-9]+$",
+        description="a continuation's epoch (schemas.failover): the job went on elsewhere "
+        "this many times; absent on a job as first published",
+    )
+    resumed_after: str | None = Field(
+        default=None,
+        alias="Headrace-Resumed-After",
+        pattern=r"^[0-9]+-[0-9]+$",
+        description="a continuation: the last event (attempt-seq) whose text it goes on from",
     )
     request_id: str | None = Field(
         default=None, alias="Headrace-Request-Id", description="for log lines"

@@ -11,7 +11,7 @@ from pydantic import TypeAdapter
 
 from schemas.events import Event
 from schemas.fleet import WorkerInfo
-from schemas.jobs import ImageJob, Job, JobHeaders, TextJob
+from schemas.jobs import EmbedJob, ImageJob, Job, JobHeaders, TextJob
 
 JSON_DIR = Path(__file__).with_name("json")
 
@@ -19,6 +19,7 @@ MESSAGES: dict[str, Any] = {
     "job": Job,
     "text-job": TextJob,
     "image-job": ImageJob,
+    "embed-job": EmbedJob,
     "job-headers": JobHeaders,
     "event": Event,
     "worker-info": WorkerInfo,

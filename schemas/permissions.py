@@ -7,9 +7,11 @@ The roles:
 * ``admin``: the JetStream API, nothing else (``headrace provision``, ``headrace up``).
 * ``edge``: publishes jobs, cancels, interrupts and rpc requests; reads the results of
   edge jobs (``results.<job id>``), the ``workers`` and ``options`` buckets and images.
-* ``worker``: fetches from and acks the JOBS consumers, publishes results, dead letters and
-  heartbeats, answers rpc requests. It can read no result: it holds no subscribe permission
-  on ``results.>`` and may not create consumers on RESULTS.
+* ``worker``: fetches from and acks the JOBS consumers, publishes results, dead letters,
+  heartbeats and per-job beats, answers rpc requests. It publishes no job (a stopped
+  worker's jobs are continued by their followers, ``schemas.failover``). It
+  reads no result: no subscribe permission on ``results.>``, no consumer on RESULTS; only
+  the fence of a redelivered job (``results.[<user>.]<job id>.fence``, by direct get).
 * ``observer``: read-only JetStream information and the ``workers`` bucket (``headrace
   status``, dashboards).
 * a native client ``<user>``: publishes jobs for its allowed models and reads only
@@ -29,8 +31,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from schemas.subjects import (
+    ALIVE_PREFIX,
     CANCEL_PREFIX,
     DLQ_PREFIX,
+    FENCE_SUFFIX,
     IMAGES_BUCKET,
     INTERRUPT_PREFIX,
     JOBS_PREFIX,
@@ -163,7 +167,7 @@ def admin() -> Permissions:
 def edge(regions: Regions = ()) -> Permissions:
     """The HTTP edge (in a super-cluster: of any region, placing jobs in every region)."""
     publish = [
-        f"{JOBS_PREFIX}.>",
+        f"{JOBS_PREFIX}.>",  # continuations too (schemas.failover)
         f"{CANCEL_PREFIX}.*",
         f"{INTERRUPT_PREFIX}.*",
         f"{RPC_PREFIX}.>",
@@ -180,6 +184,7 @@ def edge(regions: Regions = ()) -> Permissions:
         # out of the edge's reach.
         own = f"{RESULTS_PREFIX}.*" if r is None else f"{RESULTS_PREFIX}.{r}.*"
         publish += [
+            f"{own}.{FENCE_SUFFIX}",  # the fence of a job it hands over (schemas.failover)
             # readiness, queue depth and the fleet's check that a model's consumer exists
             f"{API}.CONSUMER.INFO.{jobs}.*",
             # After a reconnect, JobClient.queued reads a job back by sequence to see whether
@@ -191,10 +196,11 @@ def edge(regions: Regions = ()) -> Permissions:
             *_kv_read(f"KV_{workers_bucket(r)}"),
         ]
         if r is not None:
-            # A job re-placed away from a lost region is deleted from that region's queue
-            # once it is back, so it does not run twice (edge.placement).
+            # A job handed over away from a lost region is deleted from that region's queue
+            # once it is back (edge.placement; its fence would stop it anyway).
             publish.append(f"{API}.STREAM.MSG.DELETE.{jobs}")
-        subscribe.append(own)
+        # its jobs' results, and the beats of the workers running them
+        subscribe += [own, f"{ALIVE_PREFIX}.*" if r is None else f"{ALIVE_PREFIX}.{r}.*"]
     return Permissions(publish=tuple(publish), subscribe=tuple(subscribe))
 
 
@@ -202,13 +208,19 @@ def worker(regions: Regions = ()) -> Permissions:
     """A worker of any engine (in a super-cluster: of any region)."""
     publish = [
         f"{RESULTS_PREFIX}.>",
+        f"{ALIVE_PREFIX}.>",  # a held job's beats
         f"{DLQ_PREFIX}.>",
         *_topology(regions),
         *_images(),
     ]
     for r in _scopes(regions):
         jobs = jobs_stream(r)
+        # A redelivered job's fence, the one result subject it reads (schemas.failover): in
+        # the RESULTS of the job's submitter's region, whichever region's queue held the job.
+        results, head = results_stream(r), RESULTS_PREFIX if r is None else f"{RESULTS_PREFIX}.{r}"
         publish += [
+            f"{API}.DIRECT.GET.{results}.{head}.*.{FENCE_SUFFIX}",
+            f"{API}.DIRECT.GET.{results}.{head}.*.*.{FENCE_SUFFIX}",
             # In a super-cluster ">": the grant that a hub holds a leaf node's interest to
             # must cover the bucket stream's own subject ($KV.<bucket>.>) for the leaf to
             # learn where heartbeats go. A worker key is one token either way.
@@ -261,9 +273,12 @@ def native_client(user: str, models: Iterable[str], regions: Regions = ()) -> Pe
     publish = [*jobs, f"{CANCEL_PREFIX}.*"]
     subscribe = [f"{inbox_prefix(user)}.>"]
     for r in _scopes(regions):
-        own = f"{RESULTS_PREFIX}.{user}.>" if r is None else f"{RESULTS_PREFIX}.{r}.{user}.>"
-        publish += _history(own, results_stream(r))
-        subscribe.append(own)
+        head = RESULTS_PREFIX if r is None else f"{RESULTS_PREFIX}.{r}"
+        own = f"{head}.{user}.>"
+        fences = f"{head}.{user}.*.{FENCE_SUFFIX}"  # of the jobs it hands over
+        publish += [fences, *_history(own, results_stream(r))]
+        beats = f"{ALIVE_PREFIX}.{user}.>" if r is None else f"{ALIVE_PREFIX}.{r}.{user}.>"
+        subscribe += [own, beats]
     return _in_domain(Permissions(publish=tuple(publish), subscribe=tuple(subscribe)), regions)
 
 

@@ -1,4 +1,21 @@
-"""Subject, stream, bucket and header names: the one place they are spelled."""
+"""Subject, stream, bucket and header names: the one place they are spelled.
+
+===========================  =========================================================
+``jobs.llm.<model>``         text jobs (``TextJob``) and embedding jobs (``EmbedJob``,
+                             ``kind: "embed"``) for a text model, in stream ``JOBS``;
+                             one durable consumer ``llm-<model>`` serves both
+``jobs.sd.<model>``          image jobs (``ImageJob``), consumer ``sd-<model>``
+``results.<job id>``         a job's events (``results.<user>.<job id>`` for a native
+                             client), also kept in stream ``RESULTS``
+``cancel.<job id>``          stop a job
+``rpc.llm.<model>.<op>``     tokenize, detokenize, apply-template, props
+``dlq.jobs.<kind>.<model>``  dead letters, in stream ``DLQ``
+===========================  =========================================================
+
+Embedding jobs share the text queue on purpose: the same worker, context and slots
+compute them (one model copy), so a second consumer would only split one fleet's slots
+between two queues. ``queue_kind`` maps a job's ``kind`` to its queue.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +39,13 @@ CANCEL_PREFIX = "cancel"
 RPC_PREFIX = "rpc"
 DLQ_PREFIX = "dlq"
 INTERRUPT_PREFIX = "interrupt"
+ALIVE_PREFIX = "alive"
+FENCE_SUFFIX = "fence"
+# A continuation's attempts are numbered from EPOCH_SPAN x its epoch (the original job is
+# epoch 0: attempts 1, 2 ... as JetStream counts deliveries), so any attempt of a later
+# epoch ranks above every attempt of an earlier one: followers drop what a superseded
+# delivery still sends. Larger than any consumer's max_deliver.
+EPOCH_SPAN = 1000
 
 
 class Header(StrEnum):
@@ -37,8 +61,9 @@ class Header(StrEnum):
     ATTEMPT = "Headrace-Attempt"
     REASON = "Headrace-Reason"
     OWNER = "Headrace-Owner"  # id (never the secret) of the API key that submitted the job
-    # Attempts before this placement of the job (a region lost it): the worker adds it.
-    ATTEMPT_BASE = "Headrace-Attempt-Base"
+    EPOCH = "Headrace-Epoch"  # a continuation's epoch (absent: 0, the job as first published)
+    RESUMED_AFTER = "Headrace-Resumed-After"  # the last event (attempt-seq) it continues
+    LEAVING = "Headrace-Leaving"  # on a worker's last beat: it stopped; hand the job over
 
 
 _UNSAFE = re.compile(r"[^a-z0-9_-]+")
@@ -126,6 +151,13 @@ def workers_bucket(region: str | None = None) -> str:
     return WORKERS_BUCKET if region is None else f"{WORKERS_BUCKET}_{check_region(region)}"
 
 
+def queue_kind(job_kind: str) -> JobKind:
+    """The queue a job of ``job_kind`` travels on: an embedding job (``EmbedJob``, kind
+    ``embed``) rides its model's text queue, ``jobs.llm.<model>``, so text and embedding
+    jobs share one consumer, one fleet of slots and one engine per model."""
+    return "sd" if job_kind == "sd" else "llm"
+
+
 def consumer_name(kind: JobKind, model: str) -> str:
     """The durable pull consumer shared by every worker of ``model``."""
     return f"{kind}-{model_slug(model)}"
@@ -167,9 +199,54 @@ def is_reply_subject(reply: str, job_id: str, regions: bool = False) -> bool:
     if last != job_id or not is_job_id(job_id):
         return False
     prefix, *middle = head.split(".")
-    # results.<id>, results.<user or region>.<id>, results.<region>.<user>.<id>
-    most = 2 if regions else 1
-    return prefix == RESULTS_PREFIX and len(middle) <= most and all(map(is_nats_user, middle))
+    if prefix != RESULTS_PREFIX or not all(map(is_nats_user, middle)):
+        return False
+    if not regions:  # results.<id>, results.<user>.<id>
+        return len(middle) <= 1
+    # results.<region>.<id>, results.<region>.<user>.<id>: RESULTS_<region> captures them
+    return 1 <= len(middle) <= 2 and is_region(middle[0])
+
+
+def reply_region(reply: str) -> str:
+    """In a super-cluster, the submitter's region a reply subject names (checked by
+    ``is_reply_subject(..., regions=True)``): its RESULTS holds the job's events and fence."""
+    return reply.split(".")[1]
+
+
+def reply_results_stream(reply: str, regions: bool) -> str:
+    """The stream that captures a (checked) reply subject: ``RESULTS``, or with ``regions``
+    ``RESULTS_<region>`` of the region it names."""
+    return results_stream(reply_region(reply) if regions else None)
+
+
+def alive_subject(reply: str) -> str:
+    """Where the worker running a job beats while it holds it (core NATS, never stored):
+    ``alive.<job id>`` or ``alive.<user>.<job id>`` for the reply ``results.[<user>.]<job id>``
+    (in a super-cluster ``alive.<region>.[<user>.]<job id>``)."""
+    return f"{ALIVE_PREFIX}.{reply.partition('.')[2]}"
+
+
+def fence_subject(reply: str) -> str:
+    """The job's fence in RESULTS: its last message names the lowest epoch still allowed to
+    run (``results.[<user>.]<job id>.fence``; in a super-cluster
+    ``results.<region>.[<user>.]<job id>.fence``, in ``RESULTS_<region>`` of the submitter)."""
+    return f"{reply}.{FENCE_SUFFIX}"
+
+
+def attempt_number(epoch: int, delivered: int) -> int:
+    """The attempt number of a message's ``delivered``-th delivery in ``epoch``."""
+    return epoch * EPOCH_SPAN + min(max(delivered, 1), EPOCH_SPAN - 1)
+
+
+def epoch_of(attempt: int) -> int:
+    """The epoch an attempt number belongs to."""
+    return attempt // EPOCH_SPAN
+
+
+def continuation_msg_id(job_id: str, epoch: int) -> str:
+    """The ``Nats-Msg-Id`` of a job's continuation in ``epoch``: JOBS keeps one per epoch
+    however many followers publish it."""
+    return f"{job_id}.{epoch}"
 
 
 def inbox_prefix(user: str) -> str:

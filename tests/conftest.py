@@ -195,7 +195,12 @@ async def wait_registered(js: JetStreamContext, worker_id: str, timeout_s: float
 
 
 def spawn_worker(
-    server: AuthNatsServer, worker_id: str, *extra: str, log: Path
+    server: AuthNatsServer,
+    worker_id: str,
+    *extra: str,
+    log: Path,
+    engine: str = "echo",
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """A worker as a separate process, for kill and signal tests."""
     env = dict(
@@ -205,10 +210,11 @@ def spawn_worker(
         HEADRACE_HEARTBEAT_S="0.3",
         HEADRACE_FETCH_TIMEOUT_S="0.5",
         HEADRACE_IN_PROGRESS_S="0.5",
+        **(env or {}),
     )
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "headrace", "worker", "echo", "--worker-id", worker_id, *extra],
+            [sys.executable, "-m", "headrace", "worker", engine, "--worker-id", worker_id, *extra],
             env=env,
             stdout=out,
             stderr=out,
@@ -230,7 +236,8 @@ async def finished_history(client: JobClient, job_id: str, timeout_s: float = 5.
 async def only_job_id(js: JetStreamContext) -> str:
     """The id of the one job that has events in RESULTS."""
     subjects = (await js.stream_info("RESULTS", subjects_filter=">")).state.subjects or {}
-    (job_id,) = (s.removeprefix("results.") for s in subjects)
+    # A finished job's fence (results.<job id>.fence, schemas.failover) is no job.
+    (job_id,) = (s.removeprefix("results.") for s in subjects if not s.endswith(".fence"))
     return job_id
 
 

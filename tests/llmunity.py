@@ -47,3 +47,34 @@ def convert_content(response: str) -> list[dict[str, Any]]:
 def multi_chat_content(response: str) -> str:
     """The text LLMUnity shows for a streamed completion body."""
     return "".join(chunk["content"] for chunk in convert_content(response)).strip()
+
+
+# What LLMUnity posts to ``/embeddings`` (``LLMCaller.Embeddings``): ``JsonUtility.ToJson`` of
+# a ``TokenizeRequest`` whose only field is ``content``, with ``Content-Type:
+# application/json`` (and ``Authorization: Bearer <key>`` when an API key is set).
+def embeddings_request(query: str) -> dict[str, Any]:
+    """The body LLMUnity sends to ``{host}:{port}/embeddings``."""
+    return {"content": query}
+
+
+def embeddings_content(response: str) -> list[float]:
+    """What LLMUnity gets from an ``/embeddings`` body: ``ConvertContent`` with
+    ``JsonUtility.FromJson<EmbeddingsResult>`` (``public List<float> embedding``), then
+    ``EmbeddingsContent`` returns ``result.embedding``.
+
+    ``JsonUtility`` reads only a JSON object (a top-level array throws "JSON must represent
+    an object type") and cannot fill a ``List<float>`` from nested arrays; both raise here
+    as ``ValueError``, the error LLMUnity logs before it returns nothing.
+    """
+    response = response.strip()
+    if response.startswith("data: "):  # not an embeddings body; ConvertContent would try
+        raise ValueError("a streamed body is not an EmbeddingsResult")
+    parsed = json.loads(response)
+    if not isinstance(parsed, dict):
+        raise ValueError("JSON must represent an object type")
+    embedding = parsed.get("embedding", [])
+    if not isinstance(embedding, list) or any(
+        isinstance(x, bool) or not isinstance(x, int | float) for x in embedding
+    ):
+        raise ValueError("embedding is not a List<float>")
+    return [float(x) for x in embedding]

@@ -83,3 +83,18 @@ def test_bench_restarts_writes_json_table_and_plot(tmp_path: Path) -> None:
     assert all(r["hung"] == 0 and sum(r["outcomes"].values()) == 6 for r in result["rounds"])
     assert "| SIGKILL | 1 |" in (out / "restarts.md").read_text()
     assert (out / "restarts.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_failover_writes_json_table_and_plot(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    argv = [sys.executable, "-m", "headrace", "bench", "failover", "--kills", "2",
+            "--sigterm-job-s", "2", "--out", str(out)]  # fmt: skip
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=110)
+    assert run.returncode == 0, run.stderr[-4000:]  # nothing lost, every text identical
+    result = orjson.loads((out / "failover.json").read_bytes())
+    (case,) = result["kills"]
+    assert (case["kills"], case["lost"], case["wrong_text"]) == (2, 0, 0)
+    assert len(case["stalls_s"]) == 2
+    assert result["sigterm"]["same_text"]
+    assert "| echo | 1.0 | 2 |" in (out / "failover.md").read_text()
+    assert (out / "failover.png").read_bytes().startswith(b"\x89PNG")

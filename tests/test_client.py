@@ -50,7 +50,9 @@ async def test_new_attempt_supersedes_stragglers(client: JobClient, nc: NATS) ->
     await emit(nc, job_id, 2, 2, delta("a"))
     await emit(nc, job_id, 2, 3, Done(finish_reason="stop"))
     events = await collect(stream)
-    assert [r.pos for r in events] == [(1, 1), (1, 2), (2, 1), (2, 2), (2, 3)]
+    # Attempt 2 repeats the text "a" that attempt 1 delivered: checked, and not passed on again.
+    assert [r.pos for r in events] == [(1, 1), (1, 2), (2, 1), (2, 3)]
+    assert "".join(getattr(r.event, "text", "") for r in events) == "a"
 
 
 async def test_resume_after_an_event_id_returns_exactly_the_rest(

@@ -108,7 +108,7 @@ async def test_ollama_show_ps_and_list_with_the_ollama_client(
             await ollama_client.show("nope")
     assert [m.model for m in listed.models] == ["echo"]
     assert shown.modelinfo == {"general.name": "echo", "general.context_length": 4096}
-    assert shown.capabilities == ["completion"]
+    assert shown.capabilities == ["completion", "tools"]
     assert shown.details.format == "gguf"
     (loaded,) = running_now.models
     assert (loaded.model, loaded.context_length, loaded.size_vram) == ("echo", 4096, 0)

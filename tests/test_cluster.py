@@ -231,13 +231,9 @@ class Outcome:
     problem: str | None = None  # why it is lost, for an accepted job
 
     def final_text(self) -> str:
-        """The text of the attempt that finished (a new attempt starts over with the same seed)."""
-        last = self.events[-1].pos.attempt
-        return "".join(
-            r.event.text
-            for r in self.events
-            if r.pos.attempt == last and isinstance(r.event, Delta)
-        )
+        """The text the stream delivered: JobStream stitches attempts into one sequence (a
+        redelivered attempt's repeated text is dropped, a continuation's goes on)."""
+        return "".join(r.event.text for r in self.events if isinstance(r.event, Delta))
 
 
 @dataclass

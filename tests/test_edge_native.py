@@ -7,7 +7,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 from nats.js import JetStreamContext
 
 from tests.conftest import API_KEY, running
@@ -97,13 +96,6 @@ async def test_health_in_llamacpp_shape_needs_no_key(
             assert await resp.json() == {"status": "ok"}
 
 
-@pytest.mark.parametrize("path", ["/embeddings", "/v1/embeddings"])
-async def test_embeddings_are_a_clear_400(edge: str, path: str) -> None:
-    status, raw, _ = await post(edge, path, {"model": "echo", "input": "hi"})
-    assert status == 400
-    assert "embeddings are not supported" in orjson.loads(raw)["error"]["message"]
-
-
 async def test_identical_inflight_completions_share_one_job(
     edge: str, js: JetStreamContext, worker_settings: WorkerSettings
 ) -> None:
@@ -118,7 +110,7 @@ async def test_identical_inflight_completions_share_one_job(
         c["content"] for c in sse_data(raw2)
     )
     subjects = (await js.stream_info("RESULTS", subjects_filter=">")).state.subjects or {}
-    assert len(subjects) == 1  # one job ran
+    assert len([s for s in subjects if not s.endswith(".fence")]) == 1  # one job ran
 
 
 async def test_retry_after_a_hang_up_joins_the_running_job(

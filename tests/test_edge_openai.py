@@ -15,6 +15,7 @@ import orjson
 import pytest
 from nats.js import JetStreamContext
 
+from edge.openai.responses import SYSTEM_FINGERPRINT
 from schemas.client import JobClient
 from schemas.errors import ContextLengthExceeded, HeadraceError, InvalidRequest
 from schemas.events import Delta, EngineEvent
@@ -141,7 +142,7 @@ async def test_sse_framing_is_byte_exact(
     job_id = headers["x-headrace-job-ids"]
     first = orjson.loads(raw.split(b"\n\n")[0].removeprefix(b"data: "))
     base = {"id": f"chatcmpl-{job_id}", "object": "chat.completion.chunk", "created": first["created"],
-            "model": "echo", "system_fingerprint": None}  # fmt: skip
+            "model": "echo", "system_fingerprint": SYSTEM_FINGERPRINT}  # fmt: skip
 
     def chunk(choice: dict[str, Any]) -> bytes:
         return orjson.dumps({**base, "choices": [choice]})

@@ -69,7 +69,12 @@ def test_each_api_shapes_the_same_error_its_way() -> None:
     assert orjson.loads(OLLAMA.from_exception(e, 2).body) == {"error": "too long"}  # type: ignore[arg-type]
     assert OLLAMA.stream_error(e) == {"error": "too long"}
     assert LLAMACPP.stream_error(e) == {
-        "error": {"code": "context_length_exceeded", "message": "too long"}
+        "error": {
+            "code": 400,
+            "message": "too long",
+            "type": "exceed_context_size_error",
+            "param": "messages",
+        }
     }
     invalid = orjson.loads(OPENAI.from_exception(InvalidRequest("bad", param="n"), 2).body)  # type: ignore[arg-type]
     assert invalid["error"]["code"] is None  # as OpenAI: a plain 400 has no code

@@ -231,7 +231,7 @@ def test_llamacpp_request_becomes_text_params() -> None:
         seed=9,
         stop=["s"],
         ignore_eos=True,
-        logit_bias={"1": -100.0, "2": 3.5},
+        logit_bias={"1": False, "2": 3.5},  # false: banned (the worker's -inf)
         logprobs=True,
         top_logprobs=3,
     )
@@ -243,6 +243,35 @@ def test_llamacpp_random_seeds_and_bad_biases() -> None:
     with pytest.raises(InvalidRequest, match=r"\[token, bias\] pairs") as e:
         bad.job_params(1)
     assert e.value.param == "logit_bias"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "prompts"),
+    [
+        ("text", ["text"]),
+        ([1, 2], [[1, 2]]),
+        ([1, "a", 2], [[1, "a", 2]]),  # ids with strings among them: one prompt
+        (["a", "b"], ["a", "b"]),  # strings only: a batch, as llama.cpp reads it
+        ([[1, 2], "b", [3, "c"]], [[1, 2], "b", [3, "c"]]),
+        ({"prompt_string": "p", "multimodal_data": []}, ["p"]),
+        ([{"prompt_string": "p"}, "q"], ["p", "q"]),
+    ],
+)
+def test_llamacpp_prompt_forms(prompt: object, prompts: list[object]) -> None:
+    assert LlamaCompletion.model_validate({"prompt": prompt}).prompts() == prompts
+
+
+def test_llamacpp_logit_bias_forms() -> None:
+    def read(value: object) -> tuple[dict[int, object], list[tuple[str, object]]]:
+        biases = LlamaCompletion.model_validate({"prompt": "x", "logit_bias": value}).biases()
+        return biases.ids, biases.pieces
+
+    assert read({"15": 1, " Paris": False}) == ({15: 1.0}, [(" Paris", False)])
+    assert read([[15, 1], ["hi", -2.5], [15, 0.5]]) == ({15: 1.5}, [("hi", -2.5)])  # adds up
+    assert read([[15, False], [15, 3]]) == ({15: False}, [])  # a ban stays a ban
+    assert read({" 7": 2}) == ({7: 2.0}, [])  # strtol's reading of a decimal key
+    with pytest.raises(InvalidRequest, match="pieces need the tokenizer"):
+        LlamaCompletion.model_validate({"prompt": "x", "logit_bias": [["a", 1]]}).job_params(1)
 
 
 # -- Ollama ---------------------------------------------------------------------------------

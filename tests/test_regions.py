@@ -23,10 +23,12 @@ from headrace.cli import build_parser
 from headrace.credentials import Credentials, gateway_password
 from headrace.netproxy import DelayProxy
 from headrace.servers import GatewayError, LeafNode, SuperCluster, free_port
+from schemas import failover
 from schemas.client import JobClient
 from schemas.events import Done, Started
 from schemas.subjects import (
     JOBS_STREAM,
+    epoch_of,
     jobs_stream,
     results_stream,
     worker_key,
@@ -268,9 +270,13 @@ async def test_a_job_placed_in_another_region_replies_to_the_submitter(
             assert isinstance(events[-1].event, Done)
             history = await client.history(job.id)
             assert [r.pos for r in history] == [r.pos for r in events]
-            assert (await nc.jetstream().stream_info(results_stream("a"))).state.messages == len(
-                events
-            )
+            # RESULTS_a holds its events and its fence, which b's worker raised in the
+            # submitter's region as it finished (a redelivery would not run again).
+            js = nc.jetstream()
+            stored = (await js.stream_info(results_stream("a"))).state.messages
+            assert stored == len(events) + 1
+            reply = client.reply_subject(job.id)
+            assert await failover.read_fence(js, reply, results_stream("a")) == 1
         finally:
             await nc.close()
 
@@ -462,6 +468,68 @@ async def test_a_lost_region_loses_no_accepted_job_and_rejoins(provisioned: Regi
             await nc.close()
 
 
+async def test_a_region_killed_mid_stream_goes_on_in_another_with_nothing_repeated(
+    provisioned: Regions,
+) -> None:
+    # a's edge has no worker at home: its job spills to b (the most slots), whose servers
+    # are SIGKILLed mid-stream. The job is handed over to c as a continuation of what the
+    # client already has: the streamed text is the uninterrupted run's, character for
+    # character, and c's worker went on from the delivered tokens rather than starting over.
+    import openai
+
+    slow = {"token_delay_s": 0.05}
+    async with (
+        worker(provisioned, "b", "w-b", slots=4, **slow),
+        worker(provisioned, "c", "w-c", slots=1, **slow),
+        edge_in(provisioned, "a") as base,
+    ):
+        await wait_live(base, "b", 2)
+        region, reference = await chat(base, stream=True, max_tokens=40)
+        assert region == "b"
+        messages: Any = [{"role": "user", "content": "the quick brown fox jumps over the dog"}]
+        async with (
+            openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=API_KEY, max_retries=0) as oai,
+            oai.chat.completions.with_streaming_response.create(
+                model="echo", messages=messages, max_tokens=40, seed=7, stream=True
+            ) as response,
+        ):
+            assert response.headers["x-headrace-region"] == "b"
+            job_id = response.headers["x-headrace-job-ids"]
+            text, parts = "", 0
+            async with asyncio.timeout(30):
+                async for chunk in await response.parse():
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        text += chunk.choices[0].delta.content
+                        parts += 1
+                        if parts == 10:
+                            provisioned.sc.kill_region("b")
+        assert parts > 10
+        assert text == reference  # nothing repeated, nothing missing
+        metrics = await scrape(base)
+        assert metric(metrics, "headrace_edge_region_jobs_replaced_total", source="b") == 1
+        # b comes back: its copy of the job (held by its worker when it died) never runs
+        # again (deleted from its queue, and its fence would terminate it).
+        provisioned.sc.restart_region("b")
+        nc = await provisioned.connect("a")
+        try:
+            await wait_registered(nc, "b", "w-b")
+            deadline = time.monotonic() + 10
+            while (await nc.jetstream().stream_info(jobs_stream("b"))).state.messages:
+                assert time.monotonic() < deadline, "the old copy stayed in b's queue"
+                await asyncio.sleep(0.2)
+            history = await JobClient(nc, region="a").history(job_id)
+        finally:
+            await nc.close()
+    # By position, once each: b's worker stored its events again when it reconnected.
+    stored = {r.pos: r for r in history}
+    started = [stored[p] for p in sorted(stored) if isinstance(stored[p].event, Started)]
+    assert [(s.event.region, epoch_of(s.pos.attempt)) for s in started] == [("b", 0), ("c", 1)]
+    assert started[-1].event.resumed_tokens >= 10  # went on from what was delivered
+    done = [stored[p].event for p in sorted(stored) if p.attempt == started[-1].pos.attempt][-1]
+    assert isinstance(done, Done)
+    assert done.usage.completion_tokens == 40
+
+
 def leaf_of(
     regions: Regions,
     region: str,
@@ -509,7 +577,8 @@ async def test_a_leaf_node_worker_serves_and_a_cut_link_is_a_dead_worker(
                 events = await collect(stream)
             assert events[0].event.worker == "w-leaf"
             assert isinstance(events[-1].event, Done)
-            # Mid-job, the leaf's link is cut: its job is redelivered to a worker of the region.
+            # Mid-job, the leaf's link is cut: a dead worker, whose job its follower hands
+            # over to a worker of the region, going on from what was delivered.
             job = text_job(max_tokens=200)  # 20 s on the leaf
             async with await client.submit(job) as stream:
                 first = await stream.next(timeout_s=10)
@@ -520,7 +589,8 @@ async def test_a_leaf_node_worker_serves_and_a_cut_link_is_a_dead_worker(
                     rest = await collect(stream, timeout_s=30)
             final = [r for r in rest if isinstance(r.event, Started)][-1]
             assert final.event.worker == "w-hub"
-            assert final.pos.attempt == 2  # the leaf's attempt was given up, as a dead worker's
+            assert epoch_of(final.pos.attempt) == 1  # a continuation, not a restart
+            assert final.event.resumed_after is not None
             assert isinstance(rest[-1].event, Done)
             assert rest[-1].event.usage.completion_tokens == 200
         finally:

@@ -31,6 +31,12 @@ def test_generation_routes_are_charged_by_their_session(edge_settings: Any) -> N
         "/sdapi/v1/txt2img",
         "/sdapi/v1/img2img",
         "/v1/images/generations",
+        "/v1/embeddings",  # charged their input tokens (edge/routes/embeddings.py)
+        "/embedding",
+        "/embeddings",
+        "/api/embed",
+        "/embed",
+        "/api/embeddings",
     }
     free = {path for (_, path), info in table.items() if info.charging is Charging.NONE}
     assert free == {"/sdapi/v1/progress"}  # polled every second by A1111 clients
@@ -46,7 +52,11 @@ def test_each_family_speaks_its_own_error_shape(edge_settings: Any) -> None:
         "/api/show",
         "/api/ps",
         "/api/version",
+        "/api/embed",
+        "/embed",
+        "/api/embeddings",
     }
-    assert apis["/completion"] == "llamacpp"
+    assert apis["/completion"] == apis["/embedding"] == apis["/embeddings"] == "llamacpp"
+    assert apis["/v1/embeddings"] == "openai"
     assert apis["/v1/chat/completions"] == apis["/sdapi/v1/txt2img"] == "openai"
     assert apis["/chat/completions"] == apis["/v1/models/{model}"] == "openai"

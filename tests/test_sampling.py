@@ -109,6 +109,12 @@ def test_logit_bias_keys_are_token_ids() -> None:
     assert sp.logit_bias == {15: 2.5, 999: -100.0}
 
 
+def test_a_false_bias_bans_the_token() -> None:
+    """llama.cpp's ``false``: -inf, which the job spells false since JSON has no infinity."""
+    sp = plan(params(logit_bias={"15": False, "16": 0.0}), n_vocab=N_VOCAB, n_ctx=N_CTX)
+    assert sp.logit_bias == {15: -math.inf, 16: 0.0}
+
+
 @pytest.mark.parametrize("key", ["abc", "1000", "-1"])
 def test_bad_logit_bias_is_an_invalid_request(key: str) -> None:
     with pytest.raises(InvalidRequest) as e:

@@ -13,7 +13,7 @@ from nats.js.api import PubAck
 from pydantic import BaseModel
 
 from schemas.codec import encode
-from schemas.events import Done, Error
+from schemas.events import Delta, Done, Error
 from schemas.subjects import RESULTS_PREFIX, Header
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class Emitter:
         self.js = nc.jetstream(timeout=2.0)
         self._stored = reply.startswith(f"{RESULTS_PREFIX}.")  # a client's own subject is not
         self._sent: list[Sent] = []  # until the final event is stored
+        self.tokens = 0  # delivered by this attempt
         self._headers: dict[str, str] = {Header.JOB: job_id, Header.ATTEMPT: str(attempt)}
         if owner:
             # Echoed so that any edge can check who may replay the job's events.
@@ -67,6 +68,8 @@ class Emitter:
         self.seq += 1
         headers = {**self._headers, Header.SEQ: str(self.seq)}
         data = encode(event)
+        if isinstance(event, Delta):
+            self.tokens += event.tokens
         if not isinstance(event, Done | Error):
             ack = None
             if self._stored:
@@ -82,6 +85,11 @@ class Emitter:
         await self._confirm_sent()
         await self._store(data, headers)
         self._sent.clear()
+
+    async def confirm(self) -> None:
+        """Return once every event sent so far is stored (before a hand-over)."""
+        if self._stored:
+            await self._confirm_sent()
 
     def close(self) -> None:
         """Stop waiting for confirmations (the attempt is over): an unanswered one would hold

@@ -29,6 +29,8 @@ Outcome = Literal[
     "retried",  # this attempt failed and was nak'ed for another
     "dead_lettered",  # failed on its last attempt, or poison: copied to the DLQ
     "redelivered",  # started with attempt > 1 (counted when it starts, not when it ends)
+    "handed_over",  # stopped (SIGTERM) and published as a continuation for another worker
+    "superseded",  # another worker's continuation took it over: terminated, its output dropped
 ]
 
 

@@ -9,8 +9,8 @@ import logging
 import threading
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import nats
 import nats.errors
@@ -20,22 +20,29 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from schemas import failover
 from schemas.codec import decode_job
 from schemas.connection import connect
-from schemas.errors import ErrorCode, HeadraceError, Poison, Retry, Unavailable
-from schemas.events import Done, EngineEvent, Error, Started
+from schemas.errors import ErrorCode, HeadraceError, InvalidRequest, Poison, Retry, Unavailable
+from schemas.events import Delta, Done, EngineEvent, Error, Progress, Started
 from schemas.fleet import VERSION, WorkerInfo
 from schemas.image_store import ImageStore
-from schemas.jobs import ImageJob, TextJob
+from schemas.jobs import AnyJob, EmbedJob, ImageJob, TextJob
 from schemas.subjects import (
     CANCEL_ALL,
+    RESULTS_PREFIX,
     Header,
     JobKind,
+    alive_subject,
+    attempt_number,
     consumer_name,
     dlq_subject,
+    fence_subject,
     is_reply_subject,
     jobs_stream,
     model_slug,
+    reply_region,
+    reply_results_stream,
     results_subject,
     rpc_subject,
     trace_id,
@@ -44,7 +51,7 @@ from schemas.subjects import (
 from schemas.topology import Limits, ensure_present
 from workers.cancels import CancelBook
 from workers.emitter import Emitter
-from workers.engines.abilities import AnswersRpc, ReportsGpuMemory
+from workers.engines.abilities import AnswersRpc, Embeds, ReportsGpuMemory
 from workers.engines.base import Engine
 from workers.heartbeat import Heartbeat
 from workers.metrics import Outcome, WorkerMetrics
@@ -66,6 +73,52 @@ class Binding:
     max_deliver: int
 
 
+@dataclass
+class Held:
+    """One job this worker runs now: what a SIGTERM needs to finish it or hand it over."""
+
+    msg: Msg
+    job: AnyJob
+    emitter: Emitter
+    epoch: int
+    attempt: int
+    cancel: threading.Event
+    reply: str
+    units: int = 0  # tokens or diffusion steps done in this attempt
+    started_at: float = field(default_factory=time.perf_counter)
+    last_unit_at: float | None = None
+    eta_s: float | None = None  # an image job's own estimate
+    leaving: Literal["hand_over", "superseded"] | None = None
+
+    def count(self, event: EngineEvent) -> None:
+        """Note an event's progress."""
+        now = time.perf_counter()
+        if isinstance(event, Delta):
+            self.units += event.tokens
+        elif isinstance(event, Progress):
+            self.units, self.eta_s = event.step, event.eta_s
+        else:
+            return
+        self.last_unit_at = now
+
+    def remaining_s(self) -> float | None:
+        """How long the job should still take here; None when that cannot be told."""
+        if isinstance(self.job, ImageJob):
+            return self.eta_s
+        if isinstance(self.job, EmbedJob):
+            return 0.0  # one batched evaluation, nothing to continue from: let it finish
+        total, last = self.job.params.max_tokens, self.last_unit_at
+        if total is None or last is None or not self.units:
+            return None  # no end in sight, or still reading the prompt
+        done = self.units + (len(self.job.resume.token_ids) if self.job.resume else 0)
+        return (last - self.started_at) / self.units * max(0, total - done)
+
+    def leave(self, why: Literal["hand_over", "superseded"]) -> None:
+        """Stop at the next event, sending nothing more (see Runtime._leave)."""
+        self.leaving = self.leaving or why
+        self.cancel.set()
+
+
 class Runtime:
     """Serves one engine's models from JetStream until stopped."""
 
@@ -80,6 +133,7 @@ class Runtime:
         self.jobs_done = 0
         self._stopping = asyncio.Event()
         self._held: dict[asyncio.Task[None], Msg] = {}
+        self._running: dict[asyncio.Task[None], Held] = {}  # of _held, those in _run
         self._nc: NATS | None = None
         self._images: ImageStore | None = None
         self._heartbeat: Heartbeat | None = None
@@ -91,6 +145,7 @@ class Runtime:
         # Optional abilities are looked for once, here; the rest of the runtime reads these.
         # The rpc subjects belong to text models (rpc.llm.<model>.<op>): only text engines serve them.
         self._rpc = engine if engine.kind == "llm" and isinstance(engine, AnswersRpc) else None
+        self._embed = engine if isinstance(engine, Embeds) else None
         if isinstance(engine, ReportsGpuMemory):
             gpu_memory = engine.gpu_memory_bytes
             self.metrics.gpu_memory_bytes.set_function(lambda: gpu_memory() or 0)
@@ -102,8 +157,14 @@ class Runtime:
         return self._nc
 
     def stop(self) -> None:
-        """Stop fetching; held jobs finish (or are nak'ed after the grace period)."""
+        """Stop fetching; held jobs that end soon finish, the others are handed over (see
+        ``_shutdown``)."""
         self._stopping.set()
+
+    @property
+    def _regional(self) -> bool:
+        """True in a super-cluster: replies name the submitter's region (``results.<region>.``)."""
+        return self.settings.scope is not None
 
     def describe(self) -> WorkerInfo:
         """This worker's registry record."""
@@ -292,7 +353,12 @@ class Runtime:
             await self.slots.give(1)
 
     async def _shutdown(self, loops: list[asyncio.Task[None]]) -> None:
-        """Stop fetching, let held jobs finish within the grace period, nak the rest."""
+        """Stop fetching; hand over at once the held jobs that would not end soon, let the
+        others finish within the grace period, nak what is left."""
+        for held_job in self._running.values():
+            left = held_job.remaining_s()
+            if left is None or left > self.settings.handover_below_s:
+                held_job.leave("hand_over")
         _, stuck = await asyncio.wait(loops, timeout=self.settings.fetch_timeout_s + 1)
         for t in stuck:
             t.cancel()
@@ -300,9 +366,10 @@ class Runtime:
         if not held:
             return
         log.info(
-            "stopping: waiting up to %.0f s for %d job(s)",
+            "stopping: waiting up to %.0f s for %d job(s) (%d handed over)",
             self.settings.shutdown_grace_s,
             len(held),
+            sum(1 for h in self._running.values() if h.leaving),
         )
         _, late = await asyncio.wait(held, timeout=self.settings.shutdown_grace_s)
         for task in late:
@@ -316,17 +383,17 @@ class Runtime:
     async def _handle(self, b: Binding, msg: Msg) -> None:
         """Run one delivered job to an outcome: ack, nak, term or dead letter."""
         headers = msg.headers or {}
-        # A job the edge placed again in another region (its first region was lost) counts
-        # its attempts on from a base, so they supersede the lost region's (edge.placement).
-        attempt = (msg.metadata.num_delivered or 1) + _attempt_base(headers)
+        raw_epoch = headers.get(Header.EPOCH, "0")
+        epoch = int(raw_epoch) if raw_epoch.isdigit() else 0
+        attempt = attempt_number(epoch, msg.metadata.num_delivered or 1)
         try:
             job = decode_job(msg.data)
         except Poison as e:
             self.metrics.ended(b.model, "dead_lettered", 0, None)
-            await self._dead_letter(msg, e, _results_reply(headers), attempt)
+            await self._dead_letter(msg, e, _results_reply(headers, self._regional), attempt)
             return
         reply = headers.get(Header.REPLY) or results_subject(job.id)
-        if not is_reply_subject(reply, job.id, self.settings.scope is not None):
+        if not is_reply_subject(reply, job.id, self._regional):
             self.metrics.ended(b.model, "dead_lettered", 0, None)
             bad = Poison(f"{Header.REPLY} must be results.<job id> or results.<user>.<job id>")
             await self._dead_letter(msg, bad, None, attempt)
@@ -334,23 +401,38 @@ class Runtime:
         emitter = Emitter(self.nc, job.id, reply, attempt, headers.get(Header.OWNER))
         self._emitters.add(emitter)
         try:
-            await self._start(b, msg, job, emitter, attempt, headers)
+            # A redelivery or a continuation may have been taken over. In a super-cluster so
+            # may a job from another region's edge that waited here (this region was lost for
+            # a while and the job went on elsewhere): its fence says (one read in the
+            # submitter's region before it starts).
+            foreign = self._regional and reply_region(reply) != self.settings.scope
+            if (epoch or attempt > 1 or foreign) and await self._superseded(reply, epoch):
+                await msg.term()
+                self._ended(b, msg, job, "superseded")
+                return
+            held = Held(msg, job, emitter, epoch, attempt, self.cancels.track(job.id), reply)
+            await self._start(b, held, headers)
         finally:
             self._emitters.discard(emitter)
             emitter.close()
+            self.cancels.forget(job.id)
 
-    async def _start(
-        self,
-        b: Binding,
-        msg: Msg,
-        job: TextJob | ImageJob,
-        emitter: Emitter,
-        attempt: int,
-        headers: dict[str, str],
-    ) -> None:
+    async def _superseded(self, reply: str, epoch: int) -> bool:
+        """True when the job's fence is past this epoch: a continuation took it over (or it
+        finished and its ack was lost), so this delivery must not run."""
+        if not reply.startswith(f"{RESULTS_PREFIX}."):
+            return False
+        stream = reply_results_stream(reply, self._regional)
+        return await failover.read_fence(self.nc.jetstream(timeout=2.0), reply, stream) > epoch
+
+    async def _start(self, b: Binding, held: Held, headers: dict[str, str]) -> None:
         """Skip a cancelled or expired job; run any other."""
+        msg, job, emitter = held.msg, held.job, held.emitter
         if self.cancels.was_cancelled(job.id):
-            await emitter.emit(Done(finish_reason="cancelled", seed=job.params.seed))
+            self.cancels.forget(job.id)
+            await emitter.emit(
+                Done(finish_reason="cancelled", seed=getattr(job.params, "seed", None))
+            )
             await self._settle(msg)
             self._ended(b, msg, job, "cancelled")
             return
@@ -360,45 +442,55 @@ class Runtime:
                 Error(code=ErrorCode.DEADLINE_EXCEEDED, message="the job expired in the queue")
             )
             await msg.term()
+            self.cancels.forget(job.id)
             self._ended(b, msg, job, "expired")
             return
-        await self._run(b, msg, job, emitter, attempt, deadline_ms)
+        if self._stopping.is_set():  # fetched as the worker stopped: another worker runs it
+            await msg.nak()
+            self.cancels.forget(job.id)
+            self._ended(b, msg, job, "retried")
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._running[task] = held
+        try:
+            await self._run(b, held, deadline_ms)
+        finally:
+            self._running.pop(task, None)
 
-    async def _run(
-        self,
-        b: Binding,
-        msg: Msg,
-        job: TextJob | ImageJob,
-        emitter: Emitter,
-        attempt: int,
-        deadline_ms: int | None,
-    ) -> None:
-        cancel = self.cancels.track(job.id)
-        keeper = asyncio.create_task(self._keep_alive(msg, cancel, deadline_ms))
+    async def _run(self, b: Binding, held: Held, deadline_ms: int | None) -> None:
+        msg, job, emitter, attempt, cancel = (
+            held.msg,
+            held.job,
+            held.emitter,
+            held.attempt,
+            held.cancel,
+        )
+        keeper = asyncio.create_task(self._keep_alive(held, deadline_ms))
         ran_from = time.perf_counter()
         done: Done | None = None
         outcome: Outcome
         try:
             waited_ms = queue_ms(job)
-            await emitter.emit(
-                Started(
-                    worker=self.settings.worker_id,
-                    region=self.settings.region,
-                    attempt=attempt,
-                    queue_ms=waited_ms,
-                )
-            )
+            await emitter.emit(self._started(held, waited_ms))
             self.metrics.started(b.model, attempt, waited_ms)
             # aclosing: if this task is cancelled, the engine's generator is closed now (its
             # finally stops any generation thread), not whenever it is garbage collected.
             async with contextlib.aclosing(self._events(job, cancel, attempt)) as events:
                 async for event in events:
+                    if held.leaving and _not_final(event):
+                        break  # nothing more from this attempt: see _leave
                     await emitter.emit(event)
+                    held.count(event)
                     done = event if isinstance(event, Done) else done
-            await self._settle(msg)
-            self.jobs_done += 1
-            cancelled = done is not None and done.finish_reason == "cancelled"
-            outcome = "cancelled" if cancelled else "done"
+            if held.leaving and done is None:
+                outcome = await self._leave(held)
+            else:
+                await self._raise_fence(held)
+                await self._settle(msg)
+                self.jobs_done += 1
+                cancelled = done is not None and done.finish_reason == "cancelled"
+                outcome = "cancelled" if cancelled else "done"
         except Retry as e:
             outcome = await self._retry(b, msg, emitter, attempt, e)
         except HeadraceError as e:
@@ -428,8 +520,52 @@ class Runtime:
             self.cancels.forget(job.id)
         self._ended(b, msg, job, outcome, done=done, ran_from=ran_from)
 
+    def _started(self, held: Held, waited_ms: float) -> Started:
+        resume = held.job.resume if isinstance(held.job, TextJob) else None
+        after = (held.msg.headers or {}).get(Header.RESUMED_AFTER)
+        return Started(
+            worker=self.settings.worker_id,
+            region=self.settings.region,
+            attempt=held.attempt,
+            queue_ms=waited_ms,
+            beat_ms=max(1, round(self.settings.job_beat_s * 1000)),
+            resumed_after=after if held.epoch else None,
+            resumed_chars=len(resume.text) if resume and held.epoch else 0,
+            resumed_tokens=len(resume.token_ids) if resume and held.epoch else 0,
+            job_seq=held.msg.metadata.sequence.stream or None,
+        )
+
+    async def _leave(self, held: Held) -> Outcome:
+        """Stop an attempt without a final event.
+
+        Stopped (SIGTERM): once every event it sent is stored, a last beat says so, and the
+        job's followers hand it over at once, as a continuation of what they received
+        (they publish jobs; a worker may not). The message is nak'ed with a delay: when
+        nobody follows the job it starts again elsewhere, and when somebody handed it over
+        its fence has the redelivery terminated unrun. Superseded (a continuation took over
+        while this worker was paused): terminated.
+        """
+        if held.leaving == "superseded":
+            await held.msg.term()
+            return "superseded"
+        await held.emitter.confirm()  # followers may need any of them from RESULTS
+        headers: dict[str, str] = {
+            Header.ATTEMPT: str(held.attempt),
+            Header.LEAVING: str(held.emitter.seq),
+        }
+        await self.nc.publish(alive_subject(held.reply), b"", headers=headers)
+        await held.msg.nak(delay=self.settings.handover_nak_delay_s)
+        log.info("job %s: handed over (%d tokens delivered)", held.job.id, held.emitter.tokens)
+        return "handed_over"
+
+    async def _raise_fence(self, held: Held) -> None:
+        """A finished job's fence: a redelivery (its ack lost in an election) is not run."""
+        if held.reply.startswith(f"{RESULTS_PREFIX}."):
+            headers: dict[str, str] = {Header.EPOCH: str(held.epoch + 1)}
+            await self.nc.publish(fence_subject(held.reply), b"", headers=headers)
+
     async def _events(
-        self, job: TextJob | ImageJob, cancel: threading.Event, attempt: int
+        self, job: AnyJob, cancel: threading.Event, attempt: int
     ) -> AsyncGenerator[EngineEvent, None]:
         """The engine's events, with image bytes moved through the object store where too large."""
         images = self._images
@@ -437,7 +573,7 @@ class Runtime:
         try:
             if isinstance(job, ImageJob):
                 job = await images.resolve(job)
-            async with contextlib.aclosing(self.engine.run(job, cancel)) as events:
+            async with contextlib.aclosing(self._engine_events(job, cancel)) as events:
                 async for event in events:
                     if isinstance(event, Done) and event.images:
                         event = await images.offload(event, job.id, attempt)
@@ -445,11 +581,20 @@ class Runtime:
         except Unavailable as e:  # the object store, not the job: another attempt may succeed
             raise Retry(e.message, delay_s=self.settings.retry_delay_s) from e
 
+    def _engine_events(
+        self, job: AnyJob, cancel: threading.Event
+    ) -> AsyncGenerator[EngineEvent, None]:
+        if not isinstance(job, EmbedJob):
+            return self.engine.run(job, cancel)
+        if self._embed is None:
+            raise InvalidRequest(f"this worker computes no embeddings for {job.model}")
+        return self._embed.embed(job, cancel)
+
     def _ended(
         self,
         b: Binding,
         msg: Msg,
-        job: TextJob | ImageJob,
+        job: AnyJob,
         outcome: Outcome,
         *,
         done: Done | None = None,
@@ -468,7 +613,12 @@ class Runtime:
             extra={
                 "job_id": job.id,
                 "model": b.model,
-                "attempt": msg.metadata.num_delivered or 1,
+                "attempt": attempt_number(
+                    int(raw)
+                    if (raw := (msg.headers or {}).get(Header.EPOCH, "0")).isdigit()
+                    else 0,
+                    msg.metadata.num_delivered or 1,
+                ),
                 "outcome": outcome,
                 "tokens": tokens,
                 "duration_ms": round((ran_s or 0.0) * 1000, 1),
@@ -477,18 +627,41 @@ class Runtime:
             },
         )
 
-    async def _keep_alive(self, msg: Msg, cancel: threading.Event, deadline_ms: int | None) -> None:
-        """+WPI so a long job is not redelivered (ack_wait restarts on in_progress); stop at the deadline."""
+    async def _keep_alive(self, held: Held, deadline_ms: int | None) -> None:
+        """Beat on the job's alive subject every ``job_beat_s`` (followers hand the job over
+        when the beats stop), +WPI every ``in_progress_s`` so it is not redelivered
+        (ack_wait restarts on in_progress, ADR-37); stop at the deadline.
+
+        Beats come from the event loop, which the engines' threads never block. When the
+        loop itself was held up past what followers wait (the process was paused, or
+        starved of CPU), the job may have gone on elsewhere meanwhile: the fence says.
+        """
+        s = self.settings
+        beat: dict[str, str] = {Header.ATTEMPT: str(held.attempt)}
+        subject = alive_subject(held.reply)
+        wpi_at = time.monotonic() + s.in_progress_s
         while True:
-            wait = self.settings.in_progress_s
+            wait = min(s.job_beat_s, max(0.0, wpi_at - time.monotonic()))
             if deadline_ms is not None:
                 wait = min(wait, max(0.0, deadline_ms / 1000 - time.time()))
+            slept_from = time.monotonic()
             await asyncio.sleep(wait)
             if deadline_ms is not None and time.time() * 1000 >= deadline_ms:
-                cancel.set()
+                held.cancel.set()
                 return
+            late = time.monotonic() - slept_from - wait
+            if held.leaving:
+                return  # _leave sends the last beat
             with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await msg.in_progress()
+                await self.nc.publish(subject, b"", headers=beat)
+                if time.monotonic() >= wpi_at:
+                    wpi_at = time.monotonic() + s.in_progress_s
+                    await held.msg.in_progress()
+                stalled = late > s.job_beat_s * (failover.MISSED_BEATS - 1)
+                if stalled and await self._superseded(held.reply, held.epoch):
+                    log.warning("job %s: taken over elsewhere while stalled", held.job.id)
+                    held.leave("superseded")
+                    return
 
     async def _settle(self, msg: Msg) -> None:
         """Ack and wait for the server's confirmation (a lost ack would rerun the job).
@@ -517,7 +690,7 @@ class Runtime:
             )
             await msg.nak(delay=e.delay_s)
             return "retried"
-        message = f"the job failed on all {attempt} attempts: {e.message}"
+        message = f"the job failed on all {msg.metadata.num_delivered or 1} attempts: {e.message}"
         await emitter.emit(Error(code=ErrorCode.DEAD_LETTERED, message=message, retryable=False))
         await self._dead_letter(msg, e, None, attempt)
         return "dead_lettered"
@@ -537,20 +710,23 @@ class Runtime:
         await msg.term()
 
 
-def _attempt_base(headers: dict[str, str]) -> int:
-    raw = headers.get(Header.ATTEMPT_BASE, "")
-    return int(raw) if raw.isdigit() and len(raw) < 7 else 0
+def _not_final(event: EngineEvent) -> bool:
+    """True for any event but a ``done`` the engine reached by itself (not by the cancel
+    that stopping an attempt sets)."""
+    return not isinstance(event, Done) or event.finish_reason == "cancelled"
 
 
-def _deadline_ms(job: TextJob | ImageJob, headers: dict[str, str]) -> int | None:
+def _deadline_ms(job: AnyJob, headers: dict[str, str]) -> int | None:
     raw = headers.get(Header.DEADLINE)
     if raw is not None and raw.isdigit():
         return int(raw)
     return job.deadline_ms
 
 
-def _results_reply(headers: dict[str, str]) -> str | None:
+def _results_reply(headers: dict[str, str], regions: bool = False) -> str | None:
     """The reply of a job that could not be decoded, when it has a results subject's shape
     (its id is unknown, so this is all that can be checked)."""
     reply = headers.get(Header.REPLY)
-    return reply if reply and is_reply_subject(reply, reply.rpartition(".")[2]) else None
+    if reply and is_reply_subject(reply, reply.rpartition(".")[2], regions):
+        return reply
+    return None

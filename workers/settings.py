@@ -6,6 +6,7 @@ import os
 import secrets
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -25,7 +26,27 @@ class WorkerSettings(CommonSettings):
     slots: int = Field(default=1, ge=1, le=1024, description="jobs run at once")
     fetch_timeout_s: float = Field(default=2.0, gt=0, description="long-poll of one fetch")
     heartbeat_s: float = Field(default=3.0, gt=0, description="registry heartbeat interval")
-    in_progress_s: float = Field(default=10.0, gt=0, description="+WPI interval while a job runs")
+    in_progress_s: float = Field(
+        default=1.0, gt=0, description="+WPI interval while a job runs (below ack_wait)"
+    )
+    job_beat_s: float = Field(
+        default=0.2,
+        gt=0,
+        description="per-job liveness beat while a job runs: followers hand a job over "
+        "after a few missed beats (schemas.failover)",
+    )
+    handover_below_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="SIGTERM: jobs expected to end within this finish here; the others are "
+        "handed over to another worker at once",
+    )
+    handover_nak_delay_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="SIGTERM: a handed-over job's message comes back after this (run again "
+        "when nobody followed it to continue it, terminated when somebody did)",
+    )
     retry_delay_s: float = Field(
         default=1.0, ge=0, description="nak delay after an unexpected failure"
     )
@@ -49,16 +70,40 @@ class WorkerSettings(CommonSettings):
         default="",
         description="llm: models as ID=PATH.gguf, comma-separated (empty: the bundled SmolLM2)",
     )
+    llm_embedding_models: str = Field(
+        default="",
+        description="llm: embedding-only models (a dedicated embedding GGUF) as ID=PATH.gguf, "
+        "comma-separated: they compute embeddings and generate nothing",
+    )
+    llm_embeddings: bool = Field(
+        default=True,
+        description="llm: the text models also compute embeddings (a second, embedding-mode "
+        "context on the same weights)",
+    )
+    llm_pooling: Literal["mean", "cls", "last"] | None = Field(
+        default=None,
+        description="llm: pooling of embeddings (default: the GGUF's own, else mean)",
+    )
     llm_n_ctx: int = Field(
-        default=2048, ge=0, description="llm: context size in tokens (0: the model's own)"
+        default=2048,
+        ge=0,
+        description="llm: context size in tokens, per slot (0: the model's own)",
     )
     llm_threads: int | None = Field(
-        default=None, ge=1, description="llm: CPU threads per context (default: CPUs / slots)"
+        default=None, ge=1, description="llm: CPU threads of a model's context (default: CPUs)"
     )
     llm_threads_batch: int | None = Field(
         default=None,
         ge=1,
-        description="llm: CPU threads per context for prompts (default: as llm_threads)",
+        description="llm: CPU threads for steps of more than one token (default: as llm_threads)",
+    )
+    llm_flash_attn: Literal["auto", "on", "off"] = Field(
+        default="auto", description="llm: flash attention (auto: where llama.cpp's backend has it)"
+    )
+    llm_cache_seqs: int | None = Field(
+        default=None,
+        ge=0,
+        description="llm: finished sequences kept for prompt-prefix reuse (default: slots; 0: off)",
     )
     llm_gpu_layers: int = Field(
         default=0, ge=-1, description="llm: layers offloaded to the GPU (-1: all)"

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import Field, StrictBool
 
 from edge.body import Lenient
+from edge.openai.requests import Tool
 from edge.sampling import (
     MinP,
     MirostatRate,
@@ -18,6 +20,7 @@ from edge.sampling import (
     TopP,
     TypicalP,
 )
+from edge.tools import MAX_TOOLS, Call, Function, Plan, Turn, call_id, history
 from schemas.errors import InvalidRequest
 from schemas.jobs import MAX_MESSAGES, SEED_MAX, ChatMessage, SchemaDepth, Stops, TextParams
 
@@ -50,11 +53,34 @@ class Options(Lenient):
         return None if self.num_predict < 0 else (self.num_predict or None)
 
 
+class CalledFunction(Lenient):
+    """``function`` of a tool call in Ollama's shape: the arguments are an object."""
+
+    name: str = Field(min_length=1, max_length=64)
+    arguments: Annotated[dict[str, Any], SchemaDepth] = {}
+
+
+class ToolCall(Lenient):
+    """A call an assistant message made."""
+
+    function: CalledFunction
+
+
 class Message(Lenient):
-    """One chat message."""
+    """One chat message; a ``tool`` message carries a result (``tool_name`` says whose)."""
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
+    content: str | None = ""
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None
+    tool_name: str | None = Field(default=None, max_length=64)
+
+    def turn(self) -> Turn:
+        """The message as the tools module reads it (Ollama's calls have no ids: made here)."""
+        calls = tuple(
+            Call(call_id(), c.function.name, orjson.dumps(c.function.arguments).decode())
+            for c in self.tool_calls or ()
+        )
+        return Turn(self.role, self.content or "", self.tool_name, calls)
 
 
 class Common(Lenient):
@@ -96,14 +122,32 @@ class Common(Lenient):
 
 
 class ChatRequest(Common):
-    """``POST /api/chat``."""
+    """``POST /api/chat``; with ``tools`` the model may call them (Ollama has no tool_choice)."""
 
     messages: Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    keep_alive: str | float | None = None  # accepted; workers keep their model loaded anyway
 
-    def job_params(self, seed: int) -> TextParams:
-        """The job parameters, generated with ``seed``."""
-        messages = [ChatMessage(role=m.role, content=m.content) for m in self.messages]
-        return self._params(seed, messages=messages)
+    def tool_plan(self) -> Plan | None:
+        """The checked tools, or None without them."""
+        functions = [
+            Function(t.function.name, t.function.description, t.function.parameters)
+            for t in self.tools or ()
+        ]
+        return Plan.of(functions, None, None)
+
+    def turns(self) -> list[Turn]:
+        """The messages as the tools modules read them."""
+        return [m.turn() for m in self.messages]
+
+    def job_params(
+        self, seed: int, plan: Plan | None = None, prompt: str | None = None
+    ) -> TextParams:
+        """The job parameters, generated with ``seed``; ``prompt``: the turns already rendered
+        by the model's template (with its tools)."""
+        if prompt is not None:
+            return self._params(seed, prompt=prompt)
+        return self._params(seed, messages=history(self.turns(), plan))
 
 
 class GenerateRequest(Common):
@@ -112,6 +156,7 @@ class GenerateRequest(Common):
     prompt: str
     system: str | None = None
     raw: StrictBool = False
+    keep_alive: str | float | None = None  # accepted; workers keep their model loaded anyway
 
     def job_params(self, seed: int) -> TextParams:
         """The job parameters, generated with ``seed``: a ``raw`` prompt as is, else the prompt

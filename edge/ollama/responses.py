@@ -6,6 +6,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from edge.tools import Call
 from schemas.events import Done
 from schemas.fleet import ModelInfo
 
@@ -56,7 +57,7 @@ def show(m: ModelInfo, template: str) -> dict[str, Any]:
         "template": template,
         "details": details(),
         "model_info": model_info,
-        "capabilities": ["completion"],
+        "capabilities": ["completion", "tools"],  # every model: edge/tools/
         "modified_at": timestamp(m.created),
     }
 
@@ -83,10 +84,34 @@ def piece(model: str, text: str, *, chat: bool) -> dict[str, Any]:
     return body
 
 
-def last(model: str, text: str, done: Done, started: float, *, chat: bool) -> dict[str, Any]:
-    """The final object (``text`` empty when streamed, the whole answer when not)."""
+def tool_calls(calls: list[Call]) -> list[dict[str, Any]]:
+    """``message.tool_calls`` in Ollama's shape: arguments as an object, no ids."""
+    return [{"function": {"name": c.name, "arguments": c.arguments_object()}} for c in calls]
+
+
+def calls_piece(model: str, calls: list[Call]) -> dict[str, Any]:
+    """A streamed piece carrying tool calls, as Ollama sends one once a call is parsed."""
+    body = piece(model, "", chat=True)
+    body["message"]["tool_calls"] = tool_calls(calls)
+    return body
+
+
+def last(
+    model: str,
+    text: str,
+    done: Done,
+    started: float,
+    *,
+    chat: bool,
+    calls: list[Call] | None = None,
+) -> dict[str, Any]:
+    """The final object (``text`` empty when streamed, the whole answer when not; ``calls``
+    the tool calls of a whole answer)."""
+    head = piece(model, text, chat=chat)
+    if calls:
+        head["message"]["tool_calls"] = tool_calls(calls)
     return {
-        **piece(model, text, chat=chat),
+        **head,
         "done": True,
         "done_reason": "length" if done.finish_reason == "length" else "stop",
         "total_duration": int((time.perf_counter() - started) * 1e9),

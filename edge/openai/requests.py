@@ -8,7 +8,9 @@ from pydantic import Field, StrictBool, model_validator
 
 from edge.body import Lenient
 from edge.sampling import Grammar, MinP, Penalty, RepeatPenalty, Temperature, TopK, TopP, TypicalP
-from schemas.jobs import MAX_MESSAGES, SEED_MAX, ChatMessage, SchemaDepth, Stops, TextParams
+from edge.tools import MAX_TOOLS, NAME_PATTERN, Call, Function, Plan, Turn, check_history, history
+from schemas.errors import InvalidRequest
+from schemas.jobs import MAX_MESSAGES, MAX_STOP, SEED_MAX, SchemaDepth, Stops, TextParams
 
 
 class TextPart(Lenient):
@@ -18,18 +20,79 @@ class TextPart(Lenient):
     text: str
 
 
+class FunctionCall(Lenient):
+    """``function`` of a tool call: the arguments are JSON text."""
+
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field(default="{}", max_length=1_000_000)
+
+
+class ToolCall(Lenient):
+    """A call an assistant message made."""
+
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(Lenient):
-    """One chat message."""
+    """One chat message; ``tool`` messages answer an assistant's ``tool_calls``."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(default=None, max_length=256)
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOLS)] | None = None
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> Message:
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
         """The content as plain text (parts concatenated)."""
         if isinstance(self.content, list):
             return "".join(p.text for p in self.content)
         return self.content or ""
+
+    def turn(self) -> Turn:
+        """The message as the tools module reads it."""
+        calls = tuple(
+            Call(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ()
+        )
+        return Turn(self.role, self.text(), self.name, calls, self.tool_call_id)
+
+
+class FunctionDef(Lenient):
+    """A function offered to the model: ``parameters`` is a JSON Schema."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str | None = Field(default=None, max_length=100_000)
+    parameters: Annotated[dict[str, Any], SchemaDepth] | None = None
+    strict: StrictBool | None = None  # a call that is required always matches the schema
+
+
+class Tool(Lenient):
+    """One entry of ``tools``."""
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Lenient):
+    """``tool_choice.function``."""
+
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(Lenient):
+    """``tool_choice`` naming the function to call."""
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(Lenient):
@@ -116,6 +179,9 @@ class ChatCompletionRequest(Sampling):
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
@@ -127,14 +193,45 @@ class ChatCompletionRequest(Sampling):
         """``max_completion_tokens`` wins over the older ``max_tokens``."""
         return self.max_completion_tokens or self.max_tokens
 
-    def job_params(self, seed: int) -> TextParams:
-        """The job parameters of one choice, generated with ``seed``."""
+    def tool_plan(self) -> Plan | None:
+        """What ``tools`` and ``tool_choice`` ask for, checked; None without tools."""
+        functions = [
+            Function(t.function.name, t.function.description, t.function.parameters)
+            for t in self.tools or ()
+        ]
+        choice = self.tool_choice
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else choice
+        plan = Plan.of(functions, named, self.parallel_tool_calls)
+        check_history(self.turns(), "messages")
+        fmt = self.response_format
+        if plan is not None and plan.forced:
+            if fmt is not None and fmt.type != "text":
+                raise InvalidRequest(
+                    "a required tool call cannot also follow a JSON response_format",
+                    param="tool_choice",
+                )
+            if self.grammar:
+                raise InvalidRequest(
+                    "a required tool call cannot also follow a grammar", param="tool_choice"
+                )
+        return plan
+
+    def turns(self) -> list[Turn]:
+        """The messages as the tools modules read them."""
+        return [m.turn() for m in self.messages]
+
+    def job_params(
+        self, seed: int, plan: Plan | None = None, prompt: str | None = None
+    ) -> TextParams:
+        """The job parameters of one choice, generated with ``seed`` (tools as ``plan`` says);
+        ``prompt``: the turns already rendered by the model's template (with its tools)."""
         fmt = self.response_format or ResponseFormat()
-        schema = fmt.json_schema if fmt.type != "text" else None  # ignored with type text
+        schema = fmt.json_schema.schema_ if fmt.type != "text" and fmt.json_schema else None
+        forced = plan.json_schema() if plan is not None else None
+        stops = plan.stops(self.stops(), MAX_STOP) if plan is not None else self.stops()
         return TextParams(
-            messages=[
-                ChatMessage(role=m.role, content=m.text(), name=m.name) for m in self.messages
-            ],
+            messages=history(self.turns(), plan) if prompt is None else None,
+            prompt=prompt,
             max_tokens=self.token_limit(),
             temperature=self.temperature,
             top_p=self.top_p,
@@ -145,13 +242,13 @@ class ChatCompletionRequest(Sampling):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             seed=seed,
-            stop=self.stops(),
+            stop=stops,
             logit_bias=self.logit_bias or {},
             logprobs=self.logprobs,
             top_logprobs=self.top_logprobs,
             grammar=self.grammar,
-            json_schema=schema.schema_ if schema is not None else None,
-            response_format=fmt.type,
+            json_schema=forced or schema,
+            response_format="json_schema" if forced else fmt.type,
             ignore_eos=self.ignore_eos,
         )
 

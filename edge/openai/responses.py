@@ -4,14 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from edge.tools import Arguments, CallStarted, Content, Event, ToolParser
+from headrace import __version__
 from schemas.events import Done, TokenLogprob
 
 # OpenAI's finish reasons; a job cancelled by someone else reads as a stop.
 _FINISH = {"stop": "stop", "length": "length", "cancelled": "stop"}
 
+# OpenAI's backend-configuration marker, as llama.cpp's server sends its build: the
+# headrace release that shaped the answer (the models behind it are named in ``model``).
+SYSTEM_FINGERPRINT = f"headrace-{__version__}"
 
-def finish_reason(done: Done) -> str:
-    """OpenAI's name for why a choice ended."""
+
+def finish_reason(done: Done, parser: ToolParser | None = None) -> str:
+    """OpenAI's name for why a choice ended: ``tool_calls`` once it made a complete call."""
+    if parser is not None and parser.calls:
+        return "tool_calls"
     return _FINISH.get(done.finish_reason, "stop")
 
 
@@ -70,7 +78,7 @@ class ChunkMaker:
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": created,
             "model": model,
-            "system_fingerprint": None,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         if include_usage:
             self.base["usage"] = None  # OpenAI: null on every chunk but the usage chunk
@@ -109,7 +117,32 @@ class ChunkMaker:
             }
         )
 
-    def finish(self, index: int, done: Done) -> dict[str, Any]:
+    def tool_events(self, index: int, events: list[Event]) -> list[dict[str, Any]]:
+        """Chunks for what a tool parser found: text, then each call's id and name, then its
+        arguments in pieces (``delta.tool_calls[{index, ...}]``, as OpenAI streams them)."""
+        chunks = []
+        for e in events:
+            if isinstance(e, Content):
+                chunks.append(self.text(index, e.text, None))
+            elif isinstance(e, CallStarted):
+                call = {"index": e.index, "id": e.id, "type": "function",
+                        "function": {"name": e.name, "arguments": ""}}  # fmt: skip
+                chunks.append(self._tool_delta(index, call))
+            elif isinstance(e, Arguments) and e.text:
+                chunks.append(self._tool_delta(index, {"index": e.index, "function": {"arguments": e.text}}))  # fmt: skip
+        return chunks
+
+    def _tool_delta(self, index: int, call: dict[str, Any]) -> dict[str, Any]:
+        return self._chunk(
+            {
+                "index": index,
+                "delta": {"tool_calls": [call]},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+        )
+
+    def finish(self, index: int, done: Done, parser: ToolParser | None = None) -> dict[str, Any]:
         """The last chunk of a choice, with its finish_reason."""
         if self.chat:
             return self._chunk(
@@ -117,7 +150,7 @@ class ChunkMaker:
                     "index": index,
                     "delta": {},
                     "logprobs": None,
-                    "finish_reason": finish_reason(done),
+                    "finish_reason": finish_reason(done, parser),
                 }
             )
         return self._chunk(
@@ -129,25 +162,41 @@ class ChunkMaker:
         return {**self.base, "choices": [], "usage": total_usage(dones)}
 
 
+def chat_message(text: str, parser: ToolParser | None) -> dict[str, Any]:
+    """``choices[].message``: with ``tool_calls`` when the parser found calls in ``text``
+    (which it has been fed whole), the rest of the text as ``content`` (null when blank)."""
+    if parser is None or not parser.calls:
+        return {"role": "assistant", "content": text, "refusal": None}
+    calls = [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in parser.calls
+    ]
+    content = parser.text.strip() or None
+    return {"role": "assistant", "content": content, "refusal": None, "tool_calls": calls}
+
+
 def chat_response(
     id_: str, created: int, model: str, texts: list[str], dones: list[Done],
-    logprobs: list[list[TokenLogprob] | None],
+    logprobs: list[list[TokenLogprob] | None], parsers: list[ToolParser | None] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """A whole ``chat.completion``."""
+    """A whole ``chat.completion`` (``parsers``: each choice's, fed its text, with tools)."""
+    parsers = parsers or [None] * len(texts)
     return {
         "id": id_,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "system_fingerprint": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": chat_message(text, parser),
                 "logprobs": chat_logprobs(lp),
-                "finish_reason": finish_reason(done),
+                "finish_reason": finish_reason(done, parser),
             }
-            for i, (text, done, lp) in enumerate(zip(texts, dones, logprobs, strict=True))
+            for i, (text, done, lp, parser) in enumerate(
+                zip(texts, dones, logprobs, parsers, strict=True)
+            )
         ],
         "usage": total_usage(dones),
     }
@@ -163,7 +212,7 @@ def completion_response(
         "object": "text_completion",
         "created": created,
         "model": model,
-        "system_fingerprint": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": [
             {
                 "index": i,

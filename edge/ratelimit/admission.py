@@ -26,7 +26,7 @@ from edge.ratelimit.headers import duration, rate_headers
 from edge.ratelimit.scripts import ADMIT, DENIED, RENEW, SETTLE, keys_of
 from edge.settings import EdgeSettings
 from schemas.errors import RateLimited, Unavailable
-from schemas.jobs import TextParams
+from schemas.jobs import EmbedParams, TextParams
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ def prompt_estimate(p: TextParams) -> int:
         return len(p.prompt)
     chars = len(p.prompt or "") + sum(len(m.content) for m in p.messages or [])
     return math.ceil(chars / 4) + _PER_MESSAGE_TOKENS * len(p.messages or [])
+
+
+def embed_estimate(p: EmbedParams) -> int:
+    """An embedding request's tokens, estimated as prompts are: every input is a prompt."""
+    return sum(len(i) if isinstance(i, list) else math.ceil(len(i) / 4) for i in p.inputs)
 
 
 def token_estimate(params: list[TextParams], completion_default: int) -> int:

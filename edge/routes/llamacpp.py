@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -11,50 +12,62 @@ from edge.body import parse, read_object
 from edge.context import ctx
 from edge.errors import LLAMACPP, json_response
 from edge.jobs import check_bounds, fingerprint_of, seeds
-from edge.llamacpp.requests import CompletionRequest
-from edge.llamacpp.responses import chunk, final
+from edge.llamacpp.prompts import job_prompt, resolve_biases
+from edge.llamacpp.requests import CompletionRequest, prompt_chars
+from edge.llamacpp.responses import CompletionView
 from edge.respond import StreamFormat, collect, stream
 from edge.routing import Routes
 from edge.session import Session
 from edge.sse import DataOnlyStream
 from schemas.errors import InvalidRequest
-from schemas.jobs import TextParams
 
 routes = Routes(LLAMACPP)
 
 
-def _params(req: CompletionRequest) -> TextParams:
-    (seed,) = seeds(req.asked_seed(), 1)
-    return req.job_params(seed)
-
-
 @routes.generation("/completion")
 async def completion(request: web.Request, session: Session) -> web.StreamResponse:
-    """llama.cpp's completion: ``data: {content, stop}`` events only, the last with timings."""
+    """llama.cpp's completion: ``data: {content, stop}`` events only, the last with timings.
+
+    A batch of prompts is one job each: a list of bodies, or chunks told apart by ``index``.
+    """
     req = await parse(request, CompletionRequest)
-    chars = len(req.prompt) if isinstance(req.prompt, str) else 4 * len(req.prompt)
-    max_tokens = None if req.n_predict == -1 else req.n_predict
-    check_bounds(request, n=1, max_tokens=max_tokens, prompt_chars=chars)
-    model = await rpc.default_model(request, req.model)
-    dedup_body = await request.read() if ctx(request).settings.dedup_completion else None
+    prompts = req.prompts()
+    c = ctx(request)
+    if len(prompts) > c.settings.max_n:
+        raise InvalidRequest(f"at most {c.settings.max_n} prompts in one request", param="prompt")
+    check_bounds(request, n=1, max_tokens=req.token_limit(), prompt_chars=prompt_chars(prompts))
+    model = await rpc.served_model(request, req.model)
+    biases = await resolve_biases(request, model, req.biases())
+    job_prompts = await asyncio.gather(*(job_prompt(request, model, p) for p in prompts))
+    (seed,) = seeds(req.asked_seed(), 1)  # as llama.cpp: every prompt of a batch, one seed
+    params = [req.job_params(seed, p, biases) for p in job_prompts]
+    dedup_body = await request.read() if c.settings.dedup_completion else None
     fp = fingerprint_of(request, dedup_body)
-    await session.submit_text(model, [_params(req)], stream=req.stream, fingerprint=fp)
+    await session.submit_text(model, params, stream=req.stream, fingerprint=fp)
+    view = CompletionView(model, req, prompts, biases, seed)
     if req.stream:
         fmt = StreamFormat(
-            text=lambda out: chunk(out.text),
-            finished=lambda out: final(model, "", out.done),
+            text=view.chunk,
+            finished=view.final_chunk,
             framing=DataOnlyStream,  # what LLMUnity can parse: no ids, no keep-alives
             end=b"",
             headers=session.headers,
         )
         return await stream(session, fmt)
     result = await collect(session)
-    return json_response(final(model, result.texts[0], result.dones[0]), headers=session.headers)
+    bodies = [
+        view.final(i, done, text, ids, logprobs)
+        for i, (done, text, ids, logprobs) in enumerate(
+            zip(result.dones, result.texts, result.token_ids, result.logprobs, strict=True)
+        )
+    ]
+    # llama.cpp answers one result as an object, several as a list.
+    return json_response(bodies[0] if len(bodies) == 1 else bodies, headers=session.headers)
 
 
 async def _forward(request: web.Request, op: str) -> dict[str, Any]:
     body = await read_object(request)
-    model = await rpc.default_model(request, body.pop("model", None))
+    model = await rpc.served_model(request, body.pop("model", None))
     return await rpc.call(request, model, op, body)
 
 
@@ -79,7 +92,7 @@ async def apply_template(request: web.Request) -> web.Response:
 @routes.get("/props")
 async def props(request: web.Request) -> web.Response:
     """The model's properties (context size, chat template ...)."""
-    model = await rpc.default_model(request, request.query.get("model"))
+    model = await rpc.served_model(request, request.query.get("model"))
     return json_response(await rpc.call(request, model, "props", {}))
 
 
@@ -91,7 +104,7 @@ async def template(request: web.Request) -> web.Response:
         asked = (await read_object(request)).get("model") or asked
     elif request.method not in ("GET", "POST"):
         raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST"])
-    model = await rpc.default_model(request, asked)
+    model = await rpc.served_model(request, asked)
     info = await rpc.call(request, model, "props", {})
     return json_response({"template": info.get("chat_template", "")})
 
@@ -103,14 +116,3 @@ async def health(request: web.Request) -> web.Response:
         return json_response({"status": "ok"})
     error = {"code": 503, "message": "Loading model", "type": "unavailable_error"}
     return json_response({"error": error}, 503)
-
-
-@routes.post("/embeddings")
-@routes.post("/v1/embeddings")
-async def embeddings(request: web.Request) -> web.Response:
-    """No configured model computes embeddings: a clear 400 rather than a 404."""
-    body = await read_object(request)
-    model = body.get("model") or "this deployment's models"
-    raise InvalidRequest(
-        f"embeddings are not supported by {model}: no embedding model is configured", param="model"
-    )

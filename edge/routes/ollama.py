@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from aiohttp import web
 
 from edge import rpc
@@ -13,35 +16,63 @@ from edge.jobs import check_bounds, fingerprint_of, seeds
 from edge.ollama import responses
 from edge.ollama.requests import ChatRequest, Common, GenerateRequest, ShowRequest
 from edge.ollama.responses import last, piece
+from edge.relay import Finished, Text
 from edge.respond import StreamFormat, collect, stream
 from edge.routing import Routes
 from edge.session import Session
 from edge.sse import NdjsonStream
+from edge.tools import CallDone, Content, Event, Plan, parse_all
+from edge.tools import template as chat_template
 from schemas.errors import ModelNotFound
 from schemas.fleet import VERSION, ModelInfo
-from schemas.jobs import TextParams
 
 routes = Routes(OLLAMA)
+Chunks = dict[str, Any] | list[dict[str, Any]]
 
 
-def _params(req: ChatRequest | GenerateRequest) -> TextParams:
+def _seed(req: ChatRequest | GenerateRequest) -> int:
     (seed,) = seeds(req.options.asked_seed(), 1)
-    return req.job_params(seed)
+    return seed
 
 
-async def _answer(session: Session, req: Common, *, chat: bool) -> web.StreamResponse:
+def _pieces(model: str, events: list[Event]) -> list[dict[str, Any]]:
+    """NDJSON objects for what a tool parser found: text as pieces, each call once parsed."""
+    out = []
+    for e in events:
+        if isinstance(e, Content):
+            out.append(piece(model, e.text, chat=True))
+        elif isinstance(e, CallDone):
+            out.append(responses.calls_piece(model, [e.call]))
+    return out
+
+
+async def _answer(
+    session: Session, req: Common, *, chat: bool, plan: Plan | None = None
+) -> web.StreamResponse:
     model = req.model
+    parser = plan.parser() if plan is not None else None
     if req.stream:
+        text: Callable[[Text], Chunks] = lambda out: piece(model, out.text, chat=chat)  # noqa: E731
+        if parser is not None:
+            text = lambda out: _pieces(model, parser.feed(out.text))  # noqa: E731
+
+        def finished(out: Finished) -> Chunks:
+            held = _pieces(model, parser.finish()) if parser is not None else []
+            return [*held, last(model, "", out.done, session.started, chat=chat)]
+
         fmt = StreamFormat(
-            text=lambda out: piece(model, out.text, chat=chat),
-            finished=lambda out: last(model, "", out.done, session.started, chat=chat),
+            text=text,
+            finished=finished,
             framing=NdjsonStream,
             end=b"",
             headers=session.headers,
         )
         return await stream(session, fmt)
     result = await collect(session)
-    body = last(model, result.texts[0], result.dones[0], session.started, chat=chat)
+    answer, calls = result.texts[0], None
+    if parser is not None and parse_all(parser, answer).calls:
+        answer, calls = parser.text.strip(), parser.calls
+    body = last(model, answer, result.dones[0], session.started, chat=chat, calls=calls)
     return json_response(body, headers=session.headers)
 
 
@@ -50,13 +81,22 @@ async def chat(request: web.Request, session: Session) -> web.StreamResponse:
     """Ollama chat."""
     req = await parse(request, ChatRequest)
     check_bounds(
-        request, n=1, max_tokens=None, prompt_chars=sum(len(m.content) for m in req.messages)
+        request, n=1, max_tokens=None, prompt_chars=sum(len(m.content or "") for m in req.messages)
     )
-    params = _params(req)
-    check_bounds(request, n=1, max_tokens=params.max_tokens, prompt_chars=0)
+    plan = req.tool_plan()
+    prompt = None
+    if plan is not None:
+        template = await chat_template.fetch(request, req.model)
+        if template is not None and template.has_tools:
+            prompt = await chat_template.prompt(
+                request, req.model, template, req.turns(), plan.functions
+            )
+    params = req.job_params(_seed(req), plan, prompt)
+    chars = len(prompt or "") + sum(len(m.content) for m in params.messages or ())
+    check_bounds(request, n=1, max_tokens=params.max_tokens, prompt_chars=chars)
     fp = fingerprint_of(request, None)
     await session.submit_text(req.model, [params], stream=req.stream, fingerprint=fp)
-    return await _answer(session, req, chat=True)
+    return await _answer(session, req, chat=True, plan=plan)
 
 
 @routes.generation("/api/generate")
@@ -66,7 +106,7 @@ async def generate(request: web.Request, session: Session) -> web.StreamResponse
     check_bounds(
         request, n=1, max_tokens=None, prompt_chars=len(req.prompt) + len(req.system or "")
     )
-    params = _params(req)
+    params = req.job_params(_seed(req))
     chars = len(req.prompt) + len(req.system or "")
     check_bounds(request, n=1, max_tokens=params.max_tokens, prompt_chars=chars)
     fp = fingerprint_of(request, None)

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
+from pydantic import ValidationError
 
-from edge.body import parse
+from edge import rpc
+from edge.body import invalid, parse, read_object
 from edge.context import caller, ctx
 from edge.errors import OPENAI, json_response
 from edge.jobs import check_bounds, deadline_ms, fingerprint_of, seeds
 from edge.openai.requests import ChatCompletionRequest, CompletionRequest, Sampling
 from edge.openai.responses import ChunkMaker, chat_response, completion_response
+from edge.relay import Finished, Text
 from edge.respond import StreamFormat, collect, stream
 from edge.routing import Routes
 from edge.session import Session
 from edge.sse import Bounds, EventStream, SlowClient
+from edge.tools import Plan, parse_all
+from edge.tools import template as chat_template
 from schemas.client import START, Position
 from schemas.codec import encode
 from schemas.errors import InvalidRequest, ModelNotFound
@@ -27,15 +34,75 @@ from schemas.jobs import TextParams
 from schemas.subjects import is_job_id
 
 routes = Routes(OPENAI)
+R = TypeVar("R", ChatCompletionRequest, CompletionRequest)
 
 
-def _chat_params(req: ChatCompletionRequest) -> list[TextParams]:
-    return [req.job_params(seed) for seed in seeds(req.seed, req.n)]
+async def _parse(request: web.Request, cls: type[R]) -> R:
+    """The body as ``cls``. On llama.cpp's unversioned paths ``model`` may be missing or name
+    anything, as llama.cpp's server serves its model whatever it says (``rpc.served_model``)."""
+    if request.path.startswith("/v1/"):
+        return await parse(request, cls)
+    data = await read_object(request)
+    asked = data.get("model") if isinstance(data.get("model"), str) else None
+    try:  # the body's own problems first, whatever the model
+        req = cls.model_validate({**data, "model": asked or "-"})
+    except ValidationError as e:
+        raise invalid(e) from None
+    return req.model_copy(update={"model": await rpc.served_model(request, asked)})
 
 
-async def _answer(session: Session, req: Sampling, *, chat: bool) -> web.StreamResponse:
+Chunks = dict[str, Any] | list[dict[str, Any]]
+
+
+async def _chat_params(request: web.Request, req: ChatCompletionRequest) -> tuple[list[TextParams], Plan | None]:  # fmt: skip
+    """Each choice's job parameters, and the tools plan; with tools offered to a model whose
+    template has a tools section, the prompt is that template's rendering (edge.tools.template)."""
+    plan = req.tool_plan()
+    check_bounds(request, n=req.n, max_tokens=req.token_limit(), prompt_chars=_chars(req))
+    prompt = None
+    if plan is not None and plan.choice != "none":
+        template = await chat_template.fetch(request, req.model)
+        if template is not None and template.has_tools:
+            prompt = await chat_template.prompt(
+                request, req.model, template, req.turns(), plan.functions
+            )
+    params = [req.job_params(seed, plan, prompt) for seed in seeds(req.seed, req.n)]
+    chars = len(prompt) if prompt is not None else _chars(req, params[0])
+    check_bounds(request, n=req.n, max_tokens=req.token_limit(), prompt_chars=chars)
+    return params, plan
+
+
+def _chars(req: ChatCompletionRequest, params: TextParams | None = None) -> int:
+    """The prompt's characters: the messages as sent, or as rendered (tools included)."""
+    if params is not None and params.messages is not None:
+        return sum(len(m.content) for m in params.messages)
+    return sum(len(m.text()) for m in req.messages)
+
+
+def _tool_format(maker: ChunkMaker, plan: Plan, n: int) -> tuple[Callable[[Text], Chunks], Callable[[Finished], Chunks]]:  # fmt: skip
+    """Chunk makers for text and finish that pass each choice's text through a tool parser."""
+    parsers = [plan.parser() for _ in range(n)]
+
+    def text(out: Text) -> Chunks:
+        parser = parsers[out.index]
+        if parser is None:
+            return maker.text(out.index, out.text, out.logprobs)
+        return maker.tool_events(out.index, parser.feed(out.text))
+
+    def finished(out: Finished) -> Chunks:
+        parser = parsers[out.index]
+        held = maker.tool_events(out.index, parser.finish()) if parser is not None else []
+        return [*held, maker.finish(out.index, out.done, parser)]
+
+    return text, finished
+
+
+async def _answer(
+    session: Session, req: Sampling, *, chat: bool, plan: Plan | None = None
+) -> web.StreamResponse:
     """Stream OpenAI chunks, or collect one chat.completion / text_completion body."""
     id_ = f"{'chatcmpl' if chat else 'cmpl'}-{session.job_ids[0]}"
+    n = len(session.job_ids)
     if req.stream:
         maker = ChunkMaker(
             chat=chat,
@@ -44,10 +111,14 @@ async def _answer(session: Session, req: Sampling, *, chat: bool) -> web.StreamR
             model=req.model,
             include_usage=req.include_usage,
         )
+        text: Callable[[Text], Chunks] = lambda out: maker.text(out.index, out.text, out.logprobs)  # noqa: E731
+        finished: Callable[[Finished], Chunks] = lambda out: maker.finish(out.index, out.done)  # noqa: E731
+        if plan is not None:
+            text, finished = _tool_format(maker, plan, n)
         fmt = StreamFormat(
             opening=(lambda n: [maker.role(i) for i in range(n)]) if chat else (lambda n: []),
-            text=lambda out: maker.text(out.index, out.text, out.logprobs),
-            finished=lambda out: maker.finish(out.index, out.done),
+            text=text,
+            finished=finished,
             closing=(lambda dones: [maker.usage(dones)])
             if req.include_usage
             else (lambda dones: []),
@@ -55,8 +126,17 @@ async def _answer(session: Session, req: Sampling, *, chat: bool) -> web.StreamR
         )
         return await stream(session, fmt)
     result = await collect(session)
-    whole = chat_response if chat else completion_response
-    body = whole(id_, session.created_s, req.model, result.texts, result.dones, result.logprobs)
+    if chat:
+        parsers = [
+            parse_all(p, t) if (p := plan.parser()) is not None else None for t in result.texts
+        ] if plan is not None else None  # fmt: skip
+        body = chat_response(
+            id_, session.created_s, req.model, result.texts, result.dones, result.logprobs, parsers
+        )
+    else:
+        body = completion_response(
+            id_, session.created_s, req.model, result.texts, result.dones, result.logprobs
+        )
     return json_response(body, headers=session.headers)
 
 
@@ -64,19 +144,18 @@ async def _answer(session: Session, req: Sampling, *, chat: bool) -> web.StreamR
 @routes.generation("/v1/chat/completions")
 async def chat_completions(request: web.Request, session: Session) -> web.StreamResponse:
     """OpenAI chat completions, streamed (SSE) or not."""
-    req = await parse(request, ChatCompletionRequest)
-    prompt_chars = sum(len(m.text()) for m in req.messages)
-    check_bounds(request, n=req.n, max_tokens=req.token_limit(), prompt_chars=prompt_chars)
+    req = await _parse(request, ChatCompletionRequest)
+    params, plan = await _chat_params(request, req)
     fp = fingerprint_of(request, None)
-    await session.submit_text(req.model, _chat_params(req), stream=req.stream, fingerprint=fp)
-    return await _answer(session, req, chat=True)
+    await session.submit_text(req.model, params, stream=req.stream, fingerprint=fp)
+    return await _answer(session, req, chat=True, plan=plan)
 
 
 @routes.generation("/completions")
 @routes.generation("/v1/completions")
 async def completions(request: web.Request, session: Session) -> web.StreamResponse:
     """OpenAI legacy completions, streamed (SSE) or not."""
-    req = await parse(request, CompletionRequest)
+    req = await _parse(request, CompletionRequest)
     prompt = req.prompt
     chars = len(prompt) if isinstance(prompt, str) else len(prompt) * 4
     check_bounds(request, n=req.n, max_tokens=req.max_tokens, prompt_chars=chars)

@@ -8,6 +8,12 @@ from aiohttp import web
 from pydantic.json_schema import models_json_schema
 
 from edge.a1111.requests import Img2ImgRequest, PngInfoRequest, Txt2ImgRequest
+from edge.embeddings.requests import (
+    LlamaCppEmbeddingRequest,
+    OllamaEmbeddingsRequest,
+    OllamaEmbedRequest,
+    OpenAIEmbeddingRequest,
+)
 from edge.errors import json_response
 from edge.ollama.requests import ShowRequest
 from edge.openai.image_generation import ImageGenerationRequest
@@ -77,6 +83,10 @@ def document() -> dict[str, Any]:
                 Img2ImgRequest,
                 PngInfoRequest,
                 ShowRequest,
+                OpenAIEmbeddingRequest,
+                LlamaCppEmbeddingRequest,
+                OllamaEmbedRequest,
+                OllamaEmbeddingsRequest,
             )
         ],
         ref_template="#/components/schemas/{model}",
@@ -113,6 +123,28 @@ def document() -> dict[str, Any]:
                 )
             },
             "/models": {"get": _operation("Models (llama.cpp's unversioned path)", None, False)},
+            "/v1/embeddings": {
+                "post": _operation("Embeddings (OpenAI)", "OpenAIEmbeddingRequest", False)
+            },
+            **{
+                path: {
+                    "post": _operation(
+                        "Embeddings (llama.cpp's native shape; LLMUnity's for one content)",
+                        "LlamaCppEmbeddingRequest",
+                        False,
+                    )
+                }
+                for path in ("/embedding", "/embeddings")
+            },
+            **{
+                path: {"post": _operation("Ollama: embeddings", "OllamaEmbedRequest", False)}
+                for path in ("/api/embed", "/embed")
+            },
+            "/api/embeddings": {
+                "post": _operation(
+                    "Ollama: one prompt's embedding (older route)", "OllamaEmbeddingsRequest", False
+                )
+            },
             "/api/show": {
                 "post": _operation("Ollama: a live model's details", "ShowRequest", False)
             },

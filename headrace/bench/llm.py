@@ -10,11 +10,11 @@ only one path runs at a time, each with its own processes:
 * ``llama_cpp.server``: llama-cpp-python's own OpenAI server, as it ships
   (``interrupt_requests`` on), and again with ``--interrupt_requests False``;
 * ``headrace``: nats-server, a ``headrace worker llm`` process and the edge,
-  streamed chat completions over HTTP; with 1 slot, and with 2 slots of half the
-  threads each.
+  streamed chat completions over HTTP; with 1 slot, and with 16 slots (16
+  sequences decoded in one batch per step by the same threads).
 
 Every path uses the same GGUF, n_ctx, n_batch and llama.cpp threads (``--threads``,
-for generation and prompts alike; the 2-slot run splits them between its slots),
+for generation and prompts alike; headrace's slots share them: one context per model),
 and is warmed up before it is measured. The HTTP paths stream, so time to first
 token (TTFT) is measured the same way everywhere: from sending the request to the
 first chunk with content. Tokens are counted by tokenizing the text each request
@@ -95,7 +95,7 @@ def _llama_cpp_server(interrupt: bool) -> Measure:
 
 def _headrace(slots: int) -> Measure:
     def run(workload: Workload, tmp: Path) -> list[Level]:
-        threads = max(1, workload.threads // slots)
+        threads = workload.threads  # one context for every slot: the threads are not split
         key, port = f"bench-{secrets.token_hex(8)}", free_port()
         worker = ["worker", "llm", "--worker-id", "bench-llm", "--slots", str(slots)]
         worker += ["--model", f"{workload.model_id}={workload.model_path}"]
@@ -123,7 +123,6 @@ async def _headrace_measure(
 
 def contenders(threads: int) -> list[Contender]:
     """Every path, in the order they run."""
-    half = max(1, threads // 2)
     return [
         Contender(
             key="in-process",
@@ -161,11 +160,12 @@ def contenders(threads: int) -> list[Contender]:
             measure=_headrace(slots=1),
         ),
         Contender(
-            key="headrace-2-slots",
-            label=f"headrace through the edge, 2 slots x {half} thread(s)",
-            how="Two contexts in one worker, each on its own thread(s): two jobs decode at "
-            "once, the rest wait in JetStream.",
-            measure=_headrace(slots=2),
+            key="headrace-16-slots",
+            label="headrace through the edge, 16 slots",
+            how="One context with 16 sequences: every running job's next token in one "
+            "llama_decode per step (continuous batching), new prompts in the room left; the "
+            "rest wait in JetStream.",
+            measure=_headrace(slots=16),
             quick=False,
         ),
     ]
@@ -254,8 +254,6 @@ def run(quick: bool, out: Path, threads: int | None = None) -> int:
 
     workload = workload_for(quick, threads or cpu_count())
     paths = [p for p in contenders(workload.threads) if p.quick or not quick]
-    if workload.threads < 2:
-        paths = [p for p in paths if p.key != "headrace-2-slots"]
     print(
         f"headrace bench llm: {workload.model_id}, {len(workload.prompts)} prompts, max_tokens "
         f"{workload.max_tokens}, {workload.threads} llama.cpp threads, clients "

@@ -127,7 +127,8 @@ def sampler_seed(seed: int) -> int:
 
 
 def logit_bias(p: TextParams, n_vocab: int, eog: Iterable[int] = ()) -> dict[int, float]:
-    """Token-id keyed biases; ``ignore_eos`` bans every end-of-generation token."""
+    """Token-id keyed biases (``false``: banned, -inf); ``ignore_eos`` bans every
+    end-of-generation token."""
     out: dict[int, float] = {}
     for key, bias in p.logit_bias.items():
         try:
@@ -141,7 +142,7 @@ def logit_bias(p: TextParams, n_vocab: int, eog: Iterable[int] = ()) -> dict[int
                 f"logit_bias token {token} is outside the vocabulary (0..{n_vocab - 1})",
                 param="logit_bias",
             )
-        out[token] = bias
+        out[token] = -math.inf if bias is False else bias
     if p.ignore_eos:
         out.update(dict.fromkeys(eog, -math.inf))
     return out
@@ -220,6 +221,8 @@ def token_budget(max_tokens: int | None, prompt_n: int, n_ctx: int, model: str) 
             f"the prompt is {prompt_n} tokens but the context of {model} holds {n_ctx} "
             "(including at least one generated token)",
             param="messages",
+            n_prompt_tokens=prompt_n,
+            n_ctx=n_ctx,
         )
     room = n_ctx - prompt_n
     return room if max_tokens is None else min(max_tokens, room)

@@ -1,0 +1,1 @@
+"""Embedding requests and answers in the OpenAI, llama.cpp and Ollama shapes."""
