@@ -99,4 +99,4 @@ soak: install
 	$(BIN)/python loadtests/soak.py --duration-s $(SOAK_S)
 
 clean:
-	rm -rf .headrace bench-results .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .headrace bench-results .pytest_cache .mypy_cache .ruff_cache .hypothesis

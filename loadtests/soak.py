@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import os
 import secrets
 import signal
@@ -119,6 +120,32 @@ class Proc:
             return None
 
 
+class OpenRequests:
+    """Requests started and not yet ended, from the users' log as it grows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.open: set[str] = set()
+
+    def count(self) -> int:
+        """How many are open now."""
+        if not self.path.exists():
+            return 0
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data[: data.rfind(b"\n") + 1]  # a line being written is read next time
+        self.offset += len(complete)
+        for line in complete.splitlines():
+            record = orjson.loads(line)
+            if record["phase"] == "start":
+                self.open.add(record["id"])
+            else:
+                self.open.discard(record["id"])
+        return len(self.open)
+
+
 @dataclass
 class Chaos:
     """What was done to the stack, and when (wall-clock seconds, to match the users' log)."""
@@ -151,6 +178,12 @@ def periods(args: argparse.Namespace) -> tuple[float, float]:
     )
 
 
+def broker_time(n: int, kill_every: float, broker_every: float) -> float:
+    """When the n-th broker restart falls (seconds into the run): the nearest point midway
+    between two worker kills, so that no stall has both causes."""
+    return (math.floor(n * broker_every / kill_every) + 0.5) * kill_every
+
+
 def soak(args: argparse.Namespace, work: Path) -> tuple[Chaos, list[dict[str, Any]], Path]:
     """Run the stack, the load and the chaos; returns what chaos did, RSS samples, the log."""
     key, port = f"soak-{secrets.token_hex(8)}", free_port()
@@ -168,7 +201,7 @@ def soak(args: argparse.Namespace, work: Path) -> tuple[Chaos, list[dict[str, An
     edge_env = {**env, "HEADRACE_API_KEYS": key, "HEADRACE_PORT": str(port)}
     edge = Proc("edge", ["edge"], edge_env, logs / "edge.log")
     chaos, samples = Chaos(), []
-    events = work / "requests.jsonl"
+    events = logs / "requests.jsonl"  # kept with the logs in the output directory
     locust: subprocess.Popen[bytes] | None = None
     try:
         for p in (*workers, edge):
@@ -183,29 +216,36 @@ def soak(args: argparse.Namespace, work: Path) -> tuple[Chaos, list[dict[str, An
             f"{broker_every:.0f} s",
             file=sys.stderr,
         )
-        stop_timeout = int(args.drain_s)
+        # The users start no request past ``until``; locust's own run time adds the drain, so
+        # that what is in flight then has ``drain_s`` to end. Locust is stopped as soon as
+        # every request has ended; one still open when locust's time is up never ended: hung.
+        t0 = chaos.t0 = time.time()
+        until = t0 + args.duration_s
         cmd = [
             sys.executable, "-m", "locust", "-f", str(USERS_FILE), "--headless", "--only-summary",
             "--host", base, "-u", str(args.users), "-r", str(args.users),
-            "-t", f"{int(args.duration_s)}s", "--stop-timeout", str(stop_timeout),
-            "--loglevel", "WARNING",
+            "-t", f"{int(args.duration_s + args.drain_s)}s", "--loglevel", "WARNING",
         ]  # fmt: skip
         locust_env = {**os.environ, "HEADRACE_API_KEY": key, "HEADRACE_SOAK_LOG": str(events),
-                      "HEADRACE_SOAK_MAX_TOKENS": str(args.max_tokens)}  # fmt: skip
+                      "HEADRACE_SOAK_MAX_TOKENS": str(args.max_tokens),
+                      "HEADRACE_SOAK_UNTIL": str(until)}  # fmt: skip
         with (logs / "locust.log").open("ab") as out:
             locust = subprocess.Popen(cmd, env=locust_env, stdout=out, stderr=out)
-        t0 = chaos.t0 = time.time()
-        # Broker restarts fall midway between two kills, so that each stall has one cause.
-        next_kill, next_broker = t0 + kill_every, t0 + broker_every - kill_every / 2
-        victim = broker_signal = 0
+        open_requests = OpenRequests(events)
+        next_kill, victim, broker_signal = t0 + kill_every, 0, 0
+        next_broker = t0 + broker_time(1, kill_every, broker_every)
         last_progress = 0.0
         while locust.poll() is None:
             now = time.time()
-            if now - t0 > args.duration_s + stop_timeout + 60:
+            if now - t0 > args.duration_s + args.drain_s + 60:
                 print("locust did not stop after its run and drain: killed it", file=sys.stderr)
                 locust.kill()
                 break
-            in_run = now - t0 < args.duration_s
+            in_run = now < until
+            if not in_run and open_requests.count() == 0:
+                locust.send_signal(signal.SIGTERM)  # every request ended: no need to drain on
+                locust.wait(30)
+                break
             if in_run and now >= next_kill:
                 w = workers[victim % len(workers)]
                 chaos.worker_kills.append((time.time(), w.name))
@@ -221,7 +261,7 @@ def soak(args: argparse.Namespace, work: Path) -> tuple[Chaos, list[dict[str, An
                 server.start()
                 chaos.broker_restarts.append((down, time.time(), how))
                 broker_signal += 1
-                next_broker += broker_every
+                next_broker = t0 + broker_time(broker_signal + 1, kill_every, broker_every)
             sample: dict[str, Any] = {"t": now - t0, "edge": edge.rss_mb()}
             for w in workers:
                 sample[w.name] = w.rss_mb()
@@ -315,16 +355,19 @@ def analyse(args: argparse.Namespace, chaos: Chaos, samples: list[dict[str, Any]
 
 
 def _stalls(ends: dict[str, dict[str, Any]], chaos: Chaos) -> tuple[list[float], list[float], int]:
-    """Token gaps of streams that straddle a worker kill, a broker restart, or neither."""
+    """Token gaps of streams across a worker kill, across a broker restart, or neither."""
     kills = [t for t, _ in chaos.worker_kills]
     broker = [(down, up) for down, up, _ in chaos.broker_restarts]
     kill_stalls, broker_stalls, other = [], [], 0
     for end in ends.values():
         for a, b in end.get("gaps") or []:
-            if any(down - 0.5 <= b and a <= up + 0.5 for down, up in broker):
-                broker_stalls.append(b - a)
-            elif any(a <= k <= b for k in kills):
-                kill_stalls.append(b - a)
+            # The cause is the first disruption after the gap began: a gap from a kill that
+            # a broker restart falls into is the kill's, and the other way round.
+            causes = [(k, kill_stalls) for k in kills if a <= k <= b]
+            causes += [(max(a, down), broker_stalls) for down, up in broker
+                       if down - 0.5 <= b and a <= up + 0.5]  # fmt: skip
+            if causes:
+                min(causes, key=lambda c: c[0])[1].append(b - a)
             else:
                 other += 1
     return kill_stalls, broker_stalls, other

@@ -7,8 +7,8 @@ did not end with ``[DONE]`` after its last finish was cut short; every gap betwe
 longer than ``GAP_S`` is kept with its wall-clock bounds, so the soak can tell which gaps
 straddle a worker kill or a broker restart.
 
-Settings: ``HEADRACE_API_KEY``, ``HEADRACE_SOAK_LOG``, ``HEADRACE_SOAK_MAX_TOKENS`` (default
-24) and ``HEADRACE_SOAK_SEEDS`` (default 32: requests with the same seed must get the same
+Settings: ``HEADRACE_API_KEY``, ``HEADRACE_SOAK_LOG``, ``HEADRACE_SOAK_UNTIL`` (a Unix time:
+no request starts after it), ``HEADRACE_SOAK_MAX_TOKENS`` (default 24) and ``HEADRACE_SOAK_SEEDS`` (default 32: requests with the same seed must get the same
 text, which the soak checks).
 """
 
@@ -26,6 +26,7 @@ from locust import HttpUser, constant, task
 
 MAX_TOKENS = int(os.environ.get("HEADRACE_SOAK_MAX_TOKENS", "24"))
 SEEDS = int(os.environ.get("HEADRACE_SOAK_SEEDS", "32"))
+UNTIL = float(os.environ.get("HEADRACE_SOAK_UNTIL", "inf"))  # no request starts past it
 GAP_S = 0.2  # token gaps longer than this are recorded
 # Reading stops only at the end of a stream or after this long without a byte; the edge sends
 # keep-alive comments every 15 s while a job waits, so only a stream that truly hangs hits it.
@@ -59,6 +60,9 @@ class SoakUser(HttpUser):
         self._request(stream=False)
 
     def _request(self, *, stream: bool) -> None:
+        if time.time() >= UNTIL:
+            time.sleep(1.0)  # the load is over; what is in flight drains (gevent's sleep)
+            return
         seed = next(_COUNTER) % SEEDS
         rid = uuid.uuid4().hex
         body = {"model": "echo", "messages": MESSAGES, "max_tokens": MAX_TOKENS, "seed": seed,

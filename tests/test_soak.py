@@ -15,12 +15,13 @@ from pathlib import Path
 import orjson
 import pytest
 
+SOAK = Path(__file__).resolve().parents[1] / "loadtests" / "soak.py"
 pytestmark = [pytest.mark.slow, pytest.mark.soak, pytest.mark.timeout(300)]
 
 
 def test_soak_60s_loses_nothing(tmp_path: Path) -> None:
     run = subprocess.run(
-        [sys.executable, "loadtests/soak.py", "--duration-s", "60", "--users", "6",
+        [sys.executable, str(SOAK), "--duration-s", "60", "--users", "6",
          "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=280,
     )  # fmt: skip
