@@ -155,3 +155,41 @@ def test_every_route_is_described() -> None:
     described = {(op.method, op.openapi_path) for op in OPERATIONS}
     assert routed - described == set(), "routes missing from edge/routes/openapi.py OPERATIONS"
     assert described - routed == set(), "OPERATIONS describes routes the app does not have"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        # A token limit past the job's own bound was a 500 (a ValidationError of TextParams).
+        ("POST", "/api/generate", {"model": "echo", "prompt": "x",
+                                   "options": {"num_predict": 604_278_089_086}}, 400),
+        ("POST", "/api/chat", {"model": "echo", "messages": [{"role": "user", "content": "x"}],
+                               "options": {"num_predict": 6_469_693_229}}, 400),
+        # Booleans where numbers are expected were read as 0 and 1.
+        ("POST", "/completion", {"model": "echo", "prompt": "x", "n_probs": False}, 400),
+        ("POST", "/completion", {"model": "echo", "prompt": [False]}, 400),
+        ("POST", "/v1/completions", {"model": "echo", "prompt": [True]}, 400),
+        # /template took every method.
+        ("PUT", "/template", None, 405),
+    ],
+)  # fmt: skip
+def test_what_the_fuzzer_found(
+    stack: str, method: str, path: str, body: dict[str, object] | None, status: int
+) -> None:
+    r = requests.request(method, f"{stack}{path}", json=body, timeout=10,
+                         headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error if path.startswith("/api/") else error["message"]
+
+
+def test_a_preflight_names_only_the_methods_a_route_has(stack: str) -> None:
+    headers = {"Origin": "https://game.example"}
+    ok = requests.options(f"{stack}/template", timeout=10,
+                          headers={**headers, "Access-Control-Request-Method": "POST"})  # fmt: skip
+    assert ok.status_code == 204
+    refused = requests.options(f"{stack}/template", timeout=10,
+                               headers={**headers, "Access-Control-Request-Method": "DELETE"})  # fmt: skip
+    # No preflight for DELETE: passed on as a request, which carries no key.
+    assert refused.status_code == 401
+    assert "Access-Control-Allow-Methods" not in refused.headers
