@@ -310,6 +310,10 @@ def _preflight(path: str, methods: list[str]) -> dict[str, Any]:
                 "description": "origin not allowed, sent on as a request",
                 "content": {"application/json": {"schema": _ref("Error")}},
             },
+            "404": {
+                "description": "no such route (a path parameter its pattern refuses)",
+                "content": {"application/json": {"schema": _ref("Error")}},
+            },
             "405": {
                 "description": "CORS is off, or the origin is not allowed",
                 "content": {"application/json": {"schema": _ref("Error")}},
