@@ -16,7 +16,7 @@ TORCH_SPEC ?= torch==2.13.0
 # GPU hosts: make install-llm LLAMA_CMAKE_ARGS="-DGGML_CUDA=on"
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: up test install install-llm install-sd install-bench lint typecheck unit schemas bench loadtest loadtest-smoke clean
+.PHONY: up test install install-llm install-sd install-bench lint typecheck unit schemas bench loadtest loadtest-smoke soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -91,5 +91,12 @@ loadtest: install
 loadtest-smoke: install
 	$(BIN)/pytest -m loadtest
 
+# Locust for SOAK_S seconds (default 30 min) while workers are SIGKILLed every ~20 s and
+# nats-server restarted every ~5 min; writes bench-results/soak.{json,md,png}. Fails on a lost
+# job, a disallowed 5xx or wrong text.
+SOAK_S ?= 1800
+soak: install
+	$(BIN)/python loadtests/soak.py --duration-s $(SOAK_S)
+
 clean:
-	rm -rf .headrace bench-results .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .headrace bench-results .pytest_cache .mypy_cache .ruff_cache .hypothesis
