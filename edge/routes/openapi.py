@@ -38,11 +38,11 @@ from edge.routing import Routes
 
 routes = Routes()
 
-Family = Literal["openai", "ollama", "public"]
+Family = Literal["openai", "llamacpp", "ollama", "public"]
 Stream = Literal["sse", "ndjson"]
 SSE, NDJSON = "text/event-stream", "application/x-ndjson"
 
-# Error bodies: OpenAI's error object (OpenAI, llama.cpp and A1111 routes) and Ollama's.
+# Error bodies: OpenAI's error object (OpenAI and A1111 routes), llama.cpp's and Ollama's.
 _OPENAI_ERROR = {
     "type": "object",
     "properties": {
@@ -59,12 +59,35 @@ _OPENAI_ERROR = {
     },
     "required": ["error"],
 }
+# llama.cpp's: the status as the code, its kind as the type (exceed_context_size_error adds
+# n_prompt_tokens and n_ctx); headrace adds param when a field is at fault.
+_LLAMACPP_ERROR = {
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "code": {"type": "integer"},
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": "string"},
+            },
+            "required": ["code", "message", "type"],
+        }
+    },
+    "required": ["error"],
+}
 _OLLAMA_ERROR = {
     "type": "object",
     "properties": {"error": {"type": "string"}},
     "required": ["error"],
 }
-_ERROR_SCHEMA = {"openai": "Error", "ollama": "OllamaError", "public": "Error"}
+_ERROR_SCHEMA = {
+    "openai": "Error",
+    "llamacpp": "LlamaCppError",
+    "ollama": "OllamaError",
+    "public": "Error",
+}
 _ERRORS = {
     400: "invalid request (the body, a header or a parameter)",
     401: "missing or wrong API key",
@@ -143,6 +166,21 @@ class Op:
 
 # llama.cpp's /embedding(s): one {index, embedding} for LLMUnity's one content, else a list.
 _LLAMA_EMBEDDING = {"oneOf": [_obj("index", "embedding", index=_INT, embedding=_ARRAY), _ARRAY]}
+
+
+class UnversionedChatCompletionRequest(ChatCompletionRequest):
+    """A chat completion on llama.cpp's unversioned path: as on llama.cpp's server, ``model``
+    may be missing or name anything (the served model answers). Described only."""
+
+    model: str | None = None  # type: ignore[assignment]
+
+
+class UnversionedCompletionRequest(CompletionRequest):
+    """A text completion on llama.cpp's unversioned path (``model`` optional). Described only."""
+
+    model: str | None = None  # type: ignore[assignment]
+
+
 _OPTIONS_BODY = {"type": "object", "description": "A1111 options to store for this key"}
 # llama.cpp's tokenizer routes: the object is forwarded to the model's worker as it is.
 _RPC_BODY = {"type": "object", "description": "forwarded to the model's worker; model picks it"}
@@ -166,27 +204,27 @@ OPERATIONS: list[Op] = [
        headers=("Last-Event-ID",)),
     # llama.cpp's server
     Op("POST", "/chat/completions", "Chat completion (llama.cpp's unversioned path)",
-       body=ChatCompletionRequest, ok=_CHAT, stream="sse"),
+       body=UnversionedChatCompletionRequest, ok=_CHAT, stream="sse"),
     Op("POST", "/completions", "Text completion (llama.cpp's unversioned path)",
-       body=CompletionRequest, ok=_COMPLETION, stream="sse"),
+       body=UnversionedCompletionRequest, ok=_COMPLETION, stream="sse"),
     Op("GET", "/models", "Models (llama.cpp's unversioned path)",
        ok=_obj("object", "data", data={"type": "array", "items": _MODEL})),
-    Op("POST", "/completion", "llama.cpp completion", body=LlamaCompletionRequest, ok=_LLAMA_DONE,
+    Op("POST", "/completion", "llama.cpp completion", family="llamacpp", body=LlamaCompletionRequest, ok=_LLAMA_DONE,
        stream="sse"),
-    Op("POST", "/tokenize", "Tokenize with the model's tokenizer",
+    Op("POST", "/tokenize", "Tokenize with the model's tokenizer", family="llamacpp",
        body={**_RPC_BODY, "description": "{content, add_special, with_pieces, model}"},
        ok=_obj("tokens", tokens=_ARRAY)),
-    Op("POST", "/detokenize", "Token ids back to text",
+    Op("POST", "/detokenize", "Token ids back to text", family="llamacpp",
        body={**_RPC_BODY, "description": "{tokens, model}"},
        ok=_obj("content", content=_STR)),
-    Op("POST", "/apply-template", "The model's chat template applied",
+    Op("POST", "/apply-template", "The model's chat template applied", family="llamacpp",
        body={**_RPC_BODY, "description": "{messages, model}"}, ok=_obj("prompt", prompt=_STR)),
-    Op("GET", "/props", "The model's properties", query=("model",)),
-    Op("GET", "/template", "The model's chat template", query=("model",),
+    Op("GET", "/props", "The model's properties", family="llamacpp", query=("model",)),
+    Op("GET", "/template", "The model's chat template", family="llamacpp", query=("model",),
        ok=_obj("template", template=_STR)),
-    Op("POST", "/template", "The model's chat template", body=_RPC_BODY,
+    Op("POST", "/template", "The model's chat template", family="llamacpp", body=_RPC_BODY,
        ok=_obj("template", template=_STR)),
-    *(Op("POST", path, "Embeddings, llama.cpp's native shape (LLMUnity's for one content)",
+    *(Op("POST", path, "Embeddings, llama.cpp's native shape (LLMUnity's for one content)", family="llamacpp",
          body=LlamaCppEmbeddingRequest, ok=_LLAMA_EMBEDDING) for path in ("/embedding", "/embeddings")),
     Op("GET", "/health", "llama.cpp's health: 503 until a text worker is ready", family="public",
        ok=_obj("status", status={"const": "ok"}),
@@ -342,7 +380,8 @@ def document() -> dict[str, Any]:
         [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
     )
     refs = {m: mapping[(m, "validation")] for m in models}
-    schemas = {**defs.get("$defs", {}), "Error": _OPENAI_ERROR, "OllamaError": _OLLAMA_ERROR}
+    schemas = {**defs.get("$defs", {}), "Error": _OPENAI_ERROR,
+               "LlamaCppError": _LLAMACPP_ERROR, "OllamaError": _OLLAMA_ERROR}  # fmt: skip
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         paths.setdefault(op.openapi_path, {})[op.method.lower()] = _operation(op, refs)
