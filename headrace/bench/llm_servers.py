@@ -77,7 +77,7 @@ def llama_server_argv(
         "--ctx-size", str(serving.n_ctx * parallel), "--parallel", str(parallel),
         "--threads", threads, "--threads-batch", threads,
         "--batch-size", str(serving.n_batch), "--ubatch-size", str(serving.n_batch),
-        "--no-webui", *extra,
+        "--no-ui", *extra,
     ]  # fmt: skip
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 
 from headrace.bench.common import percentile, progress, pyplot, write_outputs
-from headrace.bench.llm_http import stream_chat
+from headrace.bench.llm_http import client, stream_chat
 from headrace.bench.llm_servers import (
     Serving,
     headrace_served,
@@ -258,8 +258,7 @@ async def _conversations(
     base: str, headers: dict[str, str], workload: TurnsWorkload, system: System, first: int
 ) -> list[Turn]:
     url = f"{base}/v1/chat/completions"
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=300)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout) as http:
+    async with client(headers) as http:
         # Warm-up: one turn of a conversation of its own (its name shares no prefix).
         await converse(http, url, workload, 10_000 + first, system.cache_prompt, turns=1)
         turns: list[Turn] = []
