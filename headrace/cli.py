@@ -488,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="more llama-server arguments, e.g. '-fa off'")  # fmt: skip
     llm.add_argument("--llm-slots", type=_ints, metavar="1,2",
                      help="headrace rows: worker slots of each (default: 1,2 for an engine "
-                     "with a context per slot, 1 and the --peer-np values above 1 for a "
+                     "with a context per slot; 1 and the most clients of --levels for a "
                      "batching engine)")  # fmt: skip
     llm.add_argument("--only", metavar="KEYS",
                      help="run only the paths whose key starts with one of these (comma "

@@ -171,7 +171,7 @@ def contenders(threads: int, options: Options = Options()) -> list[Contender]:
             measure=over_http(llama_cpp_server_argv, "llama_cpp.server --interrupt_requests"),
             quick=False,
         ),
-        *_headrace_contenders(threads, options),
+        *_headrace_contenders(threads, options, max(options.levels or (16,))),
         *_peer_contenders(options),
     ]
     if options.only:
@@ -179,9 +179,10 @@ def contenders(threads: int, options: Options = Options()) -> list[Contender]:
     return [p for p in paths if p.quick or not options.quick]
 
 
-def _headrace_contenders(threads: int, options: Options) -> list[Contender]:
+def _headrace_contenders(threads: int, options: Options, clients: int) -> list[Contender]:
+    """1 slot, and 2 slots of half the threads (a context per slot) or a slot per client."""
     split = engine_splits_threads()
-    default = (1, 2) if split else (1, *(n for n in options.peer_np if n > 1))
+    default = (1, 2) if split else (1, clients)
     rows = []
     for slots in options.slots or default:
         per_slot = max(1, threads // slots) if split else threads
