@@ -194,7 +194,7 @@ def table(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {path['label']} | {lv['concurrency']} "
                 f"| {s['completed']} / {s['cut_short']} / {s['errors']} "
-                f"| {_num(s['aggregate_tps'])} ({_span(s['aggregate_tps_passes'])}) "
+                f"| {_num(s['aggregate_tps'])}{_span(s['aggregate_tps_passes'])} "
                 f"| {_num(s['stream_tps_p50'])} "
                 f"| {_num(s['ttft_p50_ms'])} / {_num(s['ttft_p99_ms'])} "
                 f"| {_num(s['itl_p50_ms'])} / {_num(s['itl_p99_ms'])} "
@@ -258,7 +258,8 @@ def _peer_lines(rows: list[dict[str, Any]] | None) -> list[str]:
 
 
 def _span(values: list[float]) -> str:
-    return ", ".join(f"{v:.1f}" for v in values)
+    """Each pass's figure, in brackets, when there was more than one pass."""
+    return f" ({', '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else ""
 
 
 def _behaviour_level(path: dict[str, Any]) -> dict[str, Any]:
@@ -298,7 +299,8 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         ratio = axes[2]
         xs = [r["concurrency"] for r in rows]
         ratio.plot(xs, [r["ratio"] for r in rows], marker="o", label="headrace, 1 slot")
-        ratio.plot(xs, [r["best_ratio"] for r in rows], marker="s", label="best headrace row")
+        ratio.plot(xs, [r["best_ratio"] for r in rows], marker="s", linestyle="--",
+                   label="best headrace row")  # fmt: skip
         ratio.plot(xs, [r["goal"] for r in rows], linestyle=":", color="grey", label="goal")
         ratio.legend(fontsize=8)
         titles.append((ratio, "aggregate tokens/s, headrace / best llama-server"))
