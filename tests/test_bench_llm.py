@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -36,14 +37,14 @@ needs_llama_server = pytest.mark.skipif(
 )
 
 
-def _workload(**overrides: object) -> Workload:
+def _workload(**overrides: Any) -> Workload:
     from workers.engines.gguf import DEFAULT_MODEL_ID, bundled_gguf
 
-    fields: dict[str, object] = {
+    fields: dict[str, Any] = {
         "model_id": DEFAULT_MODEL_ID, "model_path": str(bundled_gguf()), "prompts": PROMPTS[:2],
         "max_tokens": 8, "levels": (1, 2), "rounds": 1, "warmup": 1, "threads": 2,
     }  # fmt: skip
-    return Workload(**{**fields, **overrides})  # type: ignore[arg-type]
+    return Workload(**{**fields, **overrides})
 
 
 @pytest.mark.timeout(360)
@@ -180,7 +181,7 @@ def test_turns_workload_resends_a_400_token_persona_and_the_history() -> None:
         llm_turns.TurnsWorkload(**{**_fields(), "turns": 7})
 
 
-def _fields() -> dict[str, object]:
+def _fields() -> dict[str, Any]:
     from workers.engines.gguf import DEFAULT_MODEL_ID, bundled_gguf
 
     return {"model_id": DEFAULT_MODEL_ID, "model_path": str(bundled_gguf()), "max_tokens": 8}
@@ -189,7 +190,7 @@ def _fields() -> dict[str, object]:
 @pytest.fixture(scope="module")
 def stand_in_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """llama_cpp.server with its prompt cache, started by the peer runner."""
-    workload = llm_turns.TurnsWorkload(**_fields())  # type: ignore[arg-type]
+    workload = llm_turns.TurnsWorkload(**_fields())
     extra = ("--interrupt_requests", "False", "--cache", "True")
     log = tmp_path_factory.mktemp("stand-in") / "server.log"
     with llm_servers.served(
@@ -200,7 +201,7 @@ def stand_in_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_conversation_appends_each_reply_and_times_each_turn(stand_in_server: str) -> None:
-    workload = llm_turns.TurnsWorkload(**{**_fields(), "turns": 3})  # type: ignore[arg-type]
+    workload = llm_turns.TurnsWorkload(**{**_fields(), "turns": 3})
 
     async def talk() -> list[llm_turns.Turn]:
         async with client() as http:
@@ -227,7 +228,7 @@ def test_conversation_appends_each_reply_and_times_each_turn(stand_in_server: st
 
 
 def test_turns_table_and_plot(tmp_path: Path) -> None:
-    workload = llm_turns.TurnsWorkload(**{**_fields(), "turns": 2})  # type: ignore[arg-type]
+    workload = llm_turns.TurnsWorkload(**{**_fields(), "turns": 2})
     system = llm_turns.System(key="x", label="a system", serve=llm_turns._headrace,
                               cache_prompt=True)  # fmt: skip
     options = llm_turns.TurnsOptions(workload=workload, systems=(system,))
@@ -257,7 +258,7 @@ def test_llama_server_rows_and_its_prompt_cache(tmp_path: Path) -> None:
 
     cached, uncached = llm_turns.systems(LLAMA_SERVER)[:2]
     options = llm_turns.TurnsOptions(
-        workload=llm_turns.TurnsWorkload(**{**_fields(), "turns": 2, "conversations": 1,  # type: ignore[arg-type]
+        workload=llm_turns.TurnsWorkload(**{**_fields(), "turns": 2, "conversations": 1,
                                             "passes": 1}),
         systems=(cached, uncached),
     )  # fmt: skip
