@@ -23,7 +23,15 @@ def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]
 _COMMON = ("nats_url", "nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key", "region",
            "log_level")  # fmt: skip
 _SD = ("sd_device", "sd_threads", "image_inline_chars")
-_LLM = ("llm_n_ctx", "llm_threads", "llm_threads_batch", "llm_gpu_layers", "llm_chat_template_file")
+_LLM = (
+    "llm_n_ctx",
+    "llm_threads",
+    "llm_threads_batch",
+    "llm_gpu_layers",
+    "llm_chat_template_file",
+    "llm_flash_attn",
+    "llm_cache_seqs",
+)
 _LIMITS = (
     "jobs_max_msgs",
     "jobs_max_bytes",
@@ -345,14 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="llm_threads",
         type=int,
         metavar="N",
-        help="llm: CPU threads per slot (CPUs / slots)",
+        help="llm: CPU threads of a model's context, all slots together (CPUs)",
     )
     p.add_argument(
         "--threads-batch",
         dest="llm_threads_batch",
         type=int,
         metavar="N",
-        help="llm: CPU threads per slot for prompts (as --threads)",
+        help="llm: CPU threads for steps of more than one token (as --threads)",
     )
     p.add_argument(
         "--gpu-layers",
@@ -360,6 +368,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="llm: layers on the GPU (-1: all)",
+    )
+    p.add_argument(
+        "--flash-attn",
+        dest="llm_flash_attn",
+        choices=["auto", "on", "off"],
+        help="llm: flash attention (default auto: where llama.cpp has it)",
+    )
+    p.add_argument(
+        "--cache-seqs",
+        dest="llm_cache_seqs",
+        type=int,
+        metavar="N",
+        help="llm: finished sequences kept for prompt-prefix reuse (default: slots; 0: off)",
     )
     p.add_argument(
         "--chat-template",

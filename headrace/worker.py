@@ -53,7 +53,7 @@ def parse_models(spec: str) -> dict[str, Path]:
 def llama_engine(settings: WorkerSettings) -> LlamaEngine:
     """The llama.cpp engine configured from worker settings (the bundled SmolLM2 by default).
 
-    One llama.cpp context per slot and model, so ``--slots`` jobs really run side by side.
+    One llama.cpp context per model with room for ``--slots`` sequences, decoded together.
     """
     # Imported here: llama-cpp-python is the optional ``llm`` extra, and echo workers do without.
     from workers.engines.gguf import DEFAULT_MODEL_ID, ModelConfig, bundled_gguf
@@ -73,6 +73,8 @@ def llama_engine(settings: WorkerSettings) -> LlamaEngine:
                 n_gpu_layers=settings.llm_gpu_layers,
                 chat_template=template,
                 contexts=settings.slots,
+                flash_attn={"auto": None, "on": True, "off": False}[settings.llm_flash_attn],
+                cache_seqs=settings.llm_cache_seqs,
             )
             for model_id, path in paths.items()
         ]

@@ -28,6 +28,7 @@ class Timings(Contract):
     prompt_ms: float = 0.0
     predicted_n: int = 0
     predicted_ms: float = 0.0
+    cache_n: int = 0  # prompt tokens whose KV cells were reused (not in prompt_n)
 
 
 class TopLogprob(Contract):

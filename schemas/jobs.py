@@ -108,6 +108,9 @@ class TextParams(Params):
     json_schema: Annotated[dict[str, Any] | None, SchemaDepth] = None
     response_format: Literal["text", "json_object", "json_schema"] = "text"
     ignore_eos: bool = False
+    # Reuse the KV cells of a prefix this worker holds (llama.cpp's cache_prompt): faster, but
+    # the logits may differ in their last bits from evaluating the whole prompt.
+    cache_prompt: bool = True
 
 
 class ImageInput(Params):

@@ -30,9 +30,13 @@ def engine() -> LlamaEngine:
 
 
 async def test_openai_sdk_chat_streamed_and_not_agree(
-    oai: openai.AsyncOpenAI, worker_settings: WorkerSettings, engine: LlamaEngine
+    oai: openai.AsyncOpenAI, worker_settings: WorkerSettings
 ) -> None:
-    async with running(worker_settings, engine):
+    # No prefix cache: the second request would reuse the first one's prompt cells and
+    # evaluate only its last token, and logits computed in a batch of one differ in their
+    # last bits from those of a whole prompt's batch, enough to move a seeded draw.
+    uncached = ModelConfig(id=MODEL, path=bundled_gguf(), n_ctx=512, n_threads=1, cache_seqs=0)
+    async with running(worker_settings, LlamaEngine([uncached])):
         whole = await oai.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=12, seed=5)
         stream = await oai.chat.completions.create(
             model=MODEL,
@@ -146,3 +150,26 @@ async def test_ollama_chat_ndjson_with_a_real_model(
     assert lines[-1]["prompt_eval_count"] > 0
     assert lines[-1]["eval_duration"] > 0
     assert all(not line["done"] for line in lines[:-1])
+
+
+async def test_completion_reports_the_reused_prefix_and_cache_prompt_false_turns_it_off(
+    edge: str, worker_settings: WorkerSettings, engine: LlamaEngine
+) -> None:
+    body = {"prompt": "Once upon a time, in a land far away,", "n_predict": 4, "temperature": 0}
+    async with running(worker_settings, engine), aiohttp.ClientSession(headers=AUTH) as http:
+        answers = []
+        for extra in ({}, {}, {"cache_prompt": False}, {"cache_prompt": "yes"}):
+            async with http.post(f"{edge}/completion", json={**body, **extra}) as resp:
+                answers.append((resp.status, await resp.json()))
+    (_, first), (_, again), (_, uncached), (status, bad) = answers
+    prompt_n = first["tokens_evaluated"]
+    assert first["timings"]["cache_n"] == 0
+    assert first["timings"]["prompt_n"] == prompt_n
+    # The same prompt again: all but its last token come from the cells the first one left.
+    assert again["timings"]["cache_n"] == prompt_n - 1
+    assert again["timings"]["prompt_n"] == 1
+    assert again["tokens_cached"] == prompt_n + again["tokens_predicted"]
+    assert uncached["timings"]["cache_n"] == 0
+    assert uncached["timings"]["prompt_n"] == prompt_n
+    assert status == 400
+    assert "cache_prompt" in str(bad)

@@ -6,6 +6,7 @@ import os
 import secrets
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -50,15 +51,25 @@ class WorkerSettings(CommonSettings):
         description="llm: models as ID=PATH.gguf, comma-separated (empty: the bundled SmolLM2)",
     )
     llm_n_ctx: int = Field(
-        default=2048, ge=0, description="llm: context size in tokens (0: the model's own)"
+        default=2048,
+        ge=0,
+        description="llm: context size in tokens, per slot (0: the model's own)",
     )
     llm_threads: int | None = Field(
-        default=None, ge=1, description="llm: CPU threads per context (default: CPUs / slots)"
+        default=None, ge=1, description="llm: CPU threads of a model's context (default: CPUs)"
     )
     llm_threads_batch: int | None = Field(
         default=None,
         ge=1,
-        description="llm: CPU threads per context for prompts (default: as llm_threads)",
+        description="llm: CPU threads for steps of more than one token (default: as llm_threads)",
+    )
+    llm_flash_attn: Literal["auto", "on", "off"] = Field(
+        default="auto", description="llm: flash attention (auto: where llama.cpp's backend has it)"
+    )
+    llm_cache_seqs: int | None = Field(
+        default=None,
+        ge=0,
+        description="llm: finished sequences kept for prompt-prefix reuse (default: slots; 0: off)",
     )
     llm_gpu_layers: int = Field(
         default=0, ge=-1, description="llm: layers offloaded to the GPU (-1: all)"

@@ -52,6 +52,7 @@ class CompletionRequest(Lenient):
     logit_bias: list[list[Any]] | dict[str, float | StrictBool] | None = None
     n_probs: int = Field(default=0, ge=0, le=20)
     stream: StrictBool = False
+    cache_prompt: StrictBool = True
 
     @field_validator("n_predict")
     @classmethod
@@ -120,4 +121,5 @@ class CompletionRequest(Lenient):
             logit_bias=biases,
             logprobs=self.n_probs > 0,
             top_logprobs=self.n_probs or None,
+            cache_prompt=self.cache_prompt,
         )

@@ -31,6 +31,7 @@ def timings(t: Timings) -> dict[str, float]:
     prompt_per_token, prompt_per_s = per(t.prompt_ms, t.prompt_n)
     predicted_per_token, predicted_per_s = per(t.predicted_ms, t.predicted_n)
     return {
+        "cache_n": t.cache_n,
         "prompt_n": t.prompt_n,
         "prompt_ms": t.prompt_ms,
         "prompt_per_token_ms": prompt_per_token,
@@ -50,6 +51,9 @@ def final(model: str, content: str, done: Done) -> dict[str, Any]:
         "model": model,
         "tokens_predicted": done.usage.completion_tokens,
         "tokens_evaluated": done.usage.prompt_tokens,
+        # What the sequence's cells hold at the end, as llama.cpp counts it: the reused
+        # prefix, what was evaluated and what was generated.
+        "tokens_cached": done.usage.prompt_tokens + done.usage.completion_tokens,
         "stop_type": _STOP_TYPE.get(done.finish_reason, "none"),
         "stopping_word": "",
         "truncated": False,

@@ -10,13 +10,15 @@ only one path runs at a time, each with its own processes:
 * ``llama_cpp.server``: llama-cpp-python's own OpenAI server, as it ships
   (``interrupt_requests`` on), and again with ``--interrupt_requests False``;
 * ``headrace``: nats-server, a ``headrace worker llm`` process and the edge,
-  streamed chat completions over HTTP; with 1 slot and with more;
+  streamed chat completions over HTTP; with 1 slot, and with 16 slots (16
+  sequences decoded in one batch per step by the same threads);
 * ``llama-server-npN``: llama.cpp's own server (the peer), built by ``make
   llama-server`` from the same llama.cpp source as the engine, with ``-np`` 1, 4
   and 8 slots (continuous batching), when the binary is there.
 
 Every path uses the same GGUF, n_ctx (per slot), n_batch and llama.cpp threads
-(``--threads``, for generation and prompts alike), and is warmed up before it is
+(``--threads``, for generation and prompts alike; headrace's slots share them: one
+context per model), and is warmed up before it is
 measured. With ``--passes N`` (2; 1 with ``--quick``) every path runs once per
 pass, in the same order, so slow drifts of the machine's speed hit every system
 alike; the figures pool all passes and keep each pass's aggregate rate. The HTTP

@@ -26,14 +26,32 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import orjson
 
 from headrace.bench.llm_workload import SAMPLING, Level, Sample, Workload, run_levels
 from schemas.events import Delta, Done
 from schemas.jobs import ChatMessage, TextJob, TextParams
 from schemas.subjects import new_job_id
-from workers.engines.gguf import ModelConfig, load_context
+from workers.engines.gguf import ModelConfig
 from workers.engines.llama import LlamaEngine
+
+
+def load_llama(config: ModelConfig) -> llama_cpp.Llama:
+    """The GGUF with one llama-cpp-python context, as the engine's settings have it (flash
+    attention on unless the config turns it off: llama.cpp's "auto" turns it on for the CPU,
+    and ``Llama`` takes only on or off)."""
+    return llama_cpp.Llama(
+        model_path=str(config.path),
+        n_ctx=config.n_ctx,
+        n_batch=config.n_batch,
+        n_threads=config.threads(),
+        n_threads_batch=config.threads_batch(),
+        n_gpu_layers=config.n_gpu_layers,
+        flash_attn=config.flash_attn is not False,
+        logits_all=False,
+        verbose=False,
+    )
 
 
 async def llama_cpp_python(workload: Workload) -> list[Level]:
@@ -41,7 +59,7 @@ async def llama_cpp_python(workload: Workload) -> list[Level]:
     config = _config(workload)
     thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama")
     loop = asyncio.get_running_loop()
-    llm = await loop.run_in_executor(thread, load_context, config)
+    llm = await loop.run_in_executor(thread, load_llama, config)
 
     def generate(sample: Sample, k: int, t0: float) -> Sample:
         llm.reset()  # no prompt-prefix reuse between requests

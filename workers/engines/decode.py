@@ -1,9 +1,10 @@
-"""The token loop of one job, run in a worker thread on a borrowed llama.cpp context.
+"""What one job does inside a batch: its sampler chain, its tokens, its output.
 
-It evaluates the prompt, then samples one token at a time with a chain built
-from the job's ``SamplerPlan``, checking the cancel flags before every token,
-and hands each releasable piece of text to ``emit`` (the engine coalesces them
-into deltas on the event loop).
+A ``Generation`` holds a job's prompt tokens, a chain built from its
+``SamplerPlan`` and its output; the batch scheduler (``batch.py``) evaluates its
+tokens among other sequences' and asks it for one sampled token per step. Each
+releasable piece of text goes to ``emit`` (the engine coalesces them into deltas
+on the event loop).
 """
 
 from __future__ import annotations
@@ -143,9 +144,12 @@ def build_sampler(model: GgufModel, sp: SamplerPlan) -> LlamaSampler:
     return sampler
 
 
-def token_logprob(model: GgufModel, llm: llama_cpp.Llama, token: int, top_n: int) -> TokenLogprob:
-    """Log-probability of the sampled token under the model's raw distribution, with the top n."""
-    ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+def token_logprob(
+    model: GgufModel, ctx: llama_cpp.llama_context_p, idx: int, token: int, top_n: int
+) -> TokenLogprob:
+    """Log-probability of the sampled token under the model's raw distribution, with the top n
+    (the logits at batch index ``idx``)."""
+    ptr = llama_cpp.llama_get_logits_ith(ctx, idx)
     logits = np.ctypeslib.as_array(ptr, shape=(model.n_vocab,))
     top = float(logits.max())
     lse = top + math.log(float(np.exp(logits - top).sum()))
@@ -211,126 +215,107 @@ class _Output:
             self.tokens, self.token_ids, self.logprobs = 0, [], None
 
 
-def generate(
-    model: GgufModel,
-    llm: llama_cpp.Llama,
-    job: TextJob,
-    signals: Signals,
-    emit: Callable[[Piece], None],
-) -> Done:
-    """Run one job to its ``Done`` on ``llm`` (which nobody else may touch meanwhile)."""
-    p = job.params
-    prompt = model.prompt_tokens(p)
-    resumed = job.resume.token_ids if job.resume else []
-    model.check_tokens(resumed)
-    budget = token_budget(p.max_tokens, len(prompt), model.n_ctx, model.config.id)
-    sampler = build_sampler(model, plan(p, n_vocab=model.n_vocab, n_ctx=model.n_ctx, eog=model.eog))
-    top_n = (p.top_logprobs or 0) if p.logprobs else None
-    out = _Output(p.stop, emit)
-    try:
-        # A continuation: the delivered tokens go through the sampler chain (penalties and
-        # grammars see them) and through the output (the holdback sees them), but none is sent.
-        for t in resumed:
-            llama_cpp.llama_sampler_accept(sampler.sampler, t)
-        stopped = out.replay(model, resumed, job.resume.text) if job.resume else False
-        t0 = time.perf_counter()
-        evaluated = _eval_prompt(llm, prompt, model.config.n_batch, signals)
-        evaluated = evaluated and _eval_replay(llm, resumed, signals)
-        t1 = time.perf_counter()
-        loop = _Loop(model, llm, sampler, signals, out, top_n)
-        if not evaluated:
-            reason, n = "cancelled", len(resumed)
-        elif stopped or len(resumed) >= budget:  # the first attempt had ended its text already
-            out.finish()
-            reason, n = ("stop" if stopped else "length"), len(resumed)
-        else:
-            reason, n = loop.run(budget, start=len(resumed))
-        t2 = time.perf_counter()
-    finally:
-        sampler.close()
-    return Done(
-        finish_reason=reason,
-        usage=Usage(prompt_tokens=len(prompt), completion_tokens=n, total_tokens=len(prompt) + n),
-        timings=Timings(
-            prompt_n=len(prompt) + len(resumed),
-            prompt_ms=(t1 - t0) * 1000,
-            predicted_n=n - len(resumed),
-            predicted_ms=(t2 - t1) * 1000,
-        ),
-        seed=p.seed,
-        stop_word=out.holdback.word,
-    )
+class Generation:
+    """One job's part of a batch: what it must evaluate, then one sampled token per step.
 
-
-def _eval_prompt(llm: llama_cpp.Llama, prompt: list[int], n_batch: int, signals: Signals) -> bool:
-    """Evaluate the prompt batch by batch (a cancel is heard between batches); False if cancelled.
-
-    Every job evaluates its whole prompt (no KV prefix reuse between jobs), so
-    its logits never depend on what the context ran before: a redelivered job
-    must repeat itself on any worker. On the CPU the text is the same for any
-    thread count or batch size (checked); GPU kernels may depend on how a
-    prompt is split, which prefix reuse would change from job to job.
+    Made off the scheduler thread (tokenizing and compiling a grammar take time, and only
+    read the model); then only the scheduler thread touches it. The prompt and a
+    continuation's delivered tokens are ``known``: the scheduler evaluates them (all but a
+    reused prefix), then calls ``sample`` with the batch index of each step's logits and
+    evaluates the token it returns in the next step, until it returns None.
     """
-    llm.reset()
-    for i in range(0, len(prompt), n_batch):
-        if signals.is_set():
-            return False
-        llm.eval(prompt[i : i + n_batch])
-    return True
 
-
-def _eval_replay(llm: llama_cpp.Llama, tokens: list[int], signals: Signals) -> bool:
-    """Evaluate a continuation's delivered tokens one by one, as they were evaluated when they
-    were generated; False if cancelled.
-
-    One at a time, not as a batch: the logits of a batched evaluation differ in the last
-    bits from one token at a time (other kernels), enough to flip a greedy choice, and
-    a continuation at temperature 0 must go on as the interrupted run would have.
-    """
-    for t in tokens:
-        if signals.is_set():
-            return False
-        llm.eval([t])
-    return True
-
-
-class _Loop:
-    """Samples one token at a time until a stop, the budget, or a cancel."""
-
-    def __init__(
-        self,
-        model: GgufModel,
-        llm: llama_cpp.Llama,
-        sampler: LlamaSampler,
-        signals: Signals,
-        out: _Output,
-        top_n: int | None,
-    ) -> None:
+    def __init__(self, model: GgufModel, job: TextJob, emit: Callable[[Piece], None]) -> None:
+        p = job.params
         self.model = model
-        self.llm = llm
-        self.sampler = sampler
-        self.signals = signals
-        self.out = out
-        self.top_n = top_n
+        self.prompt = model.prompt_tokens(p)
+        resumed = job.resume.token_ids if job.resume else []
+        model.check_tokens(resumed)
+        self.budget = token_budget(p.max_tokens, len(self.prompt), model.n_ctx, model.config.id)
+        self.sampler = build_sampler(
+            model, plan(p, n_vocab=model.n_vocab, n_ctx=model.n_ctx, eog=model.eog)
+        )
+        self.top_n = (p.top_logprobs or 0) if p.logprobs else None
+        self.out = _Output(p.stop, emit)
+        self.seed = p.seed
+        self.cache_prompt = p.cache_prompt
+        self.known = self.prompt + list(resumed)
+        self.resumed = len(resumed)
+        self.n = len(resumed)
+        self.cache_n = 0  # known tokens whose cells were reused, not evaluated
+        self.was_admitted = False
+        self.reason: FinishReason | None = None
+        self.t_admitted = self.t_first = self.t_end = time.perf_counter()
+        try:
+            # A continuation: the delivered tokens go through the sampler chain (penalties and
+            # grammars see them) and through the output (the holdback sees them), but none is
+            # sent.
+            for t in resumed:
+                llama_cpp.llama_sampler_accept(self.sampler.sampler, t)
+            stopped = self.out.replay(model, resumed, job.resume.text) if job.resume else False
+        except BaseException:
+            self.sampler.close()
+            raise
+        if stopped or len(resumed) >= self.budget:  # the first attempt had ended its text
+            self.out.finish()
+            self._end("stop" if stopped else "length")
 
-    def run(self, budget: int, start: int = 0) -> tuple[FinishReason, int]:
-        """The finish reason and the number of tokens generated (``start`` of them before)."""
-        n = start
-        while True:
-            if self.signals.is_set():  # checked before every token: a cancel costs at most one
-                self.out.finish()
-                return "cancelled", n
-            token: int = llama_cpp.llama_sampler_sample(self.sampler.sampler, self.llm.ctx, -1)
-            if token in self.model.eog:  # not counted: it ends the text, it is not part of it
-                self.out.finish()
-                return "stop", n
-            n += 1
-            lp = None
-            if self.top_n is not None:
-                lp = token_logprob(self.model, self.llm, token, self.top_n)
-            if self.out.token(self.model.piece(token), token, lp):
-                return "stop", n
-            if n >= budget:
-                self.out.finish()
-                return "length", n
-            self.llm.eval([token])
+    def admitted(self, cache_n: int) -> None:
+        """The scheduler gave it a sequence, reusing the cells of ``cache_n`` known tokens."""
+        self.cache_n = cache_n
+        self.was_admitted = True
+        self.t_admitted = self.t_first = time.perf_counter()
+
+    def sample(self, ctx: llama_cpp.llama_context_p, idx: int) -> int | None:
+        """Sample from the logits at batch index ``idx``: the token to evaluate next, or None
+        when the text has ended (a stop, the budget)."""
+        if self.n == self.resumed:
+            self.t_first = time.perf_counter()
+        token: int = llama_cpp.llama_sampler_sample(self.sampler.sampler, ctx, idx)
+        if token in self.model.eog:  # not counted: it ends the text, it is not part of it
+            self.out.finish()
+            self._end("stop")
+            return None
+        self.n += 1
+        lp = None
+        if self.top_n is not None:
+            lp = token_logprob(self.model, ctx, idx, token, self.top_n)
+        if self.out.token(self.model.piece(token), token, lp):
+            self._end("stop")
+            return None
+        if self.n >= self.budget:
+            self.out.finish()
+            self._end("length")
+            return None
+        return token
+
+    def cancel(self) -> None:
+        """Stop here (a cancel, a deadline, the engine closing): release what was held."""
+        if self.reason is None:
+            if self.n == self.resumed:
+                self.t_first = time.perf_counter()
+            self.out.finish()
+            self._end("cancelled")
+
+    def _end(self, reason: FinishReason) -> None:
+        self.reason = reason
+        self.t_end = time.perf_counter()
+
+    def done(self) -> Done:
+        """The job's ``Done`` (once it has ended); the sampler chain is freed."""
+        assert self.reason is not None
+        self.sampler.close()
+        n, prompt_n = self.n, len(self.prompt)
+        return Done(
+            finish_reason=self.reason,
+            usage=Usage(prompt_tokens=prompt_n, completion_tokens=n, total_tokens=prompt_n + n),
+            timings=Timings(
+                prompt_n=len(self.known) - self.cache_n if self.was_admitted else 0,
+                prompt_ms=(self.t_first - self.t_admitted) * 1000,
+                predicted_n=n - self.resumed,
+                predicted_ms=(self.t_end - self.t_first) * 1000,
+                cache_n=self.cache_n,
+            ),
+            seed=self.seed,
+            stop_word=self.out.holdback.word,
+        )

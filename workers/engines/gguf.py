@@ -1,4 +1,9 @@
-"""A GGUF model loaded with llama-cpp-python: its contexts, vocabulary and chat template."""
+"""A GGUF model loaded with llama-cpp-python: its weights, vocabulary and chat template.
+
+The weights are loaded once per model (``load_model``); contexts are made from them
+(``new_context``): the text engine's one batched context, and whatever else needs one
+(an embedding context shares the same ``llama_model``, so the weights stay one copy).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Any
 
 import jinja2
 import llama_cpp
+from llama_cpp._internals import LlamaContext, LlamaModel
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from schemas.errors import InvalidRequest
@@ -69,71 +75,115 @@ def cpu_count() -> int:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """How one model is served. ``contexts`` llama.cpp contexts run jobs side by side."""
+    """How one model is served: ``contexts`` sequences decode side by side in one batch.
+
+    The name ``contexts`` stays from when each slot had a llama.cpp context of its own: now
+    it is the number of sequences the model's one context runs at once (the worker's slots).
+    """
 
     id: str
     path: Path
-    n_ctx: int = 2048  # 0: the context the model was trained with
-    n_threads: int | None = None  # None: the CPUs shared out among the contexts
+    n_ctx: int = 2048  # per sequence; 0: the context the model was trained with
+    n_threads: int | None = None  # None: every CPU (one context drives them all)
     n_threads_batch: int | None = None  # prompt evaluation; None: as n_threads
     n_gpu_layers: int = 0  # -1: every layer
-    n_batch: int = 512
+    n_batch: int = 512  # tokens per llama_decode step (decodes and prompt chunks together)
     chat_template: str | None = None  # None: the template in the GGUF metadata
     contexts: int = 1
+    flash_attn: bool | None = None  # None: llama.cpp decides (on where the backend has it)
+    cache_seqs: int | None = None  # finished sequences kept for prefix reuse; None: contexts
 
     def threads(self) -> int:
-        """CPU threads per context while generating."""
-        return self.n_threads or max(1, cpu_count() // self.contexts)
+        """CPU threads of the context while generating."""
+        return self.n_threads or cpu_count()
 
     def threads_batch(self) -> int:
-        """CPU threads per context while evaluating a prompt."""
+        """CPU threads of the context while evaluating a prompt."""
         return self.n_threads_batch or self.threads()
 
+    def cached(self) -> int:
+        """How many finished sequences the prefix cache keeps (0: none)."""
+        return self.contexts if self.cache_seqs is None else self.cache_seqs
 
-def load_context(config: ModelConfig) -> llama_cpp.Llama:
-    """Load the GGUF with one llama.cpp context (blocking: call it on the context's own thread)."""
+
+# llama.cpp's bound on sequence ids in one context (LLAMA_MAX_SEQ).
+MAX_SEQUENCES = int(llama_cpp.llama_max_parallel_sequences())
+
+
+def load_model(config: ModelConfig) -> LlamaModel:
+    """Load the GGUF's weights (blocking; mmap'd, so every context made from them shares them)."""
     if not config.path.is_file():
         raise FileNotFoundError(f"model file not found: {config.path}")
-    return llama_cpp.Llama(
-        model_path=str(config.path),
-        n_ctx=config.n_ctx,
-        n_batch=config.n_batch,
-        n_threads=config.threads(),
-        n_threads_batch=config.threads_batch(),
-        n_gpu_layers=config.n_gpu_layers,
-        logits_all=False,
-        verbose=False,
-    )
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = config.n_gpu_layers
+    return LlamaModel(path_model=str(config.path), params=params, verbose=False)
+
+
+def new_context(model: LlamaModel, config: ModelConfig, n_ctx: int) -> LlamaContext:
+    """The batched context of a model: one KV cache of ``n_ctx`` x ``contexts`` cells, unified.
+
+    Unified (one buffer that every sequence's cells live in, each sequence up to the whole
+    size) so that sequences can share cells: a partial ``llama_memory_seq_cp`` only tags
+    cells with one more sequence id, no data moves. Split buffers (``kv_unified`` false) give
+    each sequence ``n_ctx / n_seq_max`` cells and copy only whole sequences. The engine keeps
+    every sequence within ``n_ctx`` itself. ``n_seq_max`` also counts the ids that cached
+    prefixes hold.
+    """
+    params = llama_cpp.llama_context_default_params()
+    seqs = config.contexts + config.cached()
+    if seqs > MAX_SEQUENCES:
+        raise ValueError(
+            f"{config.contexts} slots and {config.cached()} cached prefixes exceed "
+            f"llama.cpp's {MAX_SEQUENCES} sequences per context"
+        )
+    params.n_ctx = n_ctx * config.contexts
+    params.n_batch = params.n_ubatch = max(config.n_batch, config.contexts)
+    params.n_seq_max = seqs
+    params.kv_unified = True
+    params.n_threads = config.threads()
+    params.n_threads_batch = config.threads_batch()
+    params.flash_attn_type = {
+        None: llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+        True: llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        False: llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    }[config.flash_attn]
+    params.no_perf = True
+    return LlamaContext(model=model, params=params, verbose=False)
 
 
 class GgufModel:
-    """One model with one ``Llama`` (model + context) per slot.
+    """One model's weights, vocabulary and chat template, loaded once whatever the slots.
 
-    A llama.cpp context is not thread safe, so each job borrows one context for
-    its whole run. Vocabulary lookups (tokenize, pieces) only read the model and
-    may run beside a generation.
+    Vocabulary lookups (tokenize, pieces) only read the model and may run on any thread
+    beside a generation. ``llama_model`` is the native model that contexts are made from.
     """
 
-    def __init__(self, config: ModelConfig, contexts: list[llama_cpp.Llama]) -> None:
+    def __init__(self, config: ModelConfig, model: LlamaModel) -> None:
         self.config = config
-        self.contexts = contexts
-        first = contexts[0]
-        self.vocab = llama_cpp.llama_model_get_vocab(first.model)
-        self.n_ctx: int = first.n_ctx()
-        self.n_vocab: int = first.n_vocab()
-        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(first.model))
+        self.weights = model
+        self.vocab = model.vocab
+        self.n_ctx_train = model.n_ctx_train()
+        self.n_ctx: int = config.n_ctx or self.n_ctx_train  # per sequence
+        self.n_vocab: int = model.n_vocab()
         self.eog = frozenset(
             t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self.vocab, t)
         )
-        self.bos_text = self._special_text(first.token_bos())
-        self.eos_text = self._special_text(first.token_eos())
-        metadata: dict[str, str] = first.metadata
+        self.bos_text = self._special_text(model.token_bos())
+        self.eos_text = self._special_text(model.token_eos())
+        metadata: dict[str, str] = model.metadata()
         self.chat_template = (
             config.chat_template or metadata.get("tokenizer.chat_template") or CHATML
         )
         self._formatter = Jinja2ChatFormatter(
             self.chat_template, eos_token=self.eos_text, bos_token=self.bos_text
         )
+
+    @property
+    def llama_model(self) -> llama_cpp.llama_model_p:
+        """The native ``llama_model`` (for ``llama_init_from_model``: another context on the
+        same weights)."""
+        model: llama_cpp.llama_model_p = self.weights.model
+        return model
 
     def _special_text(self, token: int) -> str:
         return "" if token < 0 else self.piece(token, special=True).decode(errors="replace")
@@ -149,7 +199,7 @@ class GgufModel:
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool = True) -> list[int]:
         """Token ids of ``text``, as llama.cpp's server makes them."""
-        tokens: list[int] = self.contexts[0].tokenize(
+        tokens: list[int] = self.weights.tokenize(
             text.encode(), add_bos=add_special, special=parse_special
         )
         return tokens

@@ -1,18 +1,23 @@
 """The llama.cpp text engine: GGUF models through llama-cpp-python, tokens streamed as they come.
 
-Thread model: a llama.cpp context is not thread safe, so each model is loaded
-once per slot (``ModelConfig.contexts``), and a job borrows one context for its
-whole run. Every context has one thread of its own, for its whole life: it is
-loaded there and every job on it generates there, off the event loop. One
-thread per context is not only tidiness: llama.cpp's CPU backend uses OpenMP,
-and once a second thread has driven its compute in a process, libgomp's idle
-workers contend for the cores (measured: decode at 70 instead of 144 tokens/s
-on 2 cores). With mmap the contexts share the weights' file pages; each has
-its own KV cache.
+Batching: each model is loaded once, with one llama.cpp context whose KV cache holds
+every slot's sequence, and one scheduler thread (``batch.Batcher``) that decodes the
+next token of every running job in one ``llama_decode`` per step, with chunks of new
+prompts in the room left. A job joins at the next step and leaves when it ends; it
+reuses the longest cached prefix of its tokens (``cache_prompt``, on by default).
 
-Streaming: the thread hands every releasable piece of text to the event loop
-through a ``ThreadStream``; pieces that queue up while the runtime is still
-publishing the previous delta are coalesced into one ``Delta``.
+Thread model: a llama.cpp context is not thread safe, and one thread ever drives each
+context: the scheduler thread loads it and runs every step on it, off the event loop.
+One thread per context is not only tidiness: llama.cpp's CPU backend uses OpenMP, and
+once a second thread has driven its compute in a process, libgomp's idle workers contend
+for the cores (measured: decode at 70 instead of 144 tokens/s on 2 cores). With one
+context per model (not per slot) a worker serving one model has one such thread.
+Preparing a job (its chat template, tokens, grammar) runs on a short-lived thread beside
+it: that only reads the vocabulary.
+
+Streaming: the scheduler hands every releasable piece of text to the event loop through
+the job's ``ThreadStream``; pieces that queue up while the runtime is still publishing the
+previous delta are coalesced into one ``Delta``.
 """
 
 from __future__ import annotations
@@ -23,32 +28,20 @@ import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
-
-import llama_cpp
 
 from schemas.events import Done, EngineEvent
 from schemas.fleet import ModelInfo
 from schemas.jobs import TextJob
 from schemas.subjects import JobKind
-from workers.engines import llama_rpc
+from workers.engines import batch, llama_rpc
 from workers.engines.base import by_id, loaded_model
-from workers.engines.decode import Piece, Signals, generate, merge
-from workers.engines.gguf import GgufModel, ModelConfig, load_context, route_native_logs
+from workers.engines.decode import Generation, Piece, Signals, merge
+from workers.engines.gguf import GgufModel, ModelConfig, route_native_logs
 from workers.engines.thread_stream import ThreadStream
 from workers.queue_time import queue_ms, with_queue_ms
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class _Slot:
-    """One llama.cpp context and the one thread that ever touches it."""
-
-    llm: llama_cpp.Llama
-    thread: ThreadPoolExecutor
 
 
 class LlamaEngine:
@@ -59,12 +52,10 @@ class LlamaEngine:
     def __init__(self, configs: Sequence[ModelConfig]) -> None:
         self.configs = by_id(configs, "llama")
         self._models: dict[str, GgufModel] = {}
-        self._slots: list[_Slot] = []
-        self._free: dict[str, asyncio.Queue[_Slot]] = {}
-        self._jobs: dict[asyncio.Future[None], Signals] = {}
+        self._batchers: dict[str, batch.Batcher] = {}
 
     def models(self) -> list[ModelInfo]:
-        """The configured models; their context length is the loaded n_ctx."""
+        """The configured models; their context length is the loaded n_ctx (per sequence)."""
         return [
             ModelInfo(
                 id=c.id,
@@ -73,6 +64,14 @@ class LlamaEngine:
             )
             for c in self.configs.values()
         ]
+
+    def model(self, model_id: str) -> GgufModel:
+        """A loaded model (its weights hand out ``llama_model`` for other contexts)."""
+        return self._model(model_id)[1]
+
+    def batcher(self, model_id: str) -> batch.Batcher:
+        """The scheduler of a loaded model (its ``steps`` and ``tokens`` count its work)."""
+        return self._batchers[self._model(model_id)[0]]
 
     async def start(self) -> None:
         """Load every model, logging progress; a second call does nothing."""
@@ -88,8 +87,8 @@ class LlamaEngine:
 
     async def _load(self, c: ModelConfig) -> None:
         log.info(
-            "loading %s from %s: %d context(s) of %s tokens, %d/%d thread(s) each "
-            "(generation/prompt), %d GPU layer(s) ...",
+            "loading %s from %s: %d sequence(s) of %s tokens in one context, "
+            "%d/%d thread(s) (generation/prompt), %d GPU layer(s), %d cached prefix(es) ...",
             c.id,
             c.path.name,
             c.contexts,
@@ -97,39 +96,21 @@ class LlamaEngine:
             c.threads(),
             c.threads_batch(),
             c.n_gpu_layers,
+            c.cached(),
         )
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        slots: list[_Slot] = []
-        for i in range(c.contexts):
-            thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{c.id}-{i}")
-            try:
-                llm = await loop.run_in_executor(thread, load_context, c)
-            except BaseException:
-                thread.shutdown(wait=False)
-                raise
-            slots.append(_Slot(llm, thread))
-            self._slots.append(slots[-1])
-        self._models[c.id] = GgufModel(c, [s.llm for s in slots])
-        free: asyncio.Queue[_Slot] = asyncio.Queue()
-        for slot in slots:
-            free.put_nowait(slot)
-        self._free[c.id] = free
+        batcher = batch.Batcher(c)
+        self._batchers[c.id] = batcher  # closed by close() even if loading fails
+        self._models[c.id] = await batcher.start()
         elapsed = time.perf_counter() - started
         log.info("loaded %s in %.2f s (n_ctx %d)", c.id, elapsed, self._models[c.id].n_ctx)
 
     async def close(self) -> None:
-        """Stop running generations (within a token), then free every model; start() may reload."""
-        for signals in self._jobs.values():
-            signals.abort.set()
-        if self._jobs:
-            await asyncio.gather(*self._jobs, return_exceptions=True)
-        for slot in self._slots:  # also the contexts of a model whose loading failed half way
-            slot.llm.close()
-            slot.thread.shutdown(wait=True)
+        """End running generations (within a token), then free every model; start() may reload."""
+        for batcher in self._batchers.values():
+            await batcher.close()
         self._models.clear()
-        self._slots.clear()
-        self._free.clear()
+        self._batchers.clear()
 
     def _model(self, model_id: str) -> tuple[str, GgufModel]:
         """The loaded model a job or request names (by id, or by the id's subject slug)."""
@@ -141,29 +122,25 @@ class LlamaEngine:
         return await asyncio.to_thread(llama_rpc.answer, loaded, op, payload)
 
     async def run(self, job: TextJob, cancel: threading.Event) -> AsyncGenerator[EngineEvent, None]:
-        """Generate on a borrowed context's thread; yield coalesced deltas, then done."""
+        """Join the model's batch; yield coalesced deltas, then done."""
         model_id, model = self._model(job.model)
-        free = self._free[model_id]
-        slot = await free.get()
-        waited_ms = queue_ms(job)  # once the context is ours: waiting for one is queueing too
-        loop = asyncio.get_running_loop()
+        batcher = self._batchers[model_id]
         stream: ThreadStream[Piece, Done] = ThreadStream()
         signals = Signals(cancel)
-        work = stream.work(lambda send: generate(model, slot.llm, job, signals, send))
-
-        def release(future: asyncio.Future[None]) -> None:
-            # The context goes back only when its thread is done with it, whatever the consumer did.
-            self._jobs.pop(future, None)
-            free.put_nowait(slot)
-
-        future = loop.run_in_executor(slot.thread, work)
-        self._jobs[future] = signals
-        future.add_done_callback(release)
+        gen = await asyncio.to_thread(Generation, model, job, stream.send)
+        if gen.reason is None:
+            try:
+                batcher.submit(batch.Sequence(job, gen, signals, stream))
+            except BaseException:
+                gen.sampler.close()
+                raise
+        else:  # a continuation whose first attempt had ended its text: nothing to evaluate
+            stream.finish(with_queue_ms(gen.done(), queue_ms(job)))
         try:
             # One delta per batch: the pieces that queued up meanwhile, coalesced.
             async with contextlib.aclosing(stream.batches()) as batches:
                 async for pieces in batches:
                     yield merge(pieces)
-            yield with_queue_ms(stream.result, waited_ms)
+            yield stream.result
         finally:
-            signals.abort.set()  # the runtime stopped listening (or we are done): stop the thread
+            signals.abort.set()  # the runtime stopped listening (or we are done): drop the job

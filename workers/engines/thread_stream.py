@@ -60,6 +60,14 @@ class ThreadStream(Generic[ItemT, ResultT]):
         """Hand one item to the loop (from the thread; never blocks)."""
         self._hand(item)
 
+    def finish(self, result: ResultT) -> None:
+        """End the stream with ``result`` (from the thread, for work not run through ``work``)."""
+        self._hand(_Returned(result))
+
+    def fail(self, error: Exception) -> None:
+        """End the stream with ``error``, raised to the consumer after the items sent before."""
+        self._hand(_Raised(error))
+
     def work(self, fn: Callable[[Callable[[ItemT], None]], ResultT]) -> Callable[[], None]:
         """What the thread runs: ``fn(send)``, then its result or its exception handed over."""
 

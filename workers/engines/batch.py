@@ -1,0 +1,325 @@
+"""Continuous batching: one llama.cpp context per model, driven by one scheduler thread.
+
+The context has one KV cache for every sequence (``gguf.new_context``: unified, ``n_ctx``
+cells per slot). Each step the scheduler puts into one ``llama_decode`` batch the next
+token of every running sequence and, in what room is left of ``n_batch``, chunks of the
+prompts still being evaluated; then it samples every sequence whose logits came out,
+each with its own sampler chain (``decode.Generation``). Jobs join and leave between
+steps: a cancelled or finished sequence gives up its sequence id at once.
+
+The prefix cache. A finished sequence leaves its cells behind under its sequence id
+(at most ``ModelConfig.cached()`` of them, least recently used dropped first). A new job
+looks for the longest prefix of its tokens that a cached or running sequence holds and
+evaluates only the rest: ``llama_memory_seq_cp`` over the prefix's positions tags the same
+cells with the new sequence's id too (no data is copied in a unified cache; llama.cpp
+copies only whole sequences between split ones). A cached sequence that is wholly a
+prefix of the new job is taken over instead (its tail, if any, removed). At least the
+last known token is always evaluated: its logits are the first sample's.
+
+Room. ``n_ctx`` x slots cells, and every running sequence stays within ``n_ctx`` tokens
+(the token budget), so the running sequences always fit together: when ``llama_decode``
+finds no room (it returns 1, having changed nothing), the least recently used cached
+sequence is dropped and the step is tried again. A cached prefix never pushes out a
+running sequence's cells.
+
+Ids: ``n_seq_max`` is slots + cached, so a job always finds a free id.
+
+Reproducibility: reusing a prefix, or sharing a step with other sequences, changes how
+the work is split (batch sizes, which cells hold what), which on the CPU can move the last
+bits of the logits; greedy text can then differ after a near tie. A job with
+``cache_prompt: false`` evaluates all of its prompt (it may still share steps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import llama_cpp
+from llama_cpp._internals import LlamaContext, LlamaModel
+
+from schemas.errors import Retry
+from schemas.events import Done
+from schemas.jobs import TextJob
+from workers.engines.decode import Generation, Piece, Signals
+from workers.engines.gguf import GgufModel, ModelConfig, load_model, new_context
+from workers.engines.thread_stream import ThreadStream
+from workers.queue_time import queue_ms, with_queue_ms
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False, slots=True)
+class Sequence:
+    """One job in the batch: its generation, its stream, and what its cells hold."""
+
+    job: TextJob
+    gen: Generation
+    signals: Signals
+    stream: ThreadStream[Piece, Done]
+    seq_id: int = -1
+    cells: list[int] = field(default_factory=list)  # the tokens in its cells, by position
+    pending: list[int] = field(default_factory=list)  # known tokens still to evaluate
+    next: int | None = None  # the sampled token the next step evaluates
+    waited_ms: float = 0.0
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens ``a`` and ``b`` share, at most ``limit``."""
+    n = min(len(a), len(b), limit)
+    if a[:n] == b[:n]:  # the usual case for a conversation's next turn: one C comparison
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class Batcher:
+    """One model's context and scheduler thread; ``submit`` a ``Sequence``, read its stream."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.model: GgufModel | None = None
+        self._inbox: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._ready: concurrent.futures.Future[GgufModel] = concurrent.futures.Future()
+        self._alive = False
+        # Scheduler state: touched by the scheduler thread only.
+        self._running: list[Sequence] = []
+        self._waiting: deque[Sequence] = deque()
+        self._cache: OrderedDict[int, list[int]] = OrderedDict()  # seq id -> its tokens
+        self._free: list[int] = []
+        self.steps = 0  # llama_decode calls that succeeded
+        self.tokens = 0  # tokens they evaluated
+
+    async def start(self) -> GgufModel:
+        """Load the model and its context on the scheduler thread, which then runs the steps."""
+        self._thread = threading.Thread(
+            target=self._main, name=f"llama-{self.config.id}", daemon=True
+        )
+        self._thread.start()
+        self.model = await asyncio.wrap_future(self._ready)
+        return self.model
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a job for the next step (from any thread)."""
+        if not self._alive:
+            raise Retry("the model's scheduler has stopped")
+        self._inbox.put(seq)
+
+    async def close(self) -> None:
+        """End every sequence (``cancelled``), stop the thread, free the context and weights."""
+        self._alive = False
+        if self._thread is not None:
+            self._inbox.put(None)
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    # The scheduler thread.
+
+    def _main(self) -> None:
+        weights: LlamaModel | None = None
+        ctx: LlamaContext | None = None
+        try:
+            weights = load_model(self.config)
+            model = GgufModel(self.config, weights)
+            ctx = new_context(weights, self.config, model.n_ctx)
+        except BaseException as e:
+            if weights is not None:
+                weights.close()
+            self._ready.set_exception(e)
+            return
+        capacity = max(self.config.n_batch, self.config.contexts)
+        batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self._free = list(range(self.config.contexts + self.config.cached()))[::-1]
+        self._alive = True
+        self._ready.set_result(model)
+        try:
+            self._loop(ctx, batch, capacity)
+        except Exception as e:  # a bug or llama.cpp failing: no sequence may hang on it
+            log.exception("the scheduler of %s failed", self.config.id)
+            self._alive = False
+            for seq in [*self._running, *self._waiting]:
+                seq.gen.sampler.close()
+                seq.stream.fail(Retry(f"the model's scheduler failed ({type(e).__name__})"))
+        finally:
+            self._alive = False
+            llama_cpp.llama_batch_free(batch)
+            ctx.close()
+            weights.close()
+
+    def _loop(self, ctx: LlamaContext, batch: llama_cpp.llama_batch, capacity: int) -> None:
+        memory = ctx.memory
+        while True:
+            closing = self._take_inbox()
+            for seq in [*self._running, *self._waiting]:
+                if closing or seq.signals.is_set():  # heard before every token
+                    seq.gen.cancel()
+                    self._end(seq, memory)
+            if closing:
+                return
+            while self._waiting and len(self._running) < self.config.contexts:
+                self._admit(self._waiting.popleft(), memory)
+            if self._running:
+                self._step(ctx, batch, capacity)
+
+    def _take_inbox(self) -> bool:
+        """Move new jobs to the waiting line (blocking while there is nothing to do); True
+        once the engine is closing."""
+        idle = not self._running and not self._waiting
+        try:
+            item = self._inbox.get() if idle else self._inbox.get_nowait()
+            while True:
+                if item is None:
+                    return True
+                self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            return False
+
+    def _admit(self, seq: Sequence, memory: llama_cpp.llama_memory_t) -> None:
+        """Give the job a sequence id, reusing the longest prefix found in the cache."""
+        known = seq.gen.known
+        reuse, source, cached = 0, -1, False
+        if seq.gen.cache_prompt:
+            limit = len(known) - 1  # the last known token is evaluated: its logits are needed
+            for sid, tokens in self._cache.items():
+                n = common_prefix(tokens, known, limit)
+                if n > reuse:
+                    reuse, source, cached = n, sid, True
+            for other in self._running:
+                n = common_prefix(other.cells, known, limit)
+                if n > reuse:
+                    reuse, source, cached = n, other.seq_id, False
+        if cached and reuse == len(self._cache[source]):
+            # Wholly a prefix of the new job: take the cached sequence over.
+            del self._cache[source]
+            seq.seq_id = source
+        else:
+            seq.seq_id = self._free.pop()
+            if reuse:
+                llama_cpp.llama_memory_seq_cp(memory, source, seq.seq_id, 0, reuse)
+                if cached:
+                    self._cache.move_to_end(source)
+        if reuse:
+            log.debug("job %s reuses %d of %d tokens", seq.job.id, reuse, len(known))
+        seq.cells = known[:reuse]
+        seq.pending = known[reuse:]
+        seq.waited_ms = queue_ms(seq.job)  # waiting for a sequence is queueing too
+        seq.gen.admitted(reuse)
+        self._running.append(seq)
+
+    def _step(self, ctx: LlamaContext, batch: llama_cpp.llama_batch, capacity: int) -> None:
+        """One llama_decode over every running sequence, then one sample each."""
+        outputs, added = self._fill(batch, capacity)
+        while (rc := llama_cpp.llama_decode(ctx.ctx, batch)) == 1 and self._cache:
+            self._drop(next(iter(self._cache)), ctx.memory)  # the least recently used
+        if rc != 0:
+            self._fail(added, ctx.memory, f"llama_decode returned {rc}")
+            return
+        self.steps += 1
+        self.tokens += batch.n_tokens
+        for seq, tokens in added:
+            seq.cells.extend(tokens)
+            if seq.next is not None:  # a decoding sequence (it has no pending tokens)
+                seq.next = None
+            else:
+                del seq.pending[: len(tokens)]
+        for seq, idx in outputs:
+            if seq.signals.is_set():
+                seq.gen.cancel()
+            else:
+                try:
+                    seq.next = seq.gen.sample(ctx.ctx, idx)
+                except Exception as e:  # this job's failure only
+                    self._fail([(seq, [])], ctx.memory, f"sampling failed ({type(e).__name__})")
+                    continue
+            if seq.gen.reason is not None:
+                self._end(seq, ctx.memory)
+
+    def _fill(
+        self, batch: llama_cpp.llama_batch, capacity: int
+    ) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, list[int]]]]:
+        """Put the step's tokens into ``batch``: every decoding sequence's next token first,
+        then prompt chunks in the room left. Returns the (sequence, batch index) pairs whose
+        logits come out, and the tokens each sequence adds."""
+        n = 0
+        outputs: list[tuple[Sequence, int]] = []
+        added: list[tuple[Sequence, list[int]]] = []
+
+        def put(seq: Sequence, tokens: list[int], last_out: bool) -> None:
+            nonlocal n
+            pos = len(seq.cells)
+            for j, token in enumerate(tokens):
+                batch.token[n] = token
+                batch.pos[n] = pos + j  # type: ignore[call-overload]  # llama_pos per token
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq.seq_id
+                batch.logits[n] = False
+                n += 1
+            if last_out:
+                batch.logits[n - 1] = True
+                outputs.append((seq, n - 1))
+            added.append((seq, tokens))
+
+        for seq in self._running:
+            if seq.next is not None:
+                put(seq, [seq.next], True)
+        for seq in self._running:
+            if seq.pending and n < capacity:
+                chunk = seq.pending[: capacity - n]
+                put(seq, chunk, len(chunk) == len(seq.pending))
+        batch.n_tokens = n
+        return outputs, added
+
+    def _fail(
+        self, added: list[tuple[Sequence, list[int]]], memory: llama_cpp.llama_memory_t, why: str
+    ) -> None:
+        """End these sequences with a retryable error; their cells are freed, not cached."""
+        log.error("model %s: %s", self.config.id, why)
+        for seq, _ in added:
+            if seq in self._running:
+                self._running.remove(seq)
+                llama_cpp.llama_memory_seq_rm(memory, seq.seq_id, -1, -1)
+                self._free.append(seq.seq_id)
+                seq.gen.sampler.close()
+                seq.stream.fail(Retry(f"the text engine failed: {why}"))
+
+    def _end(self, seq: Sequence, memory: llama_cpp.llama_memory_t) -> None:
+        """The sequence has its ``Done``: hand it over; its cells go to the cache or are freed."""
+        if seq in self._waiting:
+            self._waiting.remove(seq)
+        else:
+            self._running.remove(seq)
+            self._keep(seq, memory)
+        seq.stream.finish(with_queue_ms(seq.gen.done(), seq.waited_ms))
+
+    def _keep(self, seq: Sequence, memory: llama_cpp.llama_memory_t) -> None:
+        """Cache a finished sequence's cells (if it allows and the cache has room), else free."""
+        limit = self.config.cached()
+        if not (seq.gen.cache_prompt and limit and seq.cells):
+            llama_cpp.llama_memory_seq_rm(memory, seq.seq_id, -1, -1)
+            self._free.append(seq.seq_id)
+            return
+        for sid, tokens in list(self._cache.items()):  # now redundant: a prefix of this one
+            if len(tokens) <= len(seq.cells) and seq.cells[: len(tokens)] == tokens:
+                self._drop(sid, memory)
+        self._cache[seq.seq_id] = seq.cells
+        while len(self._cache) > limit:
+            self._drop(next(iter(self._cache)), memory)
+
+    def _drop(self, sid: int, memory: llama_cpp.llama_memory_t) -> None:
+        """Forget a cached sequence: cells no other sequence shares become free."""
+        del self._cache[sid]
+        llama_cpp.llama_memory_seq_rm(memory, sid, -1, -1)
+        self._free.append(sid)
