@@ -320,6 +320,7 @@ def summarize(workload: Workload, runs: list[dict[str, Any]]) -> dict[str, Any]:
         paths.append({**head, "passes": times, "levels": levels})
     return {
         "workload": workload.to_json(),
+        "reference": first["label"],  # whose texts "same text" compares with
         "paths": paths,
         "headline": llm_report.headline(paths),
         "versus_peer": llm_report.versus_peer(paths),

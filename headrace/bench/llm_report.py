@@ -185,7 +185,7 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         "| path | clients | done / cut short / errors | tok/s aggregate (passes) "
         "| tok/s per stream (p50) | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) "
-        "| same text as in-process | streams at once |",
+        "| same text as reference | streams at once |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for path in result["paths"]:
@@ -208,7 +208,9 @@ def table(result: dict[str, Any]) -> str:
         "short before its first token has none of them. ITL: a stream's time from its first "
         "to its last token over its tokens after the first. Tokens/s aggregate: all tokens "
         "received at that level / its wall time, over every pass (each pass's own figure in "
-        "brackets). p99 of a few dozen requests is close to their maximum.",
+        "brackets). p99 of a few dozen requests is close to their maximum. Same text as "
+        f"reference: the texts of {result.get('reference', 'the first path')} at its first "
+        "level, prompt by prompt.",
         "",
         "How each path handled concurrent clients (at 4, or the highest level run):",
         "",
