@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -105,7 +106,7 @@ def served(command: Command, model_id: str, log: Path, timeout_s: float = 180) -
     """
     port = free_port()
     with log.open("ab") as out:
-        proc = subprocess.Popen(command(port), stdout=out, stderr=out)
+        proc = subprocess.Popen(command(port), stdout=out, stderr=out, preexec_fn=_die_with_parent)
     base = f"http://127.0.0.1:{port}"
     try:
         try:
@@ -121,6 +122,19 @@ def served(command: Command, model_id: str, log: Path, timeout_s: float = 180) -
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the server's process before exec: on Linux, SIGTERM it when the bench dies.
+
+    A bench killed outright (SIGKILL, a test's timeout) runs no cleanup; without this its
+    llama-server would keep running, bound to a port, with nobody to stop it.
+    """
+    if sys.platform == "linux":
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 async def _ready(proc: subprocess.Popen[bytes], base: str, model_id: str, timeout_s: float) -> None:
