@@ -16,7 +16,7 @@ TORCH_SPEC ?= torch==2.13.0
 # GPU hosts: make install-llm LLAMA_CMAKE_ARGS="-DGGML_CUDA=on"
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: up test install install-llm install-sd install-bench lint typecheck unit schemas bench loadtest loadtest-smoke clean
+.PHONY: up test install install-llm install-sd install-bench llama-server lint typecheck unit schemas bench loadtest loadtest-smoke soak clean FORCE
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,43 @@ $(BENCH_STAMP): $(LLM_STAMP)
 
 install-bench: $(BENCH_STAMP)
 
+# llama.cpp's own server, the peer row of `headrace bench llm` (not part of `make test`). Built
+# from the llama.cpp that llama-cpp-python's source distribution vendors (the version installed
+# in $(VENV), else LLAMA_SERVER_VERSION), with the engine's cmake flags, as a static binary in
+# $(PEER_DIR)/bin. About 6 minutes on 2 cores; a second run builds nothing unless the version or
+# flags changed. GPU hosts: make llama-server LLAMA_CMAKE_ARGS="-DGGML_CUDA=on"
+PEER_DIR ?= .cache/llama-server
+LLAMA_SERVER_VERSION ?= $(shell $(BIN)/python -c "import importlib.metadata as m; print(m.version('llama_cpp_python'))" 2>/dev/null || echo 0.3.36)
+PEER_CMAKE_ARGS = $(LLAMA_CMAKE_ARGS) -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+	-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF
+PEER_SRC := $(PEER_DIR)/src/llama_cpp_python-$(LLAMA_SERVER_VERSION)
+PEER_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+
+# Rewritten only when the version or the flags change, so the binary rebuilds exactly then.
+$(PEER_DIR)/build-config: FORCE
+	@mkdir -p $(PEER_DIR)
+	@echo '$(LLAMA_SERVER_VERSION) $(PEER_CMAKE_ARGS)' | cmp -s - $@ 2>/dev/null \
+		|| echo '$(LLAMA_SERVER_VERSION) $(PEER_CMAKE_ARGS)' > $@
+
+$(PEER_SRC)/vendor/llama.cpp/CMakeLists.txt: | $(BIN)/python
+	@echo "downloading llama-cpp-python $(LLAMA_SERVER_VERSION)'s source distribution ..."
+	@mkdir -p $(PEER_DIR)/src
+	$(BIN)/pip download --progress-bar on --no-binary :all: --no-deps \
+		'llama-cpp-python==$(LLAMA_SERVER_VERSION)' -d $(PEER_DIR)/src
+	tar -xzf $(PEER_DIR)/src/llama_cpp_python-$(LLAMA_SERVER_VERSION).tar.gz -C $(PEER_DIR)/src
+	touch $@
+
+$(PEER_DIR)/bin/llama-server: $(PEER_DIR)/build-config $(PEER_SRC)/vendor/llama.cpp/CMakeLists.txt
+	@echo "building llama-server from llama.cpp in llama-cpp-python $(LLAMA_SERVER_VERSION) ..."
+	cmake -S $(PEER_SRC)/vendor/llama.cpp -B $(PEER_DIR)/build $(PEER_CMAKE_ARGS)
+	cmake --build $(PEER_DIR)/build --target llama-server -j $(PEER_JOBS)
+	@mkdir -p $(PEER_DIR)/bin
+	cp $(PEER_DIR)/build/bin/llama-server $@
+	@echo "built $@ (headrace bench llm finds it there)"
+
+llama-server: $(PEER_DIR)/bin/llama-server
+
 up: install install-llm install-sd
 	$(BIN)/headrace up
 
@@ -91,5 +128,12 @@ loadtest: install
 loadtest-smoke: install
 	$(BIN)/pytest -m loadtest
 
+# Locust for SOAK_S seconds (default 30 min) while workers are SIGKILLed every ~20 s and
+# nats-server restarted every ~5 min; writes bench-results/soak.{json,md,png}. Fails on a lost
+# job, a disallowed 5xx or wrong text.
+SOAK_S ?= 1800
+soak: install
+	$(BIN)/python loadtests/soak.py --duration-s $(SOAK_S)
+
 clean:
-	rm -rf .headrace bench-results .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .headrace bench-results .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any, TypeVar
 
 import orjson
 from aiohttp import hdrs, web
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from schemas.errors import InvalidRequest
 from schemas.jobs import json_depth
@@ -17,10 +19,60 @@ class Lenient(BaseModel):
     llama.cpp and Ollama servers do (keep_alive, think ...).
 
     Known booleans are ``StrictBool`` in every request model: pydantic's lax mode would read
-    ``"yes"``, ``"on"`` or ``1`` as true, which no client means.
+    ``"yes"``, ``"on"`` or ``1`` as true, which no client means. The other way round holds
+    too: ``true`` is refused where a number is expected (lax mode reads it as 1).
     """
 
     model_config = ConfigDict(extra="ignore")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and _bool_for_number(field.annotation, value):
+            raise ValueError("Input should not be a boolean")
+        return value
+
+
+def _bool_for_number(tp: Any, value: Any) -> bool:
+    """``value`` is a boolean, or a list holding one, where ``tp`` admits none."""
+    if isinstance(value, bool):
+        return not _admits_bool(tp)
+    if isinstance(value, list) and any(isinstance(v, bool) for v in value):
+        items = _list_items(tp)
+        return bool(items) and not any(_admits_bool(i) for i in items)
+    return False
+
+
+def _list_items(tp: Any) -> list[Any]:
+    """The item types of the list types in ``tp`` (a list, or a union or alias with lists)."""
+    if hasattr(tp, "__value__"):
+        return _list_items(tp.__value__)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return list(typing.get_args(tp)[:1])
+    if origin in (typing.Union, types.UnionType, typing.Annotated):
+        args = typing.get_args(tp)
+        return [
+            i for a in (args[:1] if origin is typing.Annotated else args) for i in _list_items(a)
+        ]
+    return []
+
+
+def _admits_bool(tp: Any) -> bool:
+    """Whether a field of type ``tp`` may hold ``true``/``false`` (bool, Any, or a union or
+    literal with one); numbers, strings, lists and models may not."""
+    if tp is bool or tp is Any or tp is object:
+        return True
+    if hasattr(tp, "__value__"):  # a ``type X = ...`` alias
+        return _admits_bool(tp.__value__)
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return any(isinstance(a, bool) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType, typing.Annotated):
+        args = typing.get_args(tp)
+        return any(_admits_bool(a) for a in (args[:1] if origin is typing.Annotated else args))
+    return False
 
 
 M = TypeVar("M", bound=BaseModel)

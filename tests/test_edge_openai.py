@@ -287,6 +287,8 @@ async def test_request_id_is_echoed_or_made(edge: str) -> None:
         ({"messages": [{"role": "user", "content": "x" * 200_001}]}, "messages"),
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"logit_bias": {"1": 500}}, "logit_bias.1"),
+        ({"logit_bias": {"1": False}}, "logit_bias.1"),  # a number, not llama.cpp's ban
+        ({"logit_bias": {"hello": 1}}, "logit_bias.hello"),  # keys are token ids
         ({"top_logprobs": 3}, None),
         ({"stream_options": {"include_usage": True}}, None),
         ({"model": ""}, "model"),

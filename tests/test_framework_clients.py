@@ -56,7 +56,9 @@ def chat_model(edge: str, **kwargs: object) -> object:
 async def test_langchain_invoke_stream_and_json_schema(
     edge: str, worker_settings: WorkerSettings, engine: LlamaEngine
 ) -> None:
-    llm = chat_model(edge, max_tokens=8)
+    # ignore_eos (llama.cpp's, through each client's extra_body): exactly 8 tokens, whatever
+    # the model would say, so finish_reason and usage have one right answer.
+    llm = chat_model(edge, max_tokens=8, extra_body={"ignore_eos": True})
     async with running(worker_settings, engine):
         whole = await llm.ainvoke(ASK)  # type: ignore[attr-defined]
         pieces = [c async for c in llm.astream(ASK)]  # type: ignore[attr-defined]
@@ -84,6 +86,7 @@ async def test_litellm_completion_and_stream_through_the_openai_provider(
         "max_tokens": 8,
         "temperature": 0,
         "num_retries": 0,
+        "extra_body": {"ignore_eos": True},
     }
     async with running(worker_settings, engine):
         whole = await litellm.acompletion(**common)

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, cast
 
-from pydantic import Field, StrictBool, model_validator
+from pydantic import BeforeValidator, Field, StrictBool, model_validator
 
 from edge.body import Lenient
 from edge.sampling import Grammar, MinP, Penalty, RepeatPenalty, Temperature, TopK, TopP, TypicalP
 from edge.tools import MAX_TOOLS, NAME_PATTERN, Call, Function, Plan, Turn, check_history, history
 from schemas.errors import InvalidRequest
 from schemas.jobs import MAX_MESSAGES, MAX_STOP, SEED_MAX, SchemaDepth, Stops, TextParams
+
+
+def _not_a_boolean(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("a bias is a number, not a boolean")
+    return value
+
+
+# OpenAI's logit_bias: token ids (decimal strings) to a bias in [-100, 100].
+TokenKey = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]
+Bias = Annotated[float, BeforeValidator(_not_a_boolean), Field(ge=-100, le=100)]
 
 
 class TextPart(Lenient):
@@ -137,10 +148,7 @@ class Sampling(Lenient):
     seed: int | None = Field(default=None, ge=0, le=SEED_MAX)
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    logit_bias: (
-        Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=1024)]
-        | None
-    ) = None
+    logit_bias: Annotated[dict[TokenKey, Bias], Field(max_length=1024)] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)

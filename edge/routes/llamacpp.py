@@ -96,14 +96,13 @@ async def props(request: web.Request) -> web.Response:
     return json_response(await rpc.call(request, model, "props", {}))
 
 
-@routes.route("*", "/template")
+@routes.get("/template")
+@routes.post("/template")
 async def template(request: web.Request) -> web.Response:
     """LLMUnity asks for ``{"template": ...}`` with GET or POST ``{}``."""
     asked = request.query.get("model")
     if request.method == "POST" and request.can_read_body:
         asked = (await read_object(request)).get("model") or asked
-    elif request.method not in ("GET", "POST"):
-        raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST"])
     model = await rpc.served_model(request, asked)
     info = await rpc.call(request, model, "props", {})
     return json_response({"template": info.get("chat_template", "")})

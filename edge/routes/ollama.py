@@ -81,7 +81,10 @@ async def chat(request: web.Request, session: Session) -> web.StreamResponse:
     """Ollama chat."""
     req = await parse(request, ChatRequest)
     check_bounds(
-        request, n=1, max_tokens=None, prompt_chars=sum(len(m.content or "") for m in req.messages)
+        request,
+        n=1,
+        max_tokens=req.options.token_limit(),  # before the job's own bound could be hit (a 500)
+        prompt_chars=sum(len(m.content or "") for m in req.messages),
     )
     plan = req.tool_plan()
     prompt = None
@@ -104,7 +107,10 @@ async def generate(request: web.Request, session: Session) -> web.StreamResponse
     """Ollama generate: the prompt through the chat template, or as is with ``raw``."""
     req = await parse(request, GenerateRequest)
     check_bounds(
-        request, n=1, max_tokens=None, prompt_chars=len(req.prompt) + len(req.system or "")
+        request,
+        n=1,
+        max_tokens=req.options.token_limit(),  # before the job's own bound could be hit (a 500)
+        prompt_chars=len(req.prompt) + len(req.system or ""),
     )
     params = req.job_params(_seed(req))
     chars = len(req.prompt) + len(req.system or "")

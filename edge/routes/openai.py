@@ -43,7 +43,9 @@ async def _parse(request: web.Request, cls: type[R]) -> R:
     if request.path.startswith("/v1/"):
         return await parse(request, cls)
     data = await read_object(request)
-    asked = data.get("model") if isinstance(data.get("model"), str) else None
+    asked = data.get("model")
+    if asked is not None and not isinstance(asked, str):
+        raise InvalidRequest("model must be a string", param="model")
     try:  # the body's own problems first, whatever the model
         req = cls.model_validate({**data, "model": asked or "-"})
     except ValidationError as e:

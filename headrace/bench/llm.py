@@ -11,15 +11,22 @@ only one path runs at a time, each with its own processes:
   (``interrupt_requests`` on), and again with ``--interrupt_requests False``;
 * ``headrace``: nats-server, a ``headrace worker llm`` process and the edge,
   streamed chat completions over HTTP; with 1 slot, and with 16 slots (16
-  sequences decoded in one batch per step by the same threads).
+  sequences decoded in one batch per step by the same threads);
+* ``llama-server-npN``: llama.cpp's own server (the peer), built by ``make
+  llama-server`` from the same llama.cpp source as the engine, with ``-np`` 1, 4
+  and 8 slots (continuous batching), when the binary is there.
 
-Every path uses the same GGUF, n_ctx, n_batch and llama.cpp threads (``--threads``,
-for generation and prompts alike; headrace's slots share them: one context per model),
-and is warmed up before it is measured. The HTTP paths stream, so time to first
-token (TTFT) is measured the same way everywhere: from sending the request to the
-first chunk with content. Tokens are counted by tokenizing the text each request
-received with the model's vocabulary, so every path is counted alike (headrace
-coalesces tokens into fewer chunks).
+Every path uses the same GGUF, n_ctx (per slot), n_batch and llama.cpp threads
+(``--threads``, for generation and prompts alike; headrace's slots share them: one
+context per model), and is warmed up before it is
+measured. With ``--passes N`` (2; 1 with ``--quick``) every path runs once per
+pass, in the same order, so slow drifts of the machine's speed hit every system
+alike; the figures pool all passes and keep each pass's aggregate rate. The HTTP
+paths stream, so time to first token (TTFT) is measured the same way everywhere:
+from sending the request to the first chunk with content. Tokens are counted by
+tokenizing the text each request received with the model's vocabulary, so every
+path is counted alike (headrace coalesces tokens into fewer chunks). The
+multi-turn benchmark (``llm_turns``) runs after it unless ``--no-turns``.
 """
 
 from __future__ import annotations
@@ -28,27 +35,36 @@ import asyncio
 import importlib.util
 import os
 import platform
-import secrets
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from headrace.bench import llm_report
-from headrace.bench.common import child, private_nats, write_outputs
-from headrace.bench.llm_http import measure, wait_model
+from headrace.bench.common import write_outputs
+from headrace.bench.llm_http import measure
+from headrace.bench.llm_servers import (
+    Serving,
+    engine_splits_threads,
+    find_llama_server,
+    headrace_served,
+    llama_cpp_server_argv,
+    llama_server_argv,
+    served,
+)
 from headrace.bench.llm_workload import PROMPTS, Level, Workload
-from headrace.servers import free_port, wait_for_port
 
 # What llama_cpp.server imports (llama-cpp-python's "server" extra; headrace's "bench" extra).
 SERVER_MODULES = ("fastapi", "uvicorn", "sse_starlette", "starlette_context")
 Measure = Callable[[Workload, Path], list[Level]]
+Argv = Callable[[Serving, int], list[str]]  # a server's command line, given the port
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +78,34 @@ class Contender:
     quick: bool = True  # also run with --quick
 
 
+@dataclass(frozen=True, kw_only=True)
+class Options:
+    """What ``headrace bench llm`` runs; None: the default (or ``--quick``'s)."""
+
+    quick: bool = False
+    threads: int | None = None  # llama.cpp threads of every system (CPUs)
+    passes: int | None = None  # every system once per pass, in turn: 2 (--quick: 1)
+    levels: tuple[int, ...] | None = None  # concurrent clients: 1, 4, 16 (--quick: 1, 4)
+    max_tokens: int | None = None  # 64 (--quick: 16)
+    peer: str | None = None  # llama-server binary; None: the one `make llama-server` built
+    peer_np: tuple[int, ...] = (1, 4, 8)  # llama-server -np of each peer row
+    peer_args: tuple[str, ...] = ()  # more llama-server arguments, e.g. ("-fa", "off")
+    slots: tuple[int, ...] | None = None  # headrace rows: worker slots of each
+    only: tuple[str, ...] | None = None  # run only the paths whose key starts with one of these
+    turns: bool = True  # the multi-turn benchmark too (llm_turns)
+    throughput: bool = True  # the throughput table (False: only the multi-turn one)
+
+
+def serving_of(workload: Workload) -> Serving:
+    """The server settings every system gets from the workload."""
+    return Serving(
+        model_id=workload.model_id,
+        model_path=workload.model_path,
+        n_ctx=workload.n_ctx,
+        threads=workload.threads,
+    )
+
+
 def _in_process(mode: str) -> Measure:
     def run(workload: Workload, tmp: Path) -> list[Level]:
         argv = [sys.executable, "-m", "headrace.bench.llm_inprocess", mode]
@@ -73,57 +117,34 @@ def _in_process(mode: str) -> Measure:
     return run
 
 
-def _llama_cpp_server(interrupt: bool) -> Measure:
+def over_http(argv: Argv, name: str) -> Measure:
+    """Measure any OpenAI-compatible server started from ``argv`` (llama-server's rows use it)."""
+
     def run(workload: Workload, tmp: Path) -> list[Level]:
-        port = free_port()
-        args = ["--model", workload.model_path, "--model_alias", workload.model_id]
-        args += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(workload.n_ctx)]
-        args += ["--n_threads", str(workload.threads)]
-        args += ["--n_threads_batch", str(workload.threads), "--verbose", "False"]
-        args += ["--interrupt_requests", str(interrupt)]
-        log = tmp / f"llama_cpp_server-{port}.log"
-        with child(args, {}, module="llama_cpp.server", log=log) as proc:
-            try:
-                wait_for_port(port, 120, proc)
-            except (RuntimeError, TimeoutError):
-                sys.stderr.write(log.read_text(errors="replace")[-3000:])
-                raise
-            return asyncio.run(measure(workload, f"http://127.0.0.1:{port}", "llama_cpp.server"))
+        serving = serving_of(workload)
+        log = tmp / f"{name.replace(' ', '_')}.log"
+        with served(lambda port: argv(serving, port), workload.model_id, log) as base:
+            return asyncio.run(measure(workload, base, name))
 
     return run
 
 
-def _headrace(slots: int) -> Measure:
+def _llama_cpp_server_defaults(serving: Serving, port: int) -> list[str]:
+    return llama_cpp_server_argv(serving, port, ())
+
+
+def _headrace(slots: int, threads: int) -> Measure:
     def run(workload: Workload, tmp: Path) -> list[Level]:
-        threads = workload.threads  # one context for every slot: the threads are not split
-        key, port = f"bench-{secrets.token_hex(8)}", free_port()
-        worker = ["worker", "llm", "--worker-id", "bench-llm", "--slots", str(slots)]
-        worker += ["--model", f"{workload.model_id}={workload.model_path}"]
-        worker += ["--n-ctx", str(workload.n_ctx), "--threads", str(threads)]
-        worker += ["--threads-batch", str(threads)]
-        with private_nats() as server:
-            env = {"HEADRACE_NATS_URL": server.url, "HEADRACE_LOG_LEVEL": "WARNING"}
-            edge_env = {**env, "HEADRACE_API_KEYS": key, "HEADRACE_PORT": str(port)}
-            with child(worker, env), child(["edge"], edge_env) as edge:
-                wait_for_port(port, 60, edge)
-                base, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
-                return asyncio.run(_headrace_measure(workload, base, headers, slots))
+        name = f"headrace ({slots} slot{'s' if slots > 1 else ''})"
+        with headrace_served(serving_of(workload), slots, threads) as (base, headers):
+            return asyncio.run(measure(workload, base, name, headers))
 
     return run
 
 
-async def _headrace_measure(
-    workload: Workload, base: str, headers: dict[str, str], slots: int
-) -> list[Level]:
-    await wait_model(base, workload.model_id, headers, timeout_s=120)
-    return await measure(
-        workload, base, f"headrace ({slots} slot{'s' if slots > 1 else ''})", headers
-    )
-
-
-def contenders(threads: int) -> list[Contender]:
-    """Every path, in the order they run."""
-    return [
+def contenders(threads: int, options: Options = Options()) -> list[Contender]:
+    """Every path, in the order they run (the llama-server rows only where it is built)."""
+    paths = [
         Contender(
             key="in-process",
             label="llama-cpp-python in-process",
@@ -133,7 +154,7 @@ def contenders(threads: int) -> list[Contender]:
         Contender(
             key="engine",
             label="headrace engine in-process (no NATS, no edge)",
-            how="LlamaEngine with 1 slot: jobs wait for the slot's context (FIFO).",
+            how="LlamaEngine with 1 slot, called directly.",
             measure=_in_process("engine"),
             quick=False,
         ),
@@ -143,32 +164,78 @@ def contenders(threads: int) -> list[Contender]:
             how="One Llama behind a lock; with interrupt_requests (its default, True) a stream "
             "is ended with [DONE], and no error, at its next chunk whenever another request "
             "waits for the lock.",
-            measure=_llama_cpp_server(interrupt=True),
+            measure=over_http(_llama_cpp_server_defaults, "llama_cpp.server"),
         ),
         Contender(
             key="llama_cpp.server-no-interrupt",
             label="llama_cpp.server --interrupt_requests False",
             how="One Llama behind a lock: requests queue in the server and run one at a time.",
-            measure=_llama_cpp_server(interrupt=False),
+            measure=over_http(llama_cpp_server_argv, "llama_cpp.server --interrupt_requests"),
             quick=False,
         ),
-        Contender(
-            key="headrace",
-            label="headrace through the edge, 1 slot",
-            how="Jobs queue in JetStream; the worker fetches one job per free slot, so with "
-            "1 slot they run one at a time.",
-            measure=_headrace(slots=1),
-        ),
-        Contender(
-            key="headrace-16-slots",
-            label="headrace through the edge, 16 slots",
-            how="One context with 16 sequences: every running job's next token in one "
-            "llama_decode per step (continuous batching), new prompts in the room left; the "
-            "rest wait in JetStream.",
-            measure=_headrace(slots=16),
-            quick=False,
-        ),
+        *_headrace_contenders(threads, options, max(options.levels or (16,))),
+        *_peer_contenders(options),
     ]
+    if options.only:
+        paths = [p for p in paths if p.key.startswith(options.only)]
+    return [p for p in paths if p.quick or not options.quick]
+
+
+def _headrace_contenders(threads: int, options: Options, clients: int) -> list[Contender]:
+    """1 slot, and 2 slots of half the threads (a context per slot) or a slot per client."""
+    split = engine_splits_threads()
+    default = (1, 2) if split else (1, clients)
+    rows = []
+    for slots in options.slots or default:
+        per_slot = max(1, threads // slots) if split else threads
+        if split and slots > threads:
+            continue  # a context per slot with less than a thread each
+        if slots == 1:
+            key, label = "headrace", "headrace through the edge, 1 slot"
+        elif split:
+            key, label = (
+                f"headrace-{slots}-slots",
+                (f"headrace through the edge, {slots} slots x {per_slot} thread(s)"),
+            )
+        else:
+            key, label = f"headrace-{slots}-slots", f"headrace through the edge, {slots} slots"
+        how = (
+            f"Jobs queue in JetStream; the worker fetches one job per free slot, {slots} at "
+            "once. "
+            + (
+                "Each slot is a llama.cpp context of its own, on its own thread(s)."
+                if split
+                else "Its slots are sequences of one llama.cpp context, decoded together."
+            )
+        )
+        rows.append(Contender(key=key, label=label, how=how, measure=_headrace(slots, per_slot),
+                              quick=slots == 1))  # fmt: skip
+    return rows
+
+
+def _peer_contenders(options: Options) -> list[Contender]:
+    binary = find_llama_server(options.peer)
+    if binary is None:
+        return []
+    quick = {options.peer_np[0], options.peer_np[-1]}
+    extra = options.peer_args
+    rows = []
+    for n in options.peer_np:
+
+        def argv(s: Serving, port: int, n: int = n) -> list[str]:
+            return llama_server_argv(binary, s, port, n, extra)
+
+        flags = f" {' '.join(extra)}" if extra else ""
+        rows.append(Contender(
+            key=f"llama-server-np{n}",
+            label=f"llama.cpp llama-server -np {n}{flags}",
+            how=f"llama.cpp's own server with {n} slot(s): one context, the running slots' "
+            "next tokens decoded in one batch each step (continuous batching); more requests "
+            "wait in its queue.",
+            measure=over_http(argv, f"llama-server -np {n}"),
+            quick=n in quick,
+        ))  # fmt: skip
+    return rows
 
 
 def missing_requirements() -> list[str]:
@@ -195,53 +262,73 @@ class TokenCounter:
         return self._counts[text]
 
 
-def workload_for(quick: bool, threads: int) -> Workload:
-    """The full workload, or the short one of ``--quick``."""
+def workload_for(options: Options, threads: int) -> Workload:
+    """The full workload, or the short one of ``--quick``, with the options' overrides."""
     from workers.engines.gguf import DEFAULT_MODEL_ID, bundled_gguf
 
-    common: dict[str, Any] = {
-        "model_id": DEFAULT_MODEL_ID,
-        "model_path": str(bundled_gguf()),
-        "threads": threads,
-    }
-    if quick:
-        return Workload(
-            **common, prompts=PROMPTS[:2], max_tokens=16, levels=(1, 4), rounds=1, warmup=1
+    workload = Workload(model_id=DEFAULT_MODEL_ID, model_path=str(bundled_gguf()), threads=threads)
+    if options.quick:
+        workload = replace(
+            workload, prompts=PROMPTS[:2], max_tokens=16, levels=(1, 4), rounds=1, warmup=1
         )
-    return Workload(**common)
+    if options.levels:
+        workload = replace(workload, levels=options.levels)
+    if options.max_tokens:
+        workload = replace(workload, max_tokens=options.max_tokens)
+    return workload
 
 
-def _run_paths(workload: Workload, paths: list[Contender]) -> list[dict[str, Any]]:
+def run_paths(workload: Workload, paths: list[Contender], passes: int) -> list[dict[str, Any]]:
+    """Every path once per pass, one at a time, in the same order each pass."""
     results = []
     with tempfile.TemporaryDirectory(prefix="headrace-bench-llm-") as tmp:
-        for i, path in enumerate(paths, 1):
-            print(f"[{i}/{len(paths)}] {path.label}", file=sys.stderr)
-            load_before, started = os.getloadavg(), time.perf_counter()
-            levels = path.measure(workload, Path(tmp))
-            results.append({
-                "key": path.key, "label": path.label, "how": path.how, "levels": levels,
-                "seconds": time.perf_counter() - started,
-                "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-            })  # fmt: skip
+        for n in range(passes):
+            for i, path in enumerate(paths, 1):
+                print(f"[pass {n + 1}/{passes}, {i}/{len(paths)}] {path.label}", file=sys.stderr)
+                load_before, started = os.getloadavg(), time.perf_counter()
+                levels = path.measure(workload, Path(tmp))
+                results.append({
+                    "key": path.key, "label": path.label, "how": path.how, "levels": levels,
+                    "pass": n, "seconds": time.perf_counter() - started,
+                    "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+                })  # fmt: skip
     return results
 
 
-def _summarize(workload: Workload, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(workload: Workload, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per path and level, the figures of all its passes together (``llm_report.summarize``)."""
     count = TokenCounter(workload.model_path)
-    baseline = runs[0]["levels"][0]  # in-process at the first level: the reference texts
+    first = next((r for r in runs if r["key"] == llm_report.BASELINE), runs[0])
+    baseline = first["levels"][0]  # in-process at the first level: the reference texts
     reference = {s.prompt: s.text for s in baseline.samples if s.finish is not None}
     paths = []
-    for run in runs:
-        levels = [
-            {**lv.to_json(), "summary": llm_report.summarize(lv, count, reference)}
-            for lv in run["levels"]
-        ]
-        paths.append({**run, "levels": levels})
-    return {"workload": workload.to_json(), "paths": paths, "headline": llm_report.headline(paths)}
+    for key in dict.fromkeys(r["key"] for r in runs):
+        mine = [r for r in runs if r["key"] == key]
+        levels = []
+        for i, concurrency in enumerate(workload.levels):
+            passes = [r["levels"][i] for r in mine]
+            levels.append({
+                "concurrency": concurrency,
+                "wall_s": [lv.wall_s for lv in passes],
+                "samples": [{**s.to_json(), "pass": n} for n, lv in enumerate(passes)
+                            for s in lv.samples],
+                "summary": llm_report.summarize(passes, count, reference),
+            })  # fmt: skip
+        times = [{k: r[k] for k in ("pass", "seconds", "loadavg_before", "loadavg_after")}
+                 for r in mine]  # fmt: skip
+        head = {k: mine[0][k] for k in ("key", "label", "how")}
+        paths.append({**head, "passes": times, "levels": levels})
+    return {
+        "workload": workload.to_json(),
+        "reference": first["label"],  # whose texts "same text" compares with
+        "paths": paths,
+        "headline": llm_report.headline(paths),
+        "versus_peer": llm_report.versus_peer(paths),
+    }
 
 
-def run(quick: bool, out: Path, threads: int | None = None) -> int:
-    """Measure every path; print the table; write ``llm.{json,md,png}`` into ``out``."""
+def run(out: Path, options: Options = Options()) -> int:
+    """Measure every path; print the tables; write ``llm.{json,md,png}`` (and ``llm-turns.*``)."""
     missing = missing_requirements()
     if missing:
         print(
@@ -252,22 +339,32 @@ def run(quick: bool, out: Path, threads: int | None = None) -> int:
         return 2
     from workers.engines.gguf import cpu_count
 
-    workload = workload_for(quick, threads or cpu_count())
-    paths = [p for p in contenders(workload.threads) if p.quick or not quick]
+    # SIGTERM (timeout, Ctrl-C in a wrapper) unwinds like an exception: the servers started
+    # for each path are stopped on the way out, not left running.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    workload = workload_for(options, options.threads or cpu_count())
+    paths = contenders(workload.threads, options) if options.throughput else []
+    passes = options.passes or (1 if options.quick else 2)
+    peer = find_llama_server(options.peer)
     print(
         f"headrace bench llm: {workload.model_id}, {len(workload.prompts)} prompts, max_tokens "
         f"{workload.max_tokens}, {workload.threads} llama.cpp threads, clients "
-        f"{', '.join(map(str, workload.levels))}; {len(paths)} paths, one at a time",
+        f"{', '.join(map(str, workload.levels))}; {len(paths)} paths x {passes} pass(es), "
+        f"one at a time; llama-server: {peer or 'not built (make llama-server)'}",
         file=sys.stderr,
     )
-    result = _summarize(workload, _run_paths(workload, paths))
-    result["machine"] = _machine()
-    table = llm_report.table(result)
-    write_outputs(out, "llm", result, table, llm_report.plot)
+    if paths:
+        result = summarize(workload, run_paths(workload, paths, passes))
+        result["machine"] = _machine(peer)
+        write_outputs(out, "llm", result, llm_report.table(result), llm_report.plot)
+    if options.turns:
+        from headrace.bench import llm_turns
+
+        return llm_turns.run(out, llm_turns.options_from(options, workload.threads, peer))
     return 0
 
 
-def _machine() -> dict[str, Any]:
+def _machine(peer: Path | None) -> dict[str, Any]:
     from importlib.metadata import version
 
     return {
@@ -275,4 +372,5 @@ def _machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "llama_cpp_python": version("llama-cpp-python"),
+        "llama_server": str(peer) if peer else None,
     }

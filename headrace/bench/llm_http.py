@@ -44,14 +44,25 @@ def _chunk(chunk: dict[str, Any], sample: Sample, now_s: float) -> None:
         sample.finish = choice.get("finish_reason") or sample.finish
 
 
+def client(headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
+    """The benchmark's HTTP client: no overall timeout, a new connection for every request.
+
+    llama.cpp's llama-server closes a keep-alive connection after a request or a few, and
+    a request sent on a pooled connection it has just closed fails ("Can not write request
+    body"); every system gets the same fresh loopback connection instead (well under a
+    millisecond next to a generation).
+    """
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=300)
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    return aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector)
+
+
 async def measure(
     workload: Workload, base_url: str, name: str, headers: dict[str, str] | None = None
 ) -> list[Level]:
     """Warm up, then every concurrency level against one OpenAI-compatible server."""
     url = f"{base_url}/v1/chat/completions"
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=300)
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=connector) as http:
+    async with client(headers) as http:
 
         async def one(k: int, t0: float) -> Sample:
             sample = Sample(

@@ -11,38 +11,58 @@ from headrace.bench.llm_workload import Level, Sample
 
 BASELINE = "in-process"  # the ceiling every other path is compared with
 HEADLINE = "headrace"  # headrace through the edge, one slot: the issue's goal is >= 0.97
+PEER = "llama-server"  # key prefix of llama.cpp's own server's rows (one per -np)
+PEER_GOAL = {1: 0.95}  # headrace / best peer, aggregate tokens/s; 1.0 at other levels
 
 
 def summarize(
-    level: Level, tokens: Callable[[str], int], reference: dict[int, str]
+    passes: list[Level], tokens: Callable[[str], int], reference: dict[int, str]
 ) -> dict[str, Any]:
-    """TTFT, tokens per second, outcomes and overlap of one concurrency level."""
-    samples = level.samples
-    done = [s for s in samples if s.error is None and s.finish is not None]
-    counts = {s.request: tokens(s.text) for s in samples}
+    """TTFT, inter-token latency, tokens per second, outcomes and overlap of one level.
+
+    ``passes`` are the runs of the same level in alternating passes: per-request figures
+    (TTFT, per-stream rates, ITL) are pooled over them; aggregate tokens/s is all their
+    tokens over all their wall time, with each pass's own figure in ``aggregate_tps_passes``.
+    """
+    samples = [s for lv in passes for s in lv.samples]
+    counts = [tokens(s.text) for s in samples]
+    done = [(s, n) for s, n in zip(samples, counts, strict=True) if _done(s)]
     ttft = [(s.first_s - s.start_s) * 1000 for s in samples if s.first_s is not None]
-    streams = [_stream_tps(s, counts[s.request]) for s in done]
-    rates = [r for r in streams if r is not None]
-    total = sum(counts.values())
+    rates = [r for r in (_stream_tps(s, n) for s, n in done) if r is not None]
+    itl = [1000 / r for r in rates]  # ms between tokens after the first (aiperf's ITL)
+    total, wall_s = sum(counts), sum(lv.wall_s for lv in passes)
     errors = [s.error for s in samples if s.error is not None]
+    cut = [s for s in samples if s.error is None and s.finish is None]
     return {
         "requests": len(samples),
         "completed": len(done),
-        "cut_short": sum(1 for s in samples if s.error is None and s.finish is None),
-        "cut_short_empty": sum(
-            1 for s in samples if s.error is None and s.finish is None and not s.text
-        ),
+        "cut_short": len(cut),
+        "cut_short_empty": sum(1 for s in cut if not s.text),
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
-        "ttft_p50_ms": percentile(ttft, 50) if ttft else None,
-        "ttft_p95_ms": percentile(ttft, 95) if ttft else None,
-        "stream_tps_p50": percentile(rates, 50) if rates else None,
-        "aggregate_tps": total / level.wall_s,
+        "ttft_p50_ms": _pct(ttft, 50),
+        "ttft_p95_ms": _pct(ttft, 95),
+        "ttft_p99_ms": _pct(ttft, 99),
+        "itl_p50_ms": _pct(itl, 50),
+        "itl_p99_ms": _pct(itl, 99),
+        "stream_tps_p50": _pct(rates, 50),
+        "aggregate_tps": total / wall_s,
+        "aggregate_tps_passes": [
+            sum(tokens(s.text) for s in lv.samples) / lv.wall_s for lv in passes
+        ],
         "output_tokens": total,
-        "wall_s": level.wall_s,
-        "same_text": sum(1 for s in done if reference.get(s.prompt) == s.text),
-        "max_streaming_at_once": _max_overlap(samples),
+        "wall_s": wall_s,
+        "same_text": sum(1 for s, _ in done if reference.get(s.prompt) == s.text),
+        "max_streaming_at_once": max(_max_overlap(lv.samples) for lv in passes),
     }
+
+
+def _done(sample: Sample) -> bool:
+    return sample.error is None and sample.finish is not None
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return percentile(values, q) if values else None
 
 
 def _stream_tps(sample: Sample, count: int) -> float | None:
@@ -102,6 +122,47 @@ def headline(paths: list[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
+def versus_peer(paths: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """Per level: headrace's aggregate tokens/s over the best llama-server row's (best -np).
+
+    Both the default headrace row (1 slot) and the best headrace row are compared.
+    """
+    peers = [p for p in paths if p["key"].startswith(PEER)]
+    ours = [p for p in paths if p["key"].startswith(HEADLINE)]
+    if not peers or not ours:
+        return None
+    default = next((p for p in ours if p["key"] == HEADLINE), ours[0])
+    rows = []
+    for concurrency in (lv["concurrency"] for lv in default["levels"]):
+        peer = _best(peers, concurrency)
+        best = _best(ours, concurrency)
+        if peer is None or best is None:
+            continue
+        theirs, mine, top = (_level(p, concurrency) for p in (peer, default, best))
+        if theirs is None or top is None:
+            continue
+        rows.append({
+            "concurrency": concurrency,
+            "peer": peer["label"], "peer_tps": theirs["aggregate_tps"],
+            "peer_ttft_p50_ms": theirs["ttft_p50_ms"],
+            "headrace": default["label"],
+            "headrace_tps": mine["aggregate_tps"] if mine else None,
+            "ratio": _ratio(mine["aggregate_tps"] if mine else None, theirs["aggregate_tps"]),
+            "ttft_p50_diff_ms": _diff(mine["ttft_p50_ms"] if mine else None,
+                                      theirs["ttft_p50_ms"]),
+            "best": best["label"], "best_tps": top["aggregate_tps"],
+            "best_ratio": _ratio(top["aggregate_tps"], theirs["aggregate_tps"]),
+            "goal": PEER_GOAL.get(concurrency, 1.0),
+        })  # fmt: skip
+    return rows
+
+
+def _best(paths: list[dict[str, Any]], concurrency: int) -> dict[str, Any] | None:
+    """The path with the highest aggregate tokens/s at ``concurrency``."""
+    scored = [(lv["aggregate_tps"], p) for p in paths if (lv := _level(p, concurrency))]
+    return max(scored, key=lambda sp: sp[0])[1] if scored else None
+
+
 def _level(path: dict[str, Any], concurrency: int) -> dict[str, Any] | None:
     found = [lv["summary"] for lv in path["levels"] if lv["concurrency"] == concurrency]
     return found[0] if found else None
@@ -120,11 +181,12 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    """The markdown table, the headline and how each path behaved with concurrent requests."""
+    """The markdown tables, the headlines and how each path behaved with concurrent requests."""
     lines = [
-        "| path | clients | done / cut short / errors | TTFT p50 / p95 (ms) "
-        "| tok/s per stream (p50) | tok/s aggregate | same text as in-process | streams at once |",
-        "|---|---|---|---|---|---|---|---|",
+        "| path | clients | done / cut short / errors | tok/s aggregate (passes) "
+        "| tok/s per stream (p50) | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) "
+        "| same text as reference | streams at once |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for path in result["paths"]:
         for lv in path["levels"]:
@@ -132,25 +194,23 @@ def table(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {path['label']} | {lv['concurrency']} "
                 f"| {s['completed']} / {s['cut_short']} / {s['errors']} "
-                f"| {_num(s['ttft_p50_ms'])} / {_num(s['ttft_p95_ms'])} "
-                f"| {_num(s['stream_tps_p50'])} | {_num(s['aggregate_tps'])} "
+                f"| {_num(s['aggregate_tps'])}{_span(s['aggregate_tps_passes'])} "
+                f"| {_num(s['stream_tps_p50'])} "
+                f"| {_num(s['ttft_p50_ms'])} / {_num(s['ttft_p99_ms'])} "
+                f"| {_num(s['itl_p50_ms'])} / {_num(s['itl_p99_ms'])} "
                 f"| {s['same_text']}/{s['completed']} | {s['max_streaming_at_once']} |"
             )
-    head = result.get("headline")
-    if head:
-        lines += [
-            "",
-            f"**Headline (concurrency 1)**: headrace through the edge / in-process = "
-            f"**{head['aggregate_tps_ratio']:.3f}** aggregate tokens/s "
-            f"({_num(head['stream_tps_ratio'], 3)} per stream; goal >= {head['goal']}); "
-            f"TTFT p50 {_signed(head['ttft_p50_diff_ms'])} ms, "
-            f"p95 {_signed(head['ttft_p95_diff_ms'])} ms.",
-        ]
+    lines += _headline_lines(result.get("headline"))
+    lines += _peer_lines(result.get("versus_peer"))
     lines += [
         "",
-        "TTFT and tokens/s per stream count the streams that received text; a stream cut "
-        "short before its first token has neither. Tokens/s aggregate: all tokens received "
-        "at that level / its wall time.",
+        "TTFT, ITL and tokens/s per stream count the streams that received text; a stream cut "
+        "short before its first token has none of them. ITL: a stream's time from its first "
+        "to its last token over its tokens after the first. Tokens/s aggregate: all tokens "
+        "received at that level / its wall time, over every pass (each pass's own figure in "
+        "brackets). p99 of a few dozen requests is close to their maximum. Same text as "
+        f"reference: the texts of {result.get('reference', 'the first path')} at its first "
+        "level, prompt by prompt.",
         "",
         "How each path handled concurrent clients (at 4, or the highest level run):",
         "",
@@ -164,6 +224,46 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _headline_lines(head: dict[str, Any] | None) -> list[str]:
+    if not head:
+        return []
+    return [
+        "",
+        f"**Headline (concurrency 1)**: headrace through the edge / in-process = "
+        f"**{head['aggregate_tps_ratio']:.3f}** aggregate tokens/s "
+        f"({_num(head['stream_tps_ratio'], 3)} per stream; goal >= {head['goal']}); "
+        f"TTFT p50 {_signed(head['ttft_p50_diff_ms'])} ms, "
+        f"p95 {_signed(head['ttft_p95_diff_ms'])} ms.",
+    ]
+
+
+def _peer_lines(rows: list[dict[str, Any]] | None) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "",
+        "**headrace / llama.cpp's llama-server** (aggregate output tokens/s, the best "
+        "llama-server row at each level):",
+        "",
+        "| clients | best llama-server | its tok/s | headrace, 1 slot: tok/s | ratio "
+        "| TTFT p50 vs llama-server (ms) | best headrace row | ratio | goal |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['concurrency']} | {r['peer']} | {_num(r['peer_tps'])} "
+            f"| {_num(r['headrace_tps'])} | **{_num(r['ratio'], 2)}** "
+            f"| {_signed(r['ttft_p50_diff_ms'])} | {r['best']} | {_num(r['best_ratio'], 2)} "
+            f"| >= {r['goal']} |"
+        )
+    return lines
+
+
+def _span(values: list[float]) -> str:
+    """Each pass's figure, in brackets, when there was more than one pass."""
+    return f" ({', '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else ""
+
+
 def _behaviour_level(path: dict[str, Any]) -> dict[str, Any]:
     levels = [lv for lv in path["levels"] if lv["concurrency"] > 1] or path["levels"]
     picked: dict[str, Any] = next((lv for lv in levels if lv["concurrency"] == 4), levels[-1])
@@ -175,11 +275,16 @@ def _signed(value: float | None) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:
-    """TTFT p50 and tokens/s by concurrency, one line per path (False without matplotlib)."""
+    """TTFT p50 and tokens/s by concurrency, one line per path, and headrace / llama-server.
+
+    False without matplotlib.
+    """
     plt = pyplot()
     if plt is None:
         return False
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    rows = result.get("versus_peer")
+    fig, axes = plt.subplots(1, 3 if rows else 2, figsize=(18 if rows else 12, 4.8))
+    left, right = axes[0], axes[1]
     for p in result["paths"]:
         xs = [lv["concurrency"] for lv in p["levels"]]
         sums = [lv["summary"] for lv in p["levels"]]
@@ -190,15 +295,25 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         right.plot(xs, [s["aggregate_tps"] for s in sums], marker="o", color=color)
         right.plot(xs, [s["stream_tps_p50"] for s in sums], marker="x", linestyle="--",
                    color=color, alpha=0.6)  # fmt: skip
-    for ax, title in ((left, "time to first token, p50 (ms)"),
-                      (right, "output tokens/s: aggregate (solid), per stream p50 (dashed)")):  # fmt: skip
+    titles = [(left, "time to first token, p50 (ms)"),
+              (right, "output tokens/s: aggregate (solid), per stream p50 (dashed)")]  # fmt: skip
+    if rows:
+        ratio = axes[2]
+        xs = [r["concurrency"] for r in rows]
+        ratio.plot(xs, [r["ratio"] for r in rows], marker="o", label="headrace, 1 slot")
+        ratio.plot(xs, [r["best_ratio"] for r in rows], marker="s", linestyle="--",
+                   label="best headrace row")  # fmt: skip
+        ratio.plot(xs, [r["goal"] for r in rows], linestyle=":", color="grey", label="goal")
+        ratio.legend(fontsize=8)
+        titles.append((ratio, "aggregate tokens/s, headrace / best llama-server"))
+    for ax, title in titles:
         ax.set_xscale("log", base=2)
         ax.set_xticks(result["workload"]["levels"], [str(c) for c in result["workload"]["levels"]])
         ax.set_xlabel("concurrent clients")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     left.set_yscale("log")
-    left.legend(fontsize=8)
+    left.legend(fontsize=7)
     fig.suptitle(f"SmolLM2-135M-Instruct, {result['workload']['threads']} llama.cpp threads, "
                  f"max_tokens {result['workload']['max_tokens']}")  # fmt: skip
     fig.tight_layout()
