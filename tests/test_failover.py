@@ -38,6 +38,14 @@ from tests.conftest import (
 pytestmark = pytest.mark.slow
 
 PROMPT = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu"
+DELAY = ("--echo-token-delay-s", "0.05")
+
+
+def pair(
+    nats_server: AuthNatsServer, tmp_path: Path, delay: tuple[str, str] = DELAY
+) -> dict[str, subprocess.Popen[bytes]]:
+    """Two echo workers, ``a`` and ``b``, at ``delay`` a token."""
+    return {w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")}
 
 
 @contextlib.contextmanager
@@ -106,8 +114,7 @@ def attempts(events: list[Received]) -> list[int]:
 async def test_a_killed_workers_stream_goes_on_from_the_next_token(
     client: JobClient, js: JetStreamContext, nats_server: AuthNatsServer, tmp_path: Path
 ) -> None:
-    delay = ("--echo-token-delay-s", "0.05")
-    procs = {w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")}
+    procs = pair(nats_server, tmp_path)
     with workers(*procs.values()):
         for w in procs:
             await wait_registered(js, w)
@@ -135,8 +142,7 @@ async def test_a_killed_workers_stream_goes_on_from_the_next_token(
 async def test_the_lost_delivery_never_runs_again(
     client: JobClient, js: JetStreamContext, nats_server: AuthNatsServer, tmp_path: Path
 ) -> None:
-    delay = ("--echo-token-delay-s", "0.05")
-    procs = {w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")}
+    procs = pair(nats_server, tmp_path)
     with workers(*procs.values()) as started:
         for w in procs:
             await wait_registered(js, w)
@@ -148,7 +154,7 @@ async def test_the_lost_delivery_never_runs_again(
         events += await collect(stream)
         # The killed worker's message comes back after ack_wait (2 s here) to whoever is
         # free, a worker started now included: its fence has it terminated, not run.
-        started.append(spawn_worker(nats_server, "c", *delay, log=tmp_path / "c.log"))
+        started.append(spawn_worker(nats_server, "c", *DELAY, log=tmp_path / "c.log"))
         await wait_registered(js, "c")
         await asyncio.sleep(3.0)
         history = await client.history(job.id)
@@ -168,8 +174,7 @@ async def test_two_followers_start_one_continuation(
 ) -> None:
     other = await nats.connect(nats_server.url, **TEST_LOGIN)
     first, second = JobClient(nc), JobClient(other)
-    delay = ("--echo-token-delay-s", "0.05")
-    procs = {w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")}
+    procs = pair(nats_server, tmp_path)
     try:
         with workers(*procs.values()):
             for w in procs:
@@ -196,8 +201,7 @@ async def test_two_followers_start_one_continuation(
 async def test_a_paused_worker_resumed_after_the_hand_over_gets_nothing_through(
     client: JobClient, js: JetStreamContext, nats_server: AuthNatsServer, tmp_path: Path
 ) -> None:
-    delay = ("--echo-token-delay-s", "0.05")
-    procs = {w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")}
+    procs = pair(nats_server, tmp_path)
     with workers(*procs.values()):
         for w in procs:
             await wait_registered(js, w)
@@ -241,8 +245,7 @@ async def test_a_slow_worker_is_not_taken_for_a_lost_one(
 async def test_sigterm_hands_a_long_job_over_at_once(
     client: JobClient, js: JetStreamContext, nats_server: AuthNatsServer, tmp_path: Path
 ) -> None:
-    delay = ("--echo-token-delay-s", "0.1")
-    procs = {w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")}
+    procs = pair(nats_server, tmp_path, ("--echo-token-delay-s", "0.1"))
     with workers(*procs.values()):
         for w in procs:
             await wait_registered(js, w)
@@ -280,8 +283,7 @@ async def test_the_openai_sdk_stream_goes_on_when_its_worker_is_killed(
     from tests.conftest import API_KEY
 
     chat = [{"role": "user", "content": PROMPT}]
-    delay = ("--echo-token-delay-s", "0.05")
-    doomed = spawn_worker(nats_server, "doomed", *delay, log=tmp_path / "doomed.log")
+    doomed = spawn_worker(nats_server, "doomed", *DELAY, log=tmp_path / "doomed.log")
     with workers(doomed) as started:
         await wait_registered(js, "doomed")
         async with openai.AsyncOpenAI(base_url=f"{edge}/v1", api_key=API_KEY, max_retries=0) as oai:
@@ -290,7 +292,7 @@ async def test_the_openai_sdk_stream_goes_on_when_its_worker_is_killed(
             )
             chunks = [await stream.__anext__() for _ in range(6)]  # the role chunk, 5 tokens
             # Only "doomed" could take the job; the rescuer is alive before the kill.
-            started.append(spawn_worker(nats_server, "rescuer", *delay, log=tmp_path / "r.log"))
+            started.append(spawn_worker(nats_server, "rescuer", *DELAY, log=tmp_path / "r.log"))
             await wait_registered(js, "rescuer")
             doomed.send_signal(signal.SIGKILL)
             chunks += [c async for c in stream]
@@ -317,8 +319,7 @@ async def test_a_native_client_continues_with_its_own_permissions(
     settings = CommonSettings(nats_url=nats_server.url, **nats_server.login("alice"))
     alice = await nats.connect(nats_server.url, error_cb=on_error, **credentials(settings))
     client = JobClient(alice, user="alice")  # results.alice.<id>, alive.alice.<id>
-    delay = ("--echo-token-delay-s", "0.05")
-    procs = {w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")}
+    procs = pair(nats_server, tmp_path)
     try:
         with workers(*procs.values()):
             for w in procs:
@@ -377,8 +378,7 @@ async def test_a_watcher_that_only_knows_the_id_continues_the_job_from_jobs(
     other = await nats.connect(nats_server.url, **TEST_LOGIN)
     submitter = JobClient(nc, hand_over=False)  # leaves it to the other follower
     watcher = JobClient(other)
-    delay = ("--echo-token-delay-s", "0.05")
-    procs = {w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")}
+    procs = pair(nats_server, tmp_path)
     try:
         with workers(*procs.values()):
             for w in procs:
