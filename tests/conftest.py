@@ -313,3 +313,22 @@ def huge_png(width: int = 12_000, height: int = 12_000) -> bytes:
     row = b"\x00" * (1 + (width + 7) // 8)  # filter byte, then the packed bits
     idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def start_up(
+    argv: list[str], env: dict[str, str], timeout_s: float
+) -> tuple[subprocess.Popen[str], str]:
+    """Start ``headrace up`` (``argv``) and read its output until it says it is up (or ends,
+    or ``timeout_s`` passes); the process and what it printed so far."""
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "Press Ctrl-C" in line or not line:
+            break
+    return proc, "".join(lines)

@@ -43,6 +43,7 @@ from tests.conftest import (
     TEST_USER,
     _test_user_hash,
     collect,
+    start_up,
     text_job,
 )
 from workers.engines.echo import EchoEngine
@@ -622,18 +623,7 @@ def test_up_regions_runs_a_super_cluster_with_an_edge_per_region(tmp_path: Path)
     argv += ["--llm-workers", "0", "--sd-workers", "0", "--nats-port", "0"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("HEADRACE_")}
     env.update(HEADRACE_LLM_THREADS="1", HEADRACE_NATS_HTTP_PORT="0")
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    assert proc.stdout is not None
-    lines = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if "Press Ctrl-C" in line or not line:
-            break
-    output = "".join(lines)
+    proc, output = start_up(argv, env, 120)
     try:
         assert "super-cluster formed" in output, output
         key = (data / "dev-api-key").read_text().strip()

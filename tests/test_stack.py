@@ -18,6 +18,7 @@ import orjson
 import pytest
 
 from headrace.servers import free_port
+from tests.conftest import start_up
 
 pytestmark = pytest.mark.slow
 
@@ -56,18 +57,7 @@ def test_up_runs_the_stack_and_stops_it_cleanly(tmp_path: Path, sig: signal.Sign
     env = {k: v for k, v in os.environ.items() if k not in ("HEADRACE_API_KEYS", "API_TOKENS")}
     env["HEADRACE_NATS_HTTP_PORT"] = "0"
     env["HEADRACE_DEFAULT_RPM"] = "1000"  # the edge keeps it in the stack's valkey
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    assert proc.stdout is not None
-    lines = []
-    deadline = time.monotonic() + 110
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if "Press Ctrl-C" in line or not line:
-            break
-    output = "".join(lines)
+    proc, output = start_up(argv, env, 110)
     assert "headrace is up" in output, output
     worker_pid = int(re.search(r"worker-echo-1 \(pid (\d+)\)", output).group(1))  # type: ignore[union-attr]
     assert _listening(nats_port)
@@ -201,18 +191,7 @@ def test_up_cluster_runs_three_nodes_at_r3_and_survives_one(tmp_path: Path) -> N
     env = {k: v for k, v in os.environ.items() if k not in ("HEADRACE_API_KEYS", "API_TOKENS")}
     # 0: every node's client, route and monitoring port is a free one.
     env.update(HEADRACE_NATS_PORT="0", HEADRACE_NATS_CLUSTER_PORT="0", HEADRACE_NATS_HTTP_PORT="0")
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    assert proc.stdout is not None
-    lines = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if "Press Ctrl-C" in line or not line:
-            break
-    output = "".join(lines)
+    proc, output = start_up(argv, env, 60)
     try:
         assert "cluster headrace of 3 formed" in output, output
         assert "streams at R3" in output
