@@ -31,6 +31,7 @@ _LLM = (
     "llm_gpu_layers",
     "llm_chat_template_file",
     "llm_flash_attn",
+    "llm_stream_interval_ms",
     "llm_cache_seqs",
     "llm_pooling",
 )
@@ -128,7 +129,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """Run a worker process."""
     from headrace import worker
     from workers.engines.base import Engine
-    from workers.settings import WorkerSettings
+    from workers.settings import TEXT_SLOTS, WorkerSettings
 
     names = (
         *_COMMON,
@@ -148,6 +149,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = WorkerSettings(**overrides)
     logs.setup(settings.log_level, f"worker {args.engine}")
     if args.engine == "llm":
+        if settings.slots is None:  # the runtime fetches for as many as the batch runs
+            settings = settings.model_copy(update={"slots": TEXT_SLOTS})
         engine: Engine[Any] = worker.llama_engine(settings)
     elif args.engine == "sd":
         engine = worker.diffusion_engine(settings)
@@ -402,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["mean", "cls", "last"],
         help="llm: pooling of embeddings (default: the GGUF's own, else mean)",
     )
-    p.add_argument("--slots", type=int, help="jobs run at once (default 1)")
+    p.add_argument(
+        "--slots", type=int, help="jobs run at once (default: llm 4, a batch's sequences; else 1)"
+    )
     p.add_argument("--worker-id", help="registry id (default host-pid-random)")
     p.add_argument(
         "--metrics-port",
@@ -441,6 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="llm_flash_attn",
         choices=["auto", "on", "off"],
         help="llm: flash attention (default auto: where llama.cpp has it)",
+    )
+    p.add_argument(
+        "--stream-interval-ms",
+        dest="llm_stream_interval_ms",
+        type=float,
+        metavar="MS",
+        help="llm: a job's text goes out at most once per interval, as one delta (default 40; "
+        "0: every token at once)",
     )
     p.add_argument(
         "--cache-seqs",

@@ -15,7 +15,7 @@ from workers import metrics
 from workers.engines.base import Engine
 from workers.engines.echo import EchoEngine
 from workers.runtime import Runtime
-from workers.settings import WorkerSettings
+from workers.settings import TEXT_SLOTS, WorkerSettings
 
 if TYPE_CHECKING:
     from workers.engines.diffusion import DiffusionEngine
@@ -78,12 +78,13 @@ def llama_engine(settings: WorkerSettings) -> LlamaEngine:
             n_gpu_layers=settings.llm_gpu_layers,
             chat_template=template,
             # An embedding-only model has one context: its jobs take turns on it.
-            contexts=1 if only else settings.slots,
+            contexts=1 if only else settings.slots or TEXT_SLOTS,
             embeddings=settings.llm_embeddings,
             embedding_only=only,
             pooling=settings.llm_pooling,
             flash_attn={"auto": None, "on": True, "off": False}[settings.llm_flash_attn],
             cache_seqs=settings.llm_cache_seqs,
+            stream_interval_s=settings.llm_stream_interval_ms / 1000,
         )
 
     return LlamaEngine(

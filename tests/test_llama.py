@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from schemas.events import Delta, Done, Error, Started
 from schemas.jobs import Resume
 from schemas.subjects import WORKERS_BUCKET, rpc_subject, worker_key
 from tests.conftest import collect, running, text_job, wait_registered
-from workers.settings import WorkerSettings
+from workers.settings import TEXT_SLOTS, WorkerSettings
 
 pytest.importorskip("llama_cpp", reason="the llm extra is not installed (make install-llm)")
 
@@ -335,6 +336,31 @@ async def test_a_slow_consumer_gets_coalesced_deltas(engine: LlamaEngine) -> Non
     assert sum(len(d.logprobs or ()) for d in found) == 40
 
 
+async def test_a_stream_interval_sends_fewer_larger_deltas_of_the_same_text(
+    engine: LlamaEngine,
+) -> None:
+    paced = LlamaEngine([
+        ModelConfig(id=MODEL, path=bundled_gguf(), n_ctx=N_CTX, n_threads=1,
+                    stream_interval_s=0.15)
+    ])  # fmt: skip
+    job = {"max_tokens": 40, "ignore_eos": True, "seed": 3}
+    runs = []
+    for e in (engine, paced):
+        await e.start()
+        try:
+            started = time.perf_counter()
+            runs.append(([ev async for ev in e.run(chat(**job), threading.Event())],
+                         time.perf_counter() - started))  # fmt: skip
+        finally:
+            await e.close()
+    (every, _), (coalesced, took_s) = runs
+    deltas = [e for e in coalesced if isinstance(e, Delta)]
+    assert deltas[0].tokens == 1  # the first token goes out at once
+    assert len(deltas) <= took_s / 0.15 + 2
+    assert sum(d.tokens for d in deltas) == 40
+    assert "".join(d.text for d in deltas) == "".join(e.text for e in every if isinstance(e, Delta))
+
+
 async def test_unknown_model_is_model_not_found(engine: LlamaEngine) -> None:
     await engine.start()
     try:
@@ -376,6 +402,9 @@ async def test_worker_process_serves_llm_and_stops_on_sigterm(
     proc = spawn_llm_worker(worker_settings, "llm-1", log)
     try:
         await wait_registered(js, "llm-1", timeout_s=30)
+        record = await (await js.key_value(WORKERS_BUCKET)).get(worker_key("llm-1"))
+        assert record.value is not None
+        assert decode_worker(record.value).slots == TEXT_SLOTS  # no --slots: a batch's default
         events = await collect(await client.submit(chat(max_tokens=3, ignore_eos=True)))
         assert done_of(events).usage.completion_tokens == 3
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -70,3 +71,53 @@ def test_a_thread_outliving_its_loop_finishes_quietly() -> None:
 
     stream = asyncio.run(make())  # the loop is closed when this returns
     stream.work(counting(3))()  # sends and hands its result to nobody, raising nothing
+
+
+def paced(n: int, every_s: float) -> Callable[[Callable[[int], None]], str]:
+    def fn(send: Callable[[int], None]) -> str:
+        for i in range(n):
+            send(i)
+            time.sleep(every_s)
+        return "done"
+
+    return fn
+
+
+@pytest.mark.parametrize("interval_s", [0.0, 0.1])
+async def test_an_interval_hands_items_over_at_most_that_often(interval_s: float) -> None:
+    stream: ThreadStream[int, str] = ThreadStream(interval_s)
+    thread = threading.Thread(target=stream.work(paced(60, 0.005)))  # about 0.3 s of items
+    thread.start()
+    batches = await drain(stream)  # read as they come: a consumer that keeps up
+    thread.join()
+    assert [i for b in batches for i in b] == list(range(60))
+    assert batches[0] == [0]  # the first item goes at once
+    if interval_s:
+        assert len(batches) <= 6  # 0.3 s in 0.1 s intervals, and the rest with the result
+    else:
+        assert len(batches) > 20  # every item woke the loop
+
+
+async def test_flush_hands_over_what_is_held_before_the_thread_ends() -> None:
+    stream: ThreadStream[int, str] = ThreadStream(interval_s=60.0)
+    first_read, release = threading.Event(), threading.Event()
+
+    def fn(send: Callable[[int], None]) -> str:
+        send(1)  # at once
+        first_read.wait(10)
+        send(2)  # held: the interval has not passed
+        send(3)
+        stream.flush()
+        release.wait(10)
+        return "done"
+
+    thread = threading.Thread(target=stream.work(fn))
+    thread.start()
+    batches = stream.batches()
+    assert await anext(batches) == [1]
+    first_read.set()
+    assert await asyncio.wait_for(anext(batches), 5) == [2, 3]  # before the thread returns
+    release.set()
+    assert [b async for b in batches] == []
+    thread.join()
+    assert stream.result == "done"

@@ -127,7 +127,7 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.engine = engine
-        self.slots = SlotPool(settings.slots)
+        self.slots = SlotPool(settings.slots or 1)
         self.cancels = CancelBook(settings.cancel_memory_s)
         self.started_ms = int(time.time() * 1000)
         self.jobs_done = 0
@@ -140,7 +140,7 @@ class Runtime:
         self._emitters: set[Emitter] = set()  # of the jobs held now, for resend()
         self._limits = Limits(replicas=settings.replicas)  # for what it re-creates
         self.metrics = metrics or WorkerMetrics()
-        self.metrics.slots.set(settings.slots)
+        self.metrics.slots.set(self.slots.size)
         self.metrics.busy_slots.set_function(lambda: len(self._held))
         # Optional abilities are looked for once, here; the rest of the runtime reads these.
         # The rpc subjects belong to text models (rpc.llm.<model>.<op>): only text engines serve them.

@@ -14,6 +14,10 @@ from schemas.image_size import DEFAULT_MAX_INPUT_PIXELS
 from schemas.image_store import DEFAULT_INLINE_CHARS
 from schemas.settings import CommonSettings
 
+# A text worker's default slots: sequences of one llama.cpp batch, as many as llama-server's
+# own default (-np auto). Each adds n_ctx cells to the model's KV cache.
+TEXT_SLOTS = 4
+
 
 def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
@@ -23,7 +27,13 @@ class WorkerSettings(CommonSettings):
     """How one worker process fetches, heartbeats and shuts down."""
 
     worker_id: str = Field(default_factory=_default_worker_id)
-    slots: int = Field(default=1, ge=1, le=1024, description="jobs run at once")
+    slots: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="jobs run at once (default: TEXT_SLOTS on a llama.cpp worker, whose slots "
+        "are sequences of one batch; 1 otherwise)",
+    )
     fetch_timeout_s: float = Field(default=2.0, gt=0, description="long-poll of one fetch")
     heartbeat_s: float = Field(default=3.0, gt=0, description="registry heartbeat interval")
     in_progress_s: float = Field(
@@ -99,6 +109,14 @@ class WorkerSettings(CommonSettings):
     )
     llm_flash_attn: Literal["auto", "on", "off"] = Field(
         default="auto", description="llm: flash attention (auto: where llama.cpp's backend has it)"
+    )
+    llm_stream_interval_ms: float = Field(
+        default=40.0,
+        ge=0,
+        le=1000,
+        description="llm: a job's text goes out at most once per interval (the first token at "
+        "once), coalesced into one delta: fewer wake-ups and messages per token on the worker, "
+        "the broker and the edge (0: every token as it comes)",
     )
     llm_cache_seqs: int | None = Field(
         default=None,

@@ -60,6 +60,7 @@ from headrace.bench.llm_servers import (
     served,
 )
 from headrace.bench.llm_workload import PROMPTS, Level, Workload
+from workers.settings import TEXT_SLOTS
 
 # What llama_cpp.server imports (llama-cpp-python's "server" extra; headrace's "bench" extra).
 SERVER_MODULES = ("fastapi", "uvicorn", "sse_starlette", "starlette_context")
@@ -182,11 +183,12 @@ def contenders(threads: int, options: Options = Options()) -> list[Contender]:
 
 
 def _headrace_contenders(threads: int, options: Options, clients: int) -> list[Contender]:
-    """1 slot, and 2 slots of half the threads (a context per slot) or a slot per client."""
+    """1 slot, and 2 slots of half the threads (a context per slot), or 1 slot, the text
+    worker's default slots and a slot per client (sequences of one batch)."""
     split = engine_splits_threads()
-    default = (1, 2) if split else (1, clients)
+    default = (1, 2) if split else (1, TEXT_SLOTS, clients)
     rows = []
-    for slots in options.slots or default:
+    for slots in dict.fromkeys(options.slots or default):  # each once
         per_slot = max(1, threads // slots) if split else threads
         if split and slots > threads:
             continue  # a context per slot with less than a thread each

@@ -272,6 +272,9 @@ class Batcher:
     def _step(self, ctx: LlamaContext, batch: llama_cpp.llama_batch, capacity: int) -> None:
         """One llama_decode over every running sequence, then one sample each."""
         outputs, added = self._fill(batch, capacity)
+        if batch.n_tokens > len(outputs):  # prompt chunks make a long step: send what is held
+            for seq in self._running:
+                seq.stream.flush()
         while (rc := llama_cpp.llama_decode(ctx.ctx, batch)) == 1 and self._cache:
             self._drop(next(iter(self._cache)), ctx.memory)  # the least recently used
         if rc != 0:

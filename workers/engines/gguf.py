@@ -97,6 +97,7 @@ class ModelConfig:
     pooling: Literal["mean", "cls", "last"] | None = None  # None: the GGUF's, else mean
     flash_attn: bool | None = None  # None: llama.cpp decides (on where the backend has it)
     cache_seqs: int | None = None  # finished sequences kept for prefix reuse; None: contexts
+    stream_interval_s: float = 0.0  # a job's pieces handed to the event loop at most this often
 
     def threads(self) -> int:
         """CPU threads of the context while generating."""

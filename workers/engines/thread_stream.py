@@ -16,6 +16,11 @@ is easy to get subtly wrong:
   consumer takes everything that queued up at once (``batches``), so one that
   coalesces (the llama engine's deltas) sends fewer, larger events when it
   falls behind instead of falling further behind.
+- Wake-ups. Every hand-off wakes the event loop, which then competes for a core
+  with the thread's own work (llama.cpp's threads, on a small machine). With
+  ``interval_s`` the thread hands items over at most once per interval: the
+  first item at once, later ones with the next item sent after the interval has
+  passed (or with ``flush``, ``finish`` and ``fail``); they arrive as one batch.
 - Closing. Once the event loop is closed, ``call_soon_threadsafe`` raises
   ``RuntimeError``: the thread's later items are dropped (nobody is listening)
   rather than failing the thread.
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -51,22 +57,35 @@ class ThreadStream(Generic[ItemT, ResultT]):
     exception ``fn`` raised is raised by ``batches()`` after the items sent before it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, interval_s: float = 0.0) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[ItemT | _Returned[ResultT] | _Raised] = asyncio.Queue()
         self._result: _Returned[ResultT] | None = None
+        self._interval_s = interval_s
+        self._held: list[ItemT | _Returned[ResultT] | _Raised] = []  # the thread's, not handed yet
+        self._due = 0.0  # monotonic time from which the next item is handed at once
 
     def send(self, item: ItemT) -> None:
-        """Hand one item to the loop (from the thread; never blocks)."""
-        self._hand(item)
+        """Hand one item to the loop (from the thread; never blocks), or hold it with the
+        ones before it until the interval has passed."""
+        self._held.append(item)
+        if time.monotonic() >= self._due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand over the items held back (from the thread): before the thread blocks for a while."""
+        if self._held:
+            held, self._held = self._held, []
+            self._due = time.monotonic() + self._interval_s
+            self._hand(held)
 
     def finish(self, result: ResultT) -> None:
         """End the stream with ``result`` (from the thread, for work not run through ``work``)."""
-        self._hand(_Returned(result))
+        self._end(_Returned(result))
 
     def fail(self, error: Exception) -> None:
         """End the stream with ``error``, raised to the consumer after the items sent before."""
-        self._hand(_Raised(error))
+        self._end(_Raised(error))
 
     def work(self, fn: Callable[[Callable[[ItemT], None]], ResultT]) -> Callable[[], None]:
         """What the thread runs: ``fn(send)``, then its result or its exception handed over."""
@@ -75,9 +94,9 @@ class ThreadStream(Generic[ItemT, ResultT]):
             try:
                 result = _Returned(fn(self.send))
             except Exception as e:  # handed to the event loop, which raises it to the consumer
-                self._hand(_Raised(e))
+                self._end(_Raised(e))
             else:
-                self._hand(result)
+                self._end(result)
 
         return run
 
@@ -112,6 +131,15 @@ class ThreadStream(Generic[ItemT, ResultT]):
                 return items, None
             item = self._queue.get_nowait()
 
-    def _hand(self, item: ItemT | _Returned[ResultT] | _Raised) -> None:
+    def _end(self, end: _Returned[ResultT] | _Raised) -> None:
+        held, self._held = self._held, []
+        self._hand([*held, end])
+
+    def _hand(self, items: list[ItemT | _Returned[ResultT] | _Raised]) -> None:
+        """One wake-up of the loop for the lot."""
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._put, items)
+
+    def _put(self, items: list[ItemT | _Returned[ResultT] | _Raised]) -> None:
+        for item in items:
+            self._queue.put_nowait(item)
