@@ -266,3 +266,24 @@ def test_llama_server_rows_and_its_prompt_cache(tmp_path: Path) -> None:
     for key in ("llama-server-cache", "llama-server-no-cache"):
         assert [t.turn for t in turns[key]] == [1, 2]
         assert all(t.error is None and t.ttft_ms for t in turns[key])
+
+
+def test_llm_cpu_splits_thread_time_by_role() -> None:
+    from headrace.bench import llm_cpu
+
+    before = {(1, 1): ("model", 1.0), (1, 2): ("model", 1.0), (1, 3): ("model", 0.0),
+              (2, 2): ("edge", 0.5), (3, 3): ("nats-server", 0.0)}  # fmt: skip
+    after = {(1, 1): ("model", 3.0), (1, 2): ("model", 2.5), (1, 3): ("model", 0.2),
+             (1, 4): ("model", 0.1), (2, 2): ("edge", 0.8), (3, 3): ("nats-server", 0.1)}  # fmt: skip
+    roles = llm_cpu.by_role(before, after, llama_threads=2)
+    assert roles == pytest.approx({
+        "llama.cpp threads": 3.5,  # the two busiest: 2.0 and 1.5
+        "rest of the model's process": 0.3,  # a thread that started in between counts whole
+        "edge": 0.3,
+        "nats-server": 0.1,
+    })  # fmt: skip
+    row = {"system": "s", "tokens": 100, "tokens_per_s": 50.0,
+           "ms_per_token": {r: 10 * v for r, v in roles.items()}}  # fmt: skip
+    workload = {"max_tokens": 128, "threads": 2}
+    md = llm_cpu.table({"workload": workload, "requests": 8, "rows": [row]})
+    assert "| s | 50.0 | 35.00 | 3.00 | 3.00 | 1.00 | 7.00 |" in md

@@ -182,6 +182,30 @@ async def test_a_repeated_prompt_evaluates_only_its_last_token() -> None:
     assert again.timings.prompt_n == 1
 
 
+async def test_a_chat_sharing_only_its_start_leaves_a_conversation_cached() -> None:
+    # A conversation's first turn, then an unrelated chat (it shares the chat template's
+    # first tokens with it): the conversation's next turn still finds its history in cells.
+    llama = engine(slots=2)
+    await llama.start()
+    try:
+        first = job(PROMPTS[0], max_tokens=12, **GREEDY)
+        reply, done1 = await run(llama, first)
+        _, other = await run(llama, job(PROMPTS[3], max_tokens=4, **GREEDY))
+        history = [
+            *(first.params.messages or []),
+            ChatMessage(role="assistant", content=reply),
+            ChatMessage(role="user", content="And the mountains?"),
+        ]
+        turn = first.model_copy(
+            update={"params": first.params.model_copy(update={"messages": history})}
+        )
+        _, done2 = await run(llama, turn)
+    finally:
+        await llama.close()
+    assert other.timings.cache_n < other.usage.prompt_tokens  # the template's start at most
+    assert done2.timings.cache_n >= done1.usage.prompt_tokens
+
+
 async def test_a_bad_grammar_fails_its_own_job_only() -> None:
     llama = engine(slots=2)
     await llama.start()

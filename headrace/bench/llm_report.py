@@ -8,10 +8,12 @@ from typing import Any
 
 from headrace.bench.common import percentile, pyplot
 from headrace.bench.llm_workload import Level, Sample
+from workers.settings import TEXT_SLOTS
 
 BASELINE = "in-process"  # the ceiling every other path is compared with
 HEADLINE = "headrace"  # headrace through the edge, one slot: the issue's goal is >= 0.97
 PEER = "llama-server"  # key prefix of llama.cpp's own server's rows (one per -np)
+DEFAULT_ROW = f"headrace-{TEXT_SLOTS}-slots"  # headrace as a worker runs with no --slots
 PEER_GOAL = {1: 0.95}  # headrace / best peer, aggregate tokens/s; 1.0 at other levels
 
 
@@ -125,13 +127,15 @@ def headline(paths: list[dict[str, Any]]) -> dict[str, Any] | None:
 def versus_peer(paths: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
     """Per level: headrace's aggregate tokens/s over the best llama-server row's (best -np).
 
-    Both the default headrace row (1 slot) and the best headrace row are compared.
+    Both headrace as the worker runs by default (its default slots, else 1 slot) and the
+    best headrace row are compared.
     """
     peers = [p for p in paths if p["key"].startswith(PEER)]
     ours = [p for p in paths if p["key"].startswith(HEADLINE)]
     if not peers or not ours:
         return None
-    default = next((p for p in ours if p["key"] == HEADLINE), ours[0])
+    default = next((p for p in ours if p["key"] == DEFAULT_ROW), None)
+    default = default or next((p for p in ours if p["key"] == HEADLINE), ours[0])
     rows = []
     for concurrency in (lv["concurrency"] for lv in default["levels"]):
         peer = _best(peers, concurrency)
@@ -245,7 +249,7 @@ def _peer_lines(rows: list[dict[str, Any]] | None) -> list[str]:
         "**headrace / llama.cpp's llama-server** (aggregate output tokens/s, the best "
         "llama-server row at each level):",
         "",
-        "| clients | best llama-server | its tok/s | headrace, 1 slot: tok/s | ratio "
+        f"| clients | best llama-server | its tok/s | {rows[0]['headrace']}: tok/s | ratio "
         "| TTFT p50 vs llama-server (ms) | best headrace row | ratio | goal |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -300,7 +304,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     if rows:
         ratio = axes[2]
         xs = [r["concurrency"] for r in rows]
-        ratio.plot(xs, [r["ratio"] for r in rows], marker="o", label="headrace, 1 slot")
+        ratio.plot(xs, [r["ratio"] for r in rows], marker="o", label=rows[0]["headrace"])
         ratio.plot(xs, [r["best_ratio"] for r in rows], marker="s", linestyle="--",
                    label="best headrace row")  # fmt: skip
         ratio.plot(xs, [r["goal"] for r in rows], linestyle=":", color="grey", label="goal")
