@@ -657,10 +657,11 @@ class JobStream:
     async def _hand_over(self) -> None:
         """Publish the job's continuation in the next epoch (once, whoever else follows it)."""
         running = self._running
-        assert running is not None
         async with self._handing_over:
-            if self._running != running:
-                return  # handed over meanwhile (a lost region's jobs, ``hand_over_from``)
+            if running is None or self._running != running:
+                # Handed over meanwhile (a lost region's jobs, ``hand_over_from``), or left to
+                # JetStream's redelivery: nothing runs here to hand over.
+                return
             await self._continue(running)
 
     async def hand_over_from(self, region: str) -> bool:
