@@ -452,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="llm_stream_interval_ms",
         type=float,
         metavar="MS",
-        help="llm: a job's text goes out at most once per interval, as one delta (default 40; "
-        "0: every token at once)",
+        help="llm: a job's text goes out at most once per interval x the jobs running, as one "
+        "delta (default 40; 0: every token at once)",
     )
     p.add_argument(
         "--cache-seqs",

@@ -361,6 +361,30 @@ async def test_a_stream_interval_sends_fewer_larger_deltas_of_the_same_text(
     assert "".join(d.text for d in deltas) == "".join(e.text for e in every if isinstance(e, Delta))
 
 
+async def test_the_stream_interval_grows_with_the_jobs_running() -> None:
+    # 2 jobs at once with 0.1 s: each sends at most every 0.2 s, so the worker's deltas per
+    # second stay those of one job.
+    paced = LlamaEngine([
+        ModelConfig(id=MODEL, path=bundled_gguf(), n_ctx=N_CTX, n_threads=1, contexts=2,
+                    stream_interval_s=0.1)
+    ])  # fmt: skip
+
+    async def one(seed: int) -> tuple[list[Delta], float]:
+        started = time.perf_counter()
+        job = chat(max_tokens=60, ignore_eos=True, seed=seed)
+        found = [e async for e in paced.run(job, threading.Event()) if isinstance(e, Delta)]
+        return found, time.perf_counter() - started
+
+    await paced.start()
+    try:
+        runs = await asyncio.gather(one(1), one(2))
+    finally:
+        await paced.close()
+    for deltas, took_s in runs:
+        assert sum(d.tokens for d in deltas) == 60
+        assert len(deltas) <= took_s / 0.2 + 3
+
+
 async def test_unknown_model_is_model_not_found(engine: LlamaEngine) -> None:
     await engine.start()
     try:

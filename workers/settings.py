@@ -114,9 +114,9 @@ class WorkerSettings(CommonSettings):
         default=40.0,
         ge=0,
         le=1000,
-        description="llm: a job's text goes out at most once per interval (the first token at "
-        "once), coalesced into one delta: fewer wake-ups and messages per token on the worker, "
-        "the broker and the edge (0: every token as it comes)",
+        description="llm: a job's text goes out at most once per interval x the jobs running "
+        "(the first token at once), coalesced into one delta: fewer wake-ups and messages per "
+        "token on the worker, the broker and the edge (0: every token as it comes)",
     )
     llm_cache_seqs: int | None = Field(
         default=None,

@@ -1,10 +1,12 @@
 """Where a served single stream's CPU goes: per process and thread, per output token.
 
-    python -m headrace.bench.llm_cpu [--requests N] [--max-tokens N] [--threads N] [--out DIR]
+    python -m headrace.bench.llm_cpu [--clients N] [--requests N] [--max-tokens N]
+                                     [--threads N] [--out DIR]
 
 Each system is started alone (``llm_servers``) and sent ``--requests`` streamed chat
-completions one after another (the bench's first prompt and sampling, ``ignore_eos``, after
-two warm-up requests). Around them the CPU time of every thread of every process the bench
+completions by ``--clients`` clients (1: one after another; the bench's prompts and
+sampling, ``ignore_eos``, after warm-up requests). headrace gets as many slots as clients,
+llama-server as many ``-np``. Around them the CPU time of every thread of every process the bench
 started is read from ``/proc`` (Linux only), and split by role: llama.cpp's threads (the
 model's busiest ``--threads`` threads: they decode, sample and spin at ggml's barrier, so
 their time is the step's wall time), the rest of the model's process (headrace: the worker's
@@ -15,8 +17,8 @@ token included).
 On a machine whose cores all run llama.cpp threads, every other millisecond of CPU takes
 a core from one of them in the middle of a step, and the other waits at the barrier: the
 rest of the pipeline costs the decode about as much wall time as it uses CPU. The systems:
-headrace through the edge with one slot, with the worker's stream interval at 0 (a delta per
-token) and at its default (40 ms), and llama.cpp's ``llama-server -np 1`` when built.
+headrace through the edge, with the worker's stream interval at 0 (a delta per token) and at
+its default (40 ms), and llama.cpp's ``llama-server`` when built.
 Writes ``llm-cpu.{json,md,png}``.
 """
 
@@ -110,36 +112,37 @@ def by_role(before: Threads, after: Threads, llama_threads: int) -> dict[str, fl
 
 
 async def _drive(
-    base: str, headers: dict[str, str], workload: Workload, requests: int
+    base: str, headers: dict[str, str], workload: Workload, requests: int, clients: int
 ) -> dict[str, Any]:
     url = f"{base}/v1/chat/completions"
-    body = {**workload.chat_body(0), "ignore_eos": True}
-    async with client(headers) as http:
-        for k in range(2):  # warm-up
-            await stream_chat(
-                http, url, body, Sample(request=k, prompt=0, start_s=0), time.perf_counter()
-            )
-        before, started = snapshot(), time.perf_counter()
-        texts = []
-        for k in range(requests):
-            sample = await stream_chat(
-                http, url, body, Sample(request=k, prompt=0, start_s=0), started
-            )
+    texts: list[str] = []
+
+    async def loop(http: Any, first: int, count: int, keep: bool) -> None:
+        for k in range(first, first + count):
+            body = {**workload.chat_body(k), "ignore_eos": True}
+            sample = await stream_chat(http, url, body, Sample(request=k, prompt=0, start_s=0), 0)
             if sample.error:
                 raise RuntimeError(sample.error)
-            texts.append(sample.text)
+            if keep:
+                texts.append(sample.text)
+
+    async with client(headers) as http:
+        await asyncio.gather(*(loop(http, c, 2, False) for c in range(clients)))  # warm-up
+        before, started = snapshot(), time.perf_counter()
+        per = max(1, requests // clients)
+        await asyncio.gather(*(loop(http, c * per, per, True) for c in range(clients)))
         wall_s = time.perf_counter() - started
         return {"before": before, "after": snapshot(), "wall_s": wall_s, "texts": texts}
 
 
 def measure(
     name: str, serve: contextlib.AbstractContextManager[tuple[str, dict[str, str]]],
-    workload: Workload, requests: int, count: Any,
+    workload: Workload, requests: int, clients: int, count: Any,
 ) -> dict[str, Any]:  # fmt: skip
     """One system's row."""
     print(f"measuring {name} ...", file=sys.stderr)
     with serve as (base, headers):
-        run = asyncio.run(_drive(base, headers, workload, requests))
+        run = asyncio.run(_drive(base, headers, workload, requests, clients))
     tokens = sum(count(t) for t in run["texts"])
     roles = by_role(run["before"], run["after"], workload.threads)
     return {
@@ -151,20 +154,25 @@ def measure(
 
 
 @contextlib.contextmanager
-def _headrace(serving: Serving, interval_ms: float) -> Iterator[tuple[str, dict[str, str]]]:
+def _headrace(
+    serving: Serving, slots: int, interval_ms: float
+) -> Iterator[tuple[str, dict[str, str]]]:
     os.environ["HEADRACE_LLM_STREAM_INTERVAL_MS"] = str(interval_ms)  # the worker's setting
     try:
-        with headrace_served(serving, slots=1, threads=serving.threads) as served_at:
+        with headrace_served(serving, slots=slots, threads=serving.threads) as served_at:
             yield served_at
     finally:
         del os.environ["HEADRACE_LLM_STREAM_INTERVAL_MS"]
 
 
 @contextlib.contextmanager
-def _peer(binary: Path, serving: Serving, log: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    with served(
-        lambda port: llama_server_argv(binary, serving, port, 1), serving.model_id, log
-    ) as base:
+def _peer(
+    binary: Path, serving: Serving, parallel: int, log: Path
+) -> Iterator[tuple[str, dict[str, str]]]:
+    def argv(port: int) -> list[str]:
+        return llama_server_argv(binary, serving, port, parallel)
+
+    with served(argv, serving.model_id, log) as base:
         yield base, {}
 
 
@@ -184,7 +192,8 @@ def table(result: dict[str, Any]) -> str:
     w = result["workload"]
     lines.append("")
     lines.append(
-        f"{result['requests']} streamed requests of {w['max_tokens']} tokens, one at a time, "
+        f"{result['requests']} streamed requests of {w['max_tokens']} tokens, "
+        f"{result.get('clients', 1)} client(s) at once, "
         f"{w['threads']} llama.cpp threads; llama.cpp threads: the model process's {w['threads']} "
         "busiest threads together (their CPU time includes spinning at ggml's barrier: each "
         "thread's is about the step's wall time)."
@@ -223,6 +232,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Measure every system; print the table; write llm-cpu.{json,md,png}."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, default=1, help="concurrent clients (and slots)")
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (CPUs)")
@@ -243,18 +253,21 @@ def main(argv: list[str] | None = None) -> int:
         n_ctx=workload.n_ctx, threads=workload.threads,
     )  # fmt: skip
     count = TokenCounter(workload.model_path)
+    n = args.clients
+    slots = f", {n} slots" if n > 1 else ""
     rows = [
-        measure(f"headrace, stream interval {ms:g} ms", _headrace(serving, ms), workload,
-                args.requests, count)
+        measure(f"headrace{slots}, stream interval {ms:g} ms", _headrace(serving, n, ms),
+                workload, args.requests, n, count)
         for ms in (0, 40)
     ]  # fmt: skip
     binary = find_llama_server()
     if binary is not None:
         log = args.out / "llm-cpu-llama-server.log"
         args.out.mkdir(parents=True, exist_ok=True)
-        rows.append(measure("llama-server -np 1", _peer(binary, serving, log), workload,
-                            args.requests, count))  # fmt: skip
-    result = {"workload": workload.to_json(), "requests": args.requests, "rows": rows}
+        rows.append(measure(f"llama-server -np {n}", _peer(binary, serving, n, log), workload,
+                            args.requests, n, count))  # fmt: skip
+    result = {"workload": workload.to_json(), "requests": args.requests, "clients": n,
+              "rows": rows}  # fmt: skip
     write_outputs(args.out, "llm-cpu", result, table(result), plot)
     return 0
 

@@ -24,6 +24,11 @@ running sequence's cells.
 
 Ids: ``n_seq_max`` is slots + cached, so a job always finds a free id.
 
+Pacing: every delta costs a wake-up of the event loop, a message that nats-server stores
+and one the edge relays, so a sequence's text is handed over at most once per
+``stream_interval_s`` x the sequences running: the worker's deltas per second stay about
+the same however many run (the first token of each still goes at once).
+
 Reproducibility: reusing a prefix, or sharing a step with other sequences, changes how
 the work is split (batch sizes, which cells hold what), which on the CPU can move the last
 bits of the logits; greedy text can then differ after a near tie. A job with
@@ -272,8 +277,10 @@ class Batcher:
     def _step(self, ctx: LlamaContext, batch: llama_cpp.llama_batch, capacity: int) -> None:
         """One llama_decode over every running sequence, then one sample each."""
         outputs, added = self._fill(batch, capacity)
-        if batch.n_tokens > len(outputs):  # prompt chunks make a long step: send what is held
-            for seq in self._running:
+        interval_s = self.config.stream_interval_s * len(self._running)
+        for seq in self._running:
+            seq.stream.interval_s = interval_s
+            if batch.n_tokens > len(outputs):  # prompt chunks make a long step: send what is held
                 seq.stream.flush()
         while (rc := llama_cpp.llama_decode(ctx.ctx, batch)) == 1 and self._cache:
             self._drop(next(iter(self._cache)), ctx.memory)  # the least recently used

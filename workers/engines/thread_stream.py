@@ -61,7 +61,7 @@ class ThreadStream(Generic[ItemT, ResultT]):
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[ItemT | _Returned[ResultT] | _Raised] = asyncio.Queue()
         self._result: _Returned[ResultT] | None = None
-        self._interval_s = interval_s
+        self.interval_s = interval_s  # the producing thread may change it as it goes
         self._held: list[ItemT | _Returned[ResultT] | _Raised] = []  # the thread's, not handed yet
         self._due = 0.0  # monotonic time from which the next item is handed at once
 
@@ -76,7 +76,7 @@ class ThreadStream(Generic[ItemT, ResultT]):
         """Hand over the items held back (from the thread): before the thread blocks for a while."""
         if self._held:
             held, self._held = self._held, []
-            self._due = time.monotonic() + self._interval_s
+            self._due = time.monotonic() + self.interval_s
             self._hand(held)
 
     def finish(self, result: ResultT) -> None:
