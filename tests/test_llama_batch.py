@@ -140,20 +140,25 @@ async def test_a_sequence_never_reads_another_sequences_cells() -> None:
     assert len(x[0][2]) == 12
 
 
+def next_turn(first: TextJob, reply: str, line: str) -> TextJob:
+    """The conversation's next turn: the first job's messages, its reply and a new line."""
+    history = [
+        *(first.params.messages or []),
+        ChatMessage(role="assistant", content=reply),
+        ChatMessage(role="user", content=line),
+    ]
+    return first.model_copy(
+        update={"params": first.params.model_copy(update={"messages": history})}
+    )
+
+
 async def test_a_next_turn_reuses_the_cached_prefix_and_cache_prompt_false_does_not() -> None:
     llama = engine()
     await llama.start()
     try:
         first = job(PROMPTS[0], max_tokens=20, **GREEDY)
         reply, done1 = await run(llama, first)
-        history = [
-            *(first.params.messages or []),
-            ChatMessage(role="assistant", content=reply),
-            ChatMessage(role="user", content="Now one about the mountains."),
-        ]
-        turn = first.model_copy(
-            update={"params": first.params.model_copy(update={"messages": history})}
-        )
+        turn = next_turn(first, reply, "Now one about the mountains.")
         _, done2 = await run(llama, turn)
         uncached = turn.model_copy(
             update={"params": turn.params.model_copy(update={"cache_prompt": False})}
@@ -191,14 +196,7 @@ async def test_a_chat_sharing_only_its_start_leaves_a_conversation_cached() -> N
         first = job(PROMPTS[0], max_tokens=12, **GREEDY)
         reply, done1 = await run(llama, first)
         _, other = await run(llama, job(PROMPTS[3], max_tokens=4, **GREEDY))
-        history = [
-            *(first.params.messages or []),
-            ChatMessage(role="assistant", content=reply),
-            ChatMessage(role="user", content="And the mountains?"),
-        ]
-        turn = first.model_copy(
-            update={"params": first.params.model_copy(update={"messages": history})}
-        )
+        turn = next_turn(first, reply, "And the mountains?")
         _, done2 = await run(llama, turn)
     finally:
         await llama.close()

@@ -278,9 +278,10 @@ class Batcher:
         """One llama_decode over every running sequence, then one sample each."""
         outputs, added = self._fill(batch, capacity)
         interval_s = self.config.stream_interval_s * len(self._running)
+        long_step = batch.n_tokens > len(outputs)  # prompt chunks: send what is held first
         for seq in self._running:
             seq.stream.interval_s = interval_s
-            if batch.n_tokens > len(outputs):  # prompt chunks make a long step: send what is held
+            if long_step:
                 seq.stream.flush()
         while (rc := llama_cpp.llama_decode(ctx.ctx, batch)) == 1 and self._cache:
             self._drop(next(iter(self._cache)), ctx.memory)  # the least recently used

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -62,7 +62,7 @@ class ThreadStream(Generic[ItemT, ResultT]):
         self._queue: asyncio.Queue[ItemT | _Returned[ResultT] | _Raised] = asyncio.Queue()
         self._result: _Returned[ResultT] | None = None
         self.interval_s = interval_s  # the producing thread may change it as it goes
-        self._held: list[ItemT | _Returned[ResultT] | _Raised] = []  # the thread's, not handed yet
+        self._held: list[ItemT] = []  # sent by the thread, not handed over yet
         self._due = 0.0  # monotonic time from which the next item is handed at once
 
     def send(self, item: ItemT) -> None:
@@ -135,11 +135,11 @@ class ThreadStream(Generic[ItemT, ResultT]):
         held, self._held = self._held, []
         self._hand([*held, end])
 
-    def _hand(self, items: list[ItemT | _Returned[ResultT] | _Raised]) -> None:
+    def _hand(self, items: Sequence[ItemT | _Returned[ResultT] | _Raised]) -> None:
         """One wake-up of the loop for the lot."""
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is listening
             self._loop.call_soon_threadsafe(self._put, items)
 
-    def _put(self, items: list[ItemT | _Returned[ResultT] | _Raised]) -> None:
+    def _put(self, items: Sequence[ItemT | _Returned[ResultT] | _Raised]) -> None:
         for item in items:
             self._queue.put_nowait(item)
