@@ -204,6 +204,27 @@ async def test_a_chat_sharing_only_its_start_leaves_a_conversation_cached() -> N
     assert done2.timings.cache_n >= done1.usage.prompt_tokens
 
 
+async def test_held_text_goes_out_before_a_step_that_evaluates_a_prompt() -> None:
+    # An interval far longer than the job: after its first token, its text would wait for
+    # its end; a second job's prompt makes a long step, and what is held goes out before it.
+    llama = engine(slots=2, stream_interval_s=60.0)
+    await llama.start()
+    try:
+        first = llama.run(job(PROMPTS[0], max_tokens=60, **GREEDY), threading.Event())
+        events = [await anext(first)]  # the first token, at once
+        await asyncio.sleep(0.3)  # more tokens sampled, and held
+        second = asyncio.create_task(run(llama, job("sea " * 300, max_tokens=2, **GREEDY)))
+        events += [e async for e in first]
+        await second
+    finally:
+        await llama.close()
+    deltas = [e for e in events if isinstance(e, Delta)]
+    assert deltas[0].tokens == 1
+    # the first token, what was held when the prompt's step came, the rest at the end
+    assert len(deltas) >= 3
+    assert sum(d.tokens for d in deltas) == 60
+
+
 async def test_a_bad_grammar_fails_its_own_job_only() -> None:
     llama = engine(slots=2)
     await llama.start()
