@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -166,21 +167,12 @@ class Stack:
         env = self._child_env(nats_url, valkey.url)
         env.setdefault("HEADRACE_SD_DEMO_DIR", str(self.data_dir / "tiny-sd"))
         worker_env = dict(env, **creds.env(WORKER))
-        worker_ids = []
         counts = (
             ("echo", s.echo_workers),
             ("llm", self._optional("llm", s.llm_workers, "llama_cpp")),
             ("sd", self._optional("sd", s.sd_workers, "diffusers")),
         )
-        for engine, count in counts:
-            for i in range(1, count + 1):
-                worker_id = f"{s.region}-{engine}-{i}"
-                self._spawn(
-                    f"worker-{engine}-{i}",
-                    ["worker", engine, "--worker-id", worker_id],
-                    worker_env,
-                )
-                worker_ids.append(worker_id)
+        worker_ids = self._spawn_workers(counts, worker_env, s.region, "")
         say("  waiting for workers to load their models and register ...")
         observer = s.model_copy(update={"nats_url": nats_url, **creds.login(OBSERVER)})
         asyncio.run(self._wait_ready(observer, worker_ids))
@@ -270,15 +262,8 @@ class Stack:
                     ("llm", self._optional("llm", s.llm_workers, "llama_cpp")),
                     ("sd", self._optional("sd", s.sd_workers, "diffusers")),
                 ]
-            for engine, count in counts:
-                for i in range(1, count + 1):
-                    worker_id = f"{region}-{engine}-{i}"
-                    self._spawn(
-                        f"worker-{region}-{engine}-{i}",
-                        ["worker", engine, "--worker-id", worker_id],
-                        worker_env,
-                    )
-                    worker_ids.setdefault(region, []).append(worker_id)
+            if ids := self._spawn_workers(counts, worker_env, region, f"{region}-"):
+                worker_ids[region] = ids
             edge_env = dict(env, HEADRACE_PORT=str(s.port + n), HEADRACE_API_KEYS=s.api_keys or key)
             edge_env.update(creds.env(EDGE))
             self._spawn(f"edge-{region}", ["edge"], edge_env)
@@ -323,6 +308,21 @@ class Stack:
         path.write_text(key + "\n")
         say(f"  generated a development API key in {path}")
         return key
+
+    def _spawn_workers(
+        self, counts: Sequence[tuple[str, int]], env: dict[str, str], region: str, tag: str
+    ) -> list[str]:
+        """Start ``count`` workers of each engine (children ``worker-<tag><engine>-<i>``);
+        their registry ids, ``<region>-<engine>-<i>``."""
+        ids = []
+        for engine, count in counts:
+            for i in range(1, count + 1):
+                worker_id = f"{region}-{engine}-{i}"
+                self._spawn(
+                    f"worker-{tag}{engine}-{i}", ["worker", engine, "--worker-id", worker_id], env
+                )
+                ids.append(worker_id)
+        return ids
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
         child = Child(

@@ -48,6 +48,12 @@ def pair(
     return {w: spawn_worker(nats_server, w, *delay, log=tmp_path / f"{w}.log") for w in ("a", "b")}
 
 
+async def registered(js: JetStreamContext, procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    """Until every worker of ``pair`` is in the registry."""
+    for w in procs:
+        await wait_registered(js, w)
+
+
 @contextlib.contextmanager
 def workers(*procs: subprocess.Popen[bytes]) -> Iterator[list[subprocess.Popen[bytes]]]:
     """Whatever happens, every worker process started here is gone afterwards."""
@@ -116,8 +122,7 @@ async def test_a_killed_workers_stream_goes_on_from_the_next_token(
 ) -> None:
     procs = pair(nats_server, tmp_path)
     with workers(*procs.values()):
-        for w in procs:
-            await wait_registered(js, w)
+        await registered(js, procs)
         expected = await uninterrupted(client, max_tokens=40, seed=7)
         stream = await client.submit(text_job(PROMPT, max_tokens=40, seed=7))
         events: list[Received] = []
@@ -144,8 +149,7 @@ async def test_the_lost_delivery_never_runs_again(
 ) -> None:
     procs = pair(nats_server, tmp_path)
     with workers(*procs.values()) as started:
-        for w in procs:
-            await wait_registered(js, w)
+        await registered(js, procs)
         expected = await uninterrupted(client, max_tokens=30, seed=3)
         job = text_job(PROMPT, max_tokens=30, seed=3)
         stream = await client.submit(job)
@@ -177,8 +181,7 @@ async def test_two_followers_start_one_continuation(
     procs = pair(nats_server, tmp_path)
     try:
         with workers(*procs.values()):
-            for w in procs:
-                await wait_registered(js, w)
+            await registered(js, procs)
             expected = await uninterrupted(first, max_tokens=40, seed=11)
             job = text_job(PROMPT, max_tokens=40, seed=11)
             published_before = (await js.stream_info(JOBS_STREAM)).state.last_seq
@@ -203,8 +206,7 @@ async def test_a_paused_worker_resumed_after_the_hand_over_gets_nothing_through(
 ) -> None:
     procs = pair(nats_server, tmp_path)
     with workers(*procs.values()):
-        for w in procs:
-            await wait_registered(js, w)
+        await registered(js, procs)
         expected = await uninterrupted(client, max_tokens=60, seed=5)
         job = text_job(PROMPT, max_tokens=60, seed=5)
         stream = await client.submit(job)
@@ -247,8 +249,7 @@ async def test_sigterm_hands_a_long_job_over_at_once(
 ) -> None:
     procs = pair(nats_server, tmp_path, ("--echo-token-delay-s", "0.1"))
     with workers(*procs.values()):
-        for w in procs:
-            await wait_registered(js, w)
+        await registered(js, procs)
         expected = await uninterrupted(client, max_tokens=80, seed=2)  # 8 s of tokens
         began = time.monotonic()
         stream = await client.submit(text_job(PROMPT, max_tokens=80, seed=2))
@@ -322,8 +323,7 @@ async def test_a_native_client_continues_with_its_own_permissions(
     procs = pair(nats_server, tmp_path)
     try:
         with workers(*procs.values()):
-            for w in procs:
-                await wait_registered(js, w)
+            await registered(js, procs)
             expected = await uninterrupted(client, max_tokens=30, seed=4)
             stream = await client.submit(text_job(PROMPT, max_tokens=30, seed=4))
             events: list[Received] = []
@@ -381,8 +381,7 @@ async def test_a_watcher_that_only_knows_the_id_continues_the_job_from_jobs(
     procs = pair(nats_server, tmp_path)
     try:
         with workers(*procs.values()):
-            for w in procs:
-                await wait_registered(js, w)
+            await registered(js, procs)
             expected = await uninterrupted(submitter, max_tokens=30, seed=8)
             job = text_job(PROMPT, max_tokens=30, seed=8)
             mine = await submitter.submit(job)
