@@ -273,8 +273,14 @@ async def test_a_job_placed_in_another_region_replies_to_the_submitter(
             assert [r.pos for r in history] == [r.pos for r in events]
             # RESULTS_a holds its events and its fence, which b's worker raised in the
             # submitter's region as it finished (a redelivery would not run again).
+            # The fence lands after the done event is stored: wait for it a little.
             js = nc.jetstream()
-            stored = (await js.stream_info(results_stream("a"))).state.messages
+            deadline = time.monotonic() + 5
+            while True:
+                stored = (await js.stream_info(results_stream("a"))).state.messages
+                if stored == len(events) + 1 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
             assert stored == len(events) + 1
             reply = client.reply_subject(job.id)
             assert await failover.read_fence(js, reply, results_stream("a")) == 1
