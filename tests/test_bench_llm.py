@@ -287,3 +287,58 @@ def test_llm_cpu_splits_thread_time_by_role() -> None:
     workload = {"max_tokens": 128, "threads": 2}
     md = llm_cpu.table({"workload": workload, "requests": 8, "rows": [row]})
     assert "| s | 50.0 | 35.00 | 3.00 | 3.00 | 1.00 | 7.00 |" in md
+
+
+def test_headrace_and_engine_rows_share_the_peer_batch_sizes() -> None:
+    """A batching engine's rows: 1 slot, the worker's default, each llama-server -np and a slot
+    per client of the highest level, each through the edge and in-process."""
+    from workers.settings import TEXT_SLOTS
+
+    if llm_servers.engine_splits_threads():
+        pytest.skip("this engine gives each slot a context of its own")
+    options = llm.Options(levels=(1, 4, 16), peer_np=(1, 4, 8))
+    assert llm.headrace_slots(options) == tuple(sorted({1, TEXT_SLOTS, 4, 8, 16}))
+    keys = [c.key for c in llm.contenders(2, options)]
+    for slots in llm.headrace_slots(options):
+        suffix = "" if slots == 1 else f"-{slots}-slots"
+        assert f"engine{suffix}" in keys
+        assert f"headrace{suffix}" in keys
+    assert llm.headrace_slots(llm.Options(slots=(2, 2, 1))) == (2, 1)  # --llm-slots, each once
+
+
+@pytest.mark.timeout(240)
+def test_engine_row_runs_its_slots_as_one_batch(tmp_path: Path) -> None:
+    """The in-process engine row with 2 slots: both clients' streams overlap in one batch."""
+    (row,) = llm.contenders(2, llm.Options(slots=(2,), only=("engine-2-slots",)))
+    (level_1, level_2) = row.measure(_workload(max_tokens=16), tmp_path)
+    samples = level_1.samples + level_2.samples
+    assert all(s.error is None and s.finish and s.text for s in samples)
+    a, b = level_2.samples[:2]
+    starts = [s.first_s for s in (a, b) if s.first_s is not None]
+    ends = [s.last_s for s in (a, b) if s.last_s is not None]
+    assert len(starts) == len(ends) == 2
+    assert max(starts) < min(ends)  # both ran at once
+
+
+def test_versus_peer_reports_the_engine_alone() -> None:
+    def path(key: str, tps: float) -> dict[str, Any]:
+        summary = {"aggregate_tps": tps, "ttft_p50_ms": 100.0}
+        return {"key": key, "label": key, "levels": [{"concurrency": 4, "summary": summary}]}
+
+    rows = llm_report.versus_peer([
+        path("llama-server-np4", 100.0), path("llama-server-np8", 120.0),
+        path("headrace", 60.0), path("headrace-4-slots", 90.0), path("headrace-8-slots", 108.0),
+        path("engine", 70.0), path("engine-8-slots", 114.0),
+    ])  # fmt: skip
+    assert rows is not None
+    (row,) = rows
+    assert (row["peer"], row["best"], row["engine"]) == (
+        "llama-server-np8",
+        "headrace-8-slots",
+        "engine-8-slots",
+    )
+    assert row["ratio"] == pytest.approx(0.75)
+    assert row["best_ratio"] == pytest.approx(0.9)
+    assert row["engine_ratio"] == pytest.approx(0.95)
+    assert row["engine_tps"] == 114.0
+    assert "| engine-8-slots | 0.95 | >= 1.0 |" in "\n".join(llm_report._peer_lines(rows))

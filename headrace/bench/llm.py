@@ -107,9 +107,9 @@ def serving_of(workload: Workload) -> Serving:
     )
 
 
-def _in_process(mode: str) -> Measure:
+def _in_process(*mode: str) -> Measure:
     def run(workload: Workload, tmp: Path) -> list[Level]:
-        argv = [sys.executable, "-m", "headrace.bench.llm_inprocess", mode]
+        argv = [sys.executable, "-m", "headrace.bench.llm_inprocess", *mode]
         done = subprocess.run(
             argv, input=orjson.dumps(workload.to_json()), stdout=subprocess.PIPE, check=True
         )
@@ -153,13 +153,6 @@ def contenders(threads: int, options: Options = Options()) -> list[Contender]:
             measure=_in_process("llama-cpp-python"),
         ),
         Contender(
-            key="engine",
-            label="headrace engine in-process (no NATS, no edge)",
-            how="LlamaEngine with 1 slot, called directly.",
-            measure=_in_process("engine"),
-            quick=False,
-        ),
-        Contender(
             key="llama_cpp.server",
             label="llama_cpp.server (defaults)",
             how="One Llama behind a lock; with interrupt_requests (its default, True) a stream "
@@ -174,7 +167,8 @@ def contenders(threads: int, options: Options = Options()) -> list[Contender]:
             measure=over_http(llama_cpp_server_argv, "llama_cpp.server --interrupt_requests"),
             quick=False,
         ),
-        *_headrace_contenders(threads, options, max(options.levels or (16,))),
+        *_engine_contenders(options),
+        *_headrace_contenders(threads, options),
         *_peer_contenders(options),
     ]
     if options.only:
@@ -182,13 +176,39 @@ def contenders(threads: int, options: Options = Options()) -> list[Contender]:
     return [p for p in paths if p.quick or not options.quick]
 
 
-def _headrace_contenders(threads: int, options: Options, clients: int) -> list[Contender]:
-    """1 slot, and 2 slots of half the threads (a context per slot), or 1 slot, the text
-    worker's default slots and a slot per client (sequences of one batch)."""
-    split = engine_splits_threads()
-    default = (1, 2) if split else (1, TEXT_SLOTS, clients)
+def headrace_slots(options: Options) -> tuple[int, ...]:
+    """The slots of the headrace rows: ``--llm-slots``, else 1, the text worker's default,
+    each llama-server ``-np`` (the same batch sizes, side by side) and a slot per client of
+    the highest level; with a context per slot, 1 and 2."""
+    if options.slots:
+        return tuple(dict.fromkeys(options.slots))
+    if engine_splits_threads():
+        return (1, 2)
+    clients = max(options.levels or (16,))
+    return tuple(sorted({1, TEXT_SLOTS, *options.peer_np, clients}))
+
+
+def _engine_contenders(options: Options) -> list[Contender]:
+    """headrace's engine called in-process at each of the headrace rows' slots: what the
+    engine does alone, so that the distance to the edge rows is NATS, the worker and the edge."""
     rows = []
-    for slots in dict.fromkeys(options.slots or default):  # each once
+    for slots in headrace_slots(options):
+        plural = "s" if slots > 1 else ""
+        rows.append(Contender(
+            key="engine" if slots == 1 else f"engine-{slots}-slots",
+            label=f"headrace engine in-process, {slots} slot{plural} (no NATS, no edge)",
+            how=f"LlamaEngine with {slots} slot{plural}, called directly by the clients.",
+            measure=_in_process("engine", str(slots)),
+            quick=False,
+        ))  # fmt: skip
+    return rows
+
+
+def _headrace_contenders(threads: int, options: Options) -> list[Contender]:
+    """A row per ``headrace_slots``: one worker with that many slots, behind the edge."""
+    split = engine_splits_threads()
+    rows = []
+    for slots in headrace_slots(options):
         per_slot = max(1, threads // slots) if split else threads
         if split and slots > threads:
             continue  # a context per slot with less than a thread each

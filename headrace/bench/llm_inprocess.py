@@ -1,6 +1,6 @@
 """The in-process paths of ``headrace bench llm``, each run in a child process of its own.
 
-    python -m headrace.bench.llm_inprocess {llama-cpp-python|engine} < workload.json
+    python -m headrace.bench.llm_inprocess {llama-cpp-python|engine [SLOTS]} < workload.json
 
 reads the workload on stdin, shows progress on stderr and prints the levels as
 JSON on stdout. A child of its own, because llama.cpp's CPU backend uses OpenMP:
@@ -11,8 +11,9 @@ every call into llama.cpp here happens on one thread for the child's whole life.
 * ``llama-cpp-python``: ``Llama.create_chat_completion(stream=True)``, the
   ceiling. One context serves the clients in turn; ``reset()`` before each
   request, so every prompt is evaluated in full, as headrace does.
-* ``engine``: headrace's ``LlamaEngine`` (its own sampler chain, streaming and
-  coalescing) with one slot, without NATS, a worker or the edge.
+* ``engine``: headrace's ``LlamaEngine`` (its own sampler chain, continuous batching,
+  prefix cache, streaming and coalescing, with the worker's stream interval) with
+  ``SLOTS`` slots (default 1), without NATS, a worker or the edge.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from schemas.jobs import ChatMessage, TextJob, TextParams
 from schemas.subjects import new_job_id
 from workers.engines.gguf import ModelConfig
 from workers.engines.llama import LlamaEngine
+from workers.settings import WorkerSettings
 
 
 def load_llama(config: ModelConfig) -> llama_cpp.Llama:
@@ -87,9 +89,9 @@ async def llama_cpp_python(workload: Workload) -> list[Level]:
         thread.shutdown()
 
 
-async def engine(workload: Workload) -> list[Level]:
-    """headrace's LlamaEngine with one slot, called directly."""
-    llama = LlamaEngine([_config(workload)])
+async def engine(workload: Workload, slots: int = 1) -> list[Level]:
+    """headrace's LlamaEngine with ``slots`` slots, called directly."""
+    llama = LlamaEngine([_config(workload, slots)])
     await llama.start()
 
     async def one(k: int, t0: float) -> Sample:
@@ -114,29 +116,35 @@ async def engine(workload: Workload) -> list[Level]:
         return sample.close()
 
     try:
-        return await run_levels(workload, one, "engine")
+        return await run_levels(workload, one, f"engine ({slots} slot{'s' if slots > 1 else ''})")
     finally:
         await llama.close()
 
 
-def _config(workload: Workload) -> ModelConfig:
+def _config(workload: Workload, slots: int = 1) -> ModelConfig:
+    worker = WorkerSettings()  # the worker's defaults (and HEADRACE_* overrides)
     return ModelConfig(
         id=workload.model_id,
         path=Path(workload.model_path),
         n_ctx=workload.n_ctx,
         n_threads=workload.threads,
         n_threads_batch=workload.threads,
+        contexts=slots,
+        stream_interval_s=worker.llm_stream_interval_ms / 1000,
+        cache_ram_mib=worker.llm_cache_ram_mib,
     )
 
 
-def main(mode: str) -> int:
+def main(mode: str, *args: str) -> int:
     """Run one in-process path on the workload read from stdin; print its levels."""
     workload = Workload.from_json(orjson.loads(sys.stdin.buffer.read()))
-    path = {"llama-cpp-python": llama_cpp_python, "engine": engine}[mode]
-    levels = asyncio.run(path(workload))
+    if mode == "engine":
+        levels = asyncio.run(engine(workload, int(args[0]) if args else 1))
+    else:
+        levels = asyncio.run(llama_cpp_python(workload))
     sys.stdout.buffer.write(orjson.dumps([level.to_json() for level in levels]))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(*sys.argv[1:]))

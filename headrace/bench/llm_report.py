@@ -13,6 +13,7 @@ from workers.settings import TEXT_SLOTS
 BASELINE = "in-process"  # the ceiling every other path is compared with
 HEADLINE = "headrace"  # headrace through the edge, one slot: the issue's goal is >= 0.97
 PEER = "llama-server"  # key prefix of llama.cpp's own server's rows (one per -np)
+ENGINE = "engine"  # key prefix of headrace's engine called in-process (one per slot count)
 DEFAULT_ROW = f"headrace-{TEXT_SLOTS}-slots"  # headrace as a worker runs with no --slots
 PEER_GOAL = {1: 0.95}  # headrace / best peer, aggregate tokens/s; 1.0 at other levels
 
@@ -128,10 +129,12 @@ def versus_peer(paths: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
     """Per level: headrace's aggregate tokens/s over the best llama-server row's (best -np).
 
     Both headrace as the worker runs by default (its default slots, else 1 slot) and the
-    best headrace row are compared.
+    best headrace row are compared; and the best row of the engine called in-process, when
+    it ran (what is left between it and the edge rows is NATS, the worker and the edge).
     """
     peers = [p for p in paths if p["key"].startswith(PEER)]
     ours = [p for p in paths if p["key"].startswith(HEADLINE)]
+    engines = [p for p in paths if p["key"].startswith(ENGINE)]
     if not peers or not ours:
         return None
     default = next((p for p in ours if p["key"] == DEFAULT_ROW), None)
@@ -145,6 +148,8 @@ def versus_peer(paths: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
         theirs, mine, top = (_level(p, concurrency) for p in (peer, default, best))
         if theirs is None or top is None:
             continue
+        engine = _best(engines, concurrency)
+        alone = _level(engine, concurrency) if engine else None
         rows.append({
             "concurrency": concurrency,
             "peer": peer["label"], "peer_tps": theirs["aggregate_tps"],
@@ -156,6 +161,10 @@ def versus_peer(paths: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
                                       theirs["ttft_p50_ms"]),
             "best": best["label"], "best_tps": top["aggregate_tps"],
             "best_ratio": _ratio(top["aggregate_tps"], theirs["aggregate_tps"]),
+            "engine": engine["label"] if engine else None,
+            "engine_tps": alone["aggregate_tps"] if alone else None,
+            "engine_ratio": _ratio(alone["aggregate_tps"] if alone else None,
+                                   theirs["aggregate_tps"]),
             "goal": PEER_GOAL.get(concurrency, 1.0),
         })  # fmt: skip
     return rows
@@ -250,15 +259,16 @@ def _peer_lines(rows: list[dict[str, Any]] | None) -> list[str]:
         "llama-server row at each level):",
         "",
         f"| clients | best llama-server | its tok/s | {rows[0]['headrace']}: tok/s | ratio "
-        "| TTFT p50 vs llama-server (ms) | best headrace row | ratio | goal |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| TTFT p50 vs llama-server (ms) | best headrace row | ratio "
+        "| best engine row (in-process) | ratio | goal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['concurrency']} | {r['peer']} | {_num(r['peer_tps'])} "
             f"| {_num(r['headrace_tps'])} | **{_num(r['ratio'], 2)}** "
             f"| {_signed(r['ttft_p50_diff_ms'])} | {r['best']} | {_num(r['best_ratio'], 2)} "
-            f"| >= {r['goal']} |"
+            f"| {r['engine'] or '-'} | {_num(r['engine_ratio'], 2)} | >= {r['goal']} |"
         )
     return lines
 
@@ -307,6 +317,10 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         ratio.plot(xs, [r["ratio"] for r in rows], marker="o", label=rows[0]["headrace"])
         ratio.plot(xs, [r["best_ratio"] for r in rows], marker="s", linestyle="--",
                    label="best headrace row")  # fmt: skip
+        if any(r["engine_ratio"] for r in rows):
+            alone = [r["engine_ratio"] or float("nan") for r in rows]
+            ratio.plot(xs, alone, marker="^", linestyle="-.",
+                       label="best engine row, in-process")  # fmt: skip
         ratio.plot(xs, [r["goal"] for r in rows], linestyle=":", color="grey", label="goal")
         ratio.legend(fontsize=8)
         titles.append((ratio, "aggregate tokens/s, headrace / best llama-server"))
