@@ -33,6 +33,7 @@ _LLM = (
     "llm_flash_attn",
     "llm_stream_interval_ms",
     "llm_cache_seqs",
+    "llm_cache_ram_mib",
     "llm_pooling",
 )
 _LIMITS = (
@@ -461,6 +462,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="llm: finished sequences kept for prompt-prefix reuse (default: slots; 0: off)",
+    )
+    p.add_argument(
+        "--cache-ram-mib",
+        dest="llm_cache_ram_mib",
+        type=int,
+        metavar="MIB",
+        help="llm: host memory for cached sequences the KV cache lets go, copied back for a "
+        "prompt sharing their prefix (default 2048; 0: off)",
     )
     p.add_argument(
         "--chat-template",

@@ -19,9 +19,10 @@ from tests.conftest import text_job
 
 pytest.importorskip("llama_cpp", reason="the llm extra is not installed (make install-llm)")
 
-from workers.engines.batch import Sequence, common_prefix
+from workers.engines.batch import Sequence
 from workers.engines.decode import Generation, Piece, Signals
 from workers.engines.gguf import DEFAULT_MODEL_ID, ModelConfig, bundled_gguf
+from workers.engines.host_cache import common_prefix
 from workers.engines.llama import LlamaEngine
 from workers.engines.thread_stream import ThreadStream
 
@@ -202,6 +203,67 @@ async def test_a_chat_sharing_only_its_start_leaves_a_conversation_cached() -> N
         await llama.close()
     assert other.timings.cache_n < other.usage.prompt_tokens  # the template's start at most
     assert done2.timings.cache_n >= done1.usage.prompt_tokens
+
+
+async def _first_logprob(llama: LlamaEngine, j: TextJob) -> tuple[str, float, Done]:
+    """The job's text, its first token's logprob and its done event."""
+    text, first = "", None
+    async for event in llama.run(j, threading.Event()):
+        if isinstance(event, Delta):
+            text += event.text
+            if first is None and event.logprobs:
+                first = event.logprobs[0]
+        else:
+            assert isinstance(event, Done)
+            assert first is not None
+            return text, first.logprob, event
+    raise AssertionError("no done")
+
+
+async def test_a_prompt_the_kv_cache_let_go_is_copied_back_from_host_memory() -> None:
+    # One cached sequence in cells: the second prompt's pushes the first's out, to host
+    # memory; the first prompt again is copied back and evaluates only its last token.
+    llama = engine(cache_seqs=1, cache_ram_mib=64)
+    params: dict[str, Any] = {"max_tokens": 8, "logprobs": True, **GREEDY}
+    await llama.start()
+    try:
+        host = llama.batcher(MODEL).host
+        _, lp1, done1 = await _first_logprob(llama, job(PROMPTS[0], **params))
+        _, _, other = await _first_logprob(llama, job(PROMPTS[3], **params))
+        saved = len(host)
+        _, lp2, again = await _first_logprob(llama, job(PROMPTS[0], **params))
+    finally:
+        await llama.close()
+    assert saved == 1
+    assert host.restores == 1
+    assert other.timings.cache_n < other.usage.prompt_tokens - 1  # the template's start at most
+    assert again.timings.cache_n == done1.usage.prompt_tokens - 1
+    assert again.timings.prompt_n == 1
+    # The cells came back as they were: the same distribution for the first token (a
+    # misplaced or foreign cell would move it by whole nats; other batch sizes, by < 0.2).
+    assert abs(lp2 - lp1) < 0.5
+
+
+async def test_more_conversations_than_cached_sequences_keep_their_history() -> None:
+    # Three conversations, one cached sequence in cells: every next turn still finds its
+    # history, in host memory; without it, only the chat template's start.
+    results = {}
+    for ram in (64, 0):
+        llama = engine(cache_seqs=1, cache_ram_mib=ram)
+        await llama.start()
+        try:
+            firsts = [job(p, max_tokens=8, **GREEDY) for p in PROMPTS[:3]]
+            replies = [await run(llama, f) for f in firsts]
+            turns = [
+                await run(llama, next_turn(f, reply, "Say more."))
+                for f, (reply, _) in zip(firsts, replies, strict=True)
+            ]
+        finally:
+            await llama.close()
+        results[ram] = [(d1.usage.prompt_tokens, d2.timings.cache_n) for (_, d1), (_, d2)
+                        in zip(replies, turns, strict=True)]  # fmt: skip
+    assert all(cached >= prompt for prompt, cached in results[64])
+    assert all(cached < prompt for prompt, cached in results[0][:2])  # pushed out, not saved
 
 
 async def test_held_text_goes_out_before_a_step_that_evaluates_a_prompt() -> None:

@@ -123,6 +123,12 @@ class WorkerSettings(CommonSettings):
         ge=0,
         description="llm: finished sequences kept for prompt-prefix reuse (default: slots; 0: off)",
     )
+    llm_cache_ram_mib: int = Field(
+        default=2048,
+        ge=0,
+        description="llm: host memory (MiB) that cached sequences the KV cache lets go are "
+        "copied to, and back from for a prompt sharing their prefix (0: off)",
+    )
     llm_gpu_layers: int = Field(
         default=0, ge=-1, description="llm: layers offloaded to the GPU (-1: all)"
     )

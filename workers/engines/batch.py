@@ -14,7 +14,10 @@ evaluates only the rest: ``llama_memory_seq_cp`` over the prefix's positions tag
 cells with the new sequence's id too (no data is copied in a unified cache; llama.cpp
 copies only whole sequences between split ones). A cached sequence that is wholly a
 prefix of the new job is taken over instead (its tail, if any, removed). At least the
-last known token is always evaluated: its logits are the first sample's.
+last known token is always evaluated: its logits are the first sample's. A cached sequence
+dropped as least recently used is first copied out to host memory (``host_cache``, within
+``ModelConfig.cache_ram_mib``), and copied back for a job that shares a longer prefix with
+it than with anything in cells.
 
 Room. ``n_ctx`` x slots cells, and every running sequence stays within ``n_ctx`` tokens
 (the token budget), so the running sequences always fit together: when ``llama_decode``
@@ -55,6 +58,7 @@ from schemas.events import Done
 from schemas.jobs import TextJob
 from workers.engines.decode import Generation, Piece, Signals
 from workers.engines.gguf import TOKENIZER_CTX, GgufModel, ModelConfig, load_model, new_context
+from workers.engines.host_cache import HostCache, Saved, common_prefix
 from workers.engines.thread_stream import ThreadStream
 from workers.queue_time import queue_ms, with_queue_ms
 
@@ -95,21 +99,6 @@ class _Call:
             self.result.set_exception(e)
 
 
-def common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    """How many leading tokens ``a`` and ``b`` share, at most ``limit``."""
-    n = min(len(a), len(b), limit)
-    if a[:n] == b[:n]:  # the usual case for a conversation's next turn: one C comparison
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
 class Batcher:
     """One model's context and scheduler thread; ``submit`` a ``Sequence``, read its stream."""
 
@@ -125,6 +114,8 @@ class Batcher:
         self._waiting: deque[Sequence] = deque()
         self._cache: OrderedDict[int, list[int]] = OrderedDict()  # seq id -> its tokens
         self._free: list[int] = []
+        self.host = HostCache(config.cache_ram_mib * 2**20)
+        self._ctx: LlamaContext | None = None
         self.steps = 0  # llama_decode calls that succeeded
         self.tokens = 0  # tokens they evaluated
 
@@ -178,6 +169,7 @@ class Batcher:
         capacity = max(self.config.n_batch, self.config.contexts)
         batch = llama_cpp.llama_batch_init(capacity, 0, 1)
         self._free = list(range(self.config.contexts + self.config.cached()))[::-1]
+        self._ctx = ctx
         self._alive = True
         self._ready.set_result(model)
         try:
@@ -256,16 +248,22 @@ class Batcher:
                 n = common_prefix(other.cells, known, limit)
                 if n > reuse:
                     reuse, source, cached = n, other.seq_id, False
-        if cached and reuse == len(self._cache[source]):
-            # Wholly a prefix of the new job: take the cached sequence over.
-            del self._cache[source]
-            seq.seq_id = source
+        saved = self.host.best(known, len(known) - 1, reuse) if seq.gen.cache_prompt else None
+        if saved is not None and self._restore(seq, *saved, memory):
+            reuse = saved[1]
         else:
-            seq.seq_id = self._free.pop()
-            if reuse:
-                llama_cpp.llama_memory_seq_cp(memory, source, seq.seq_id, 0, reuse)
-                if cached:
-                    self._cache.move_to_end(source)
+            if cached and source not in self._cache:  # dropped for a copy that found no room
+                reuse, cached = 0, False
+            if cached and reuse == len(self._cache[source]):
+                # Wholly a prefix of the new job: take the cached sequence over.
+                del self._cache[source]
+                seq.seq_id = source
+            else:
+                seq.seq_id = self._free.pop()
+                if reuse:
+                    llama_cpp.llama_memory_seq_cp(memory, source, seq.seq_id, 0, reuse)
+                    if cached:
+                        self._cache.move_to_end(source)
         if reuse:
             log.debug("job %s reuses %d of %d tokens", seq.job.id, reuse, len(known))
         seq.cells = known[:reuse]
@@ -273,6 +271,26 @@ class Batcher:
         seq.waited_ms = queue_ms(seq.job)  # waiting for a sequence is queueing too
         seq.gen.admitted(reuse)
         self._running.append(seq)
+
+    def _restore(
+        self, seq: Sequence, saved: Saved, reuse: int, memory: llama_cpp.llama_memory_t
+    ) -> bool:
+        """Copy a sequence saved in host memory into cells of the job's own, its tail past the
+        shared ``reuse`` tokens removed; cached sequences make room (the running ones always
+        fit). False when it cannot be placed: the job goes on without it."""
+        assert self._ctx is not None
+        seq_id = self._free.pop()
+        while not self.host.restore(self._ctx.ctx, saved, seq_id):
+            if not self._cache:
+                self._free.append(seq_id)
+                return False
+            self._drop(next(iter(self._cache)), memory, save=True)
+        llama_cpp.llama_memory_seq_rm(memory, seq_id, reuse, -1)
+        if reuse == len(saved.tokens):
+            self.host.discard(saved)  # the job's cells hold all of it, and will hold more
+        seq.seq_id = seq_id
+        log.debug("job %s: %d tokens copied back from host memory", seq.job.id, reuse)
+        return True
 
     def _step(self, ctx: LlamaContext, batch: llama_cpp.llama_batch, capacity: int) -> None:
         """One llama_decode over every running sequence, then one sample each."""
@@ -284,7 +302,7 @@ class Batcher:
             if long_step:
                 seq.stream.flush()
         while (rc := llama_cpp.llama_decode(ctx.ctx, batch)) == 1 and self._cache:
-            self._drop(next(iter(self._cache)), ctx.memory)  # the least recently used
+            self._drop(next(iter(self._cache)), ctx.memory, save=True)  # least recently used
         if rc != 0:
             self._fail(added, ctx.memory, f"llama_decode returned {rc}")
             return
@@ -377,10 +395,13 @@ class Batcher:
                 self._drop(sid, memory)
         self._cache[seq.seq_id] = seq.cells
         while len(self._cache) > limit:
-            self._drop(next(iter(self._cache)), memory)
+            self._drop(next(iter(self._cache)), memory, save=True)
 
-    def _drop(self, sid: int, memory: llama_cpp.llama_memory_t) -> None:
-        """Forget a cached sequence: cells no other sequence shares become free."""
-        del self._cache[sid]
+    def _drop(self, sid: int, memory: llama_cpp.llama_memory_t, save: bool = False) -> None:
+        """Forget a cached sequence: cells no other sequence shares become free; with
+        ``save``, copied out to host memory first."""
+        tokens = self._cache.pop(sid)
+        if save and self._ctx is not None:
+            self.host.save(self._ctx.ctx, sid, tokens)
         llama_cpp.llama_memory_seq_rm(memory, sid, -1, -1)
         self._free.append(sid)

@@ -97,6 +97,7 @@ class ModelConfig:
     pooling: Literal["mean", "cls", "last"] | None = None  # None: the GGUF's, else mean
     flash_attn: bool | None = None  # None: llama.cpp decides (on where the backend has it)
     cache_seqs: int | None = None  # finished sequences kept for prefix reuse; None: contexts
+    cache_ram_mib: int = 0  # host memory for the cached sequences the KV cache lets go; 0: off
     stream_interval_s: float = 0.0  # a job's pieces handed to the event loop at most this often
 
     def threads(self) -> int:
