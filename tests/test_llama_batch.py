@@ -205,18 +205,17 @@ async def test_a_chat_sharing_only_its_start_leaves_a_conversation_cached() -> N
     assert done2.timings.cache_n >= done1.usage.prompt_tokens
 
 
-async def _first_logprob(llama: LlamaEngine, j: TextJob) -> tuple[str, float, Done]:
-    """The job's text, its first token's logprob and its done event."""
-    text, first = "", None
+async def _first_logprob(llama: LlamaEngine, j: TextJob) -> tuple[float, Done]:
+    """The job's first token's logprob and its done event."""
+    first = None
     async for event in llama.run(j, threading.Event()):
         if isinstance(event, Delta):
-            text += event.text
             if first is None and event.logprobs:
                 first = event.logprobs[0]
         else:
             assert isinstance(event, Done)
             assert first is not None
-            return text, first.logprob, event
+            return first.logprob, event
     raise AssertionError("no done")
 
 
@@ -228,10 +227,10 @@ async def test_a_prompt_the_kv_cache_let_go_is_copied_back_from_host_memory() ->
     await llama.start()
     try:
         host = llama.batcher(MODEL).host
-        _, lp1, done1 = await _first_logprob(llama, job(PROMPTS[0], **params))
-        _, _, other = await _first_logprob(llama, job(PROMPTS[3], **params))
+        lp1, done1 = await _first_logprob(llama, job(PROMPTS[0], **params))
+        _, other = await _first_logprob(llama, job(PROMPTS[3], **params))
         saved = len(host)
-        _, lp2, again = await _first_logprob(llama, job(PROMPTS[0], **params))
+        lp2, again = await _first_logprob(llama, job(PROMPTS[0], **params))
     finally:
         await llama.close()
     assert saved == 1
@@ -242,6 +241,43 @@ async def test_a_prompt_the_kv_cache_let_go_is_copied_back_from_host_memory() ->
     # The cells came back as they were: the same distribution for the first token (a
     # misplaced or foreign cell would move it by whole nats; other batch sizes, by < 0.2).
     assert abs(lp2 - lp1) < 0.5
+
+
+async def test_a_copy_back_makes_room_by_saving_the_cached_sequence_in_the_way() -> None:
+    # 256 cells, two 158-cell sequences: the second pushes the first out of cells (it is
+    # saved); the first again finds no room to come back until the second is saved in turn.
+    llama = engine(n_ctx=256, cache_seqs=1, cache_ram_mib=64)
+    a, b = list(range(1000, 1150)), list(range(5000, 5150))
+    await llama.start()
+    try:
+        host = llama.batcher(MODEL).host
+        await run(llama, ids_job(a, max_tokens=8, **GREEDY))
+        await run(llama, ids_job(b, max_tokens=8, **GREEDY))
+        saved = host.saves
+        _, again = await run(llama, ids_job(a, max_tokens=8, **GREEDY))
+    finally:
+        await llama.close()
+    assert saved == 1  # a, pushed out by b's prompt
+    assert again.timings.cache_n == len(a) - 1
+    assert host.restores == 1
+    assert host.saves == 2  # b, saved to make room for a
+
+
+async def test_the_host_memory_budget_lets_the_least_recently_saved_go() -> None:
+    # 1 MiB holds one 28-token sequence of SmolLM2 (22.5 KiB a token), not two.
+    llama = engine(cache_seqs=1, cache_ram_mib=1)
+    prompts = [list(range(k, k + 20)) for k in (1000, 2000, 3000)]
+    await llama.start()
+    try:
+        for tokens in prompts:
+            await run(llama, ids_job(tokens, max_tokens=8, **GREEDY))
+        # In cells: the third; in host memory: the second (the first was let go for it).
+        _, second = await run(llama, ids_job(prompts[1], max_tokens=8, **GREEDY))
+        _, first = await run(llama, ids_job(prompts[0], max_tokens=8, **GREEDY))
+    finally:
+        await llama.close()
+    assert first.timings.cache_n == 0
+    assert second.timings.cache_n == len(prompts[1]) - 1
 
 
 async def test_more_conversations_than_cached_sequences_keep_their_history() -> None:

@@ -18,11 +18,11 @@ it: that only reads the vocabulary.
 Streaming: the scheduler hands releasable pieces of text to the event loop through the
 job's ``ThreadStream``, at most once per ``stream_interval_s`` x the sequences running
 (the first at once); pieces handed over together, or queued up while the runtime is still
-publishing the previous delta, are coalesced into one ``Delta``. Every hand-off wakes the event loop, and every
-delta is a message the broker stores and the edge relays: on a small CPU machine that
-work takes cores from llama.cpp's threads in the middle of a step (``headrace.bench.
-llm_cpu`` measures it), so the worker's default interval (40 ms) sends a few tokens per
-delta instead of one.
+publishing the previous delta, are coalesced into one ``Delta``. Every hand-off wakes the
+event loop, and every delta is a message the broker stores and the edge relays: on a small
+CPU machine that work takes cores from llama.cpp's threads in the middle of a step
+(``headrace.bench.llm_cpu`` measures it), so the worker's default interval (40 ms) sends a
+few tokens per delta instead of one.
 
 Embeddings (``embed.py``): a second, embedding-mode context on the same weights,
 evaluated on the scheduler thread between two steps (``Batcher.call``).
