@@ -34,6 +34,7 @@ _LLM = (
     "llm_stream_interval_ms",
     "llm_cache_seqs",
     "llm_cache_ram_mib",
+    "llm_kv_unified",
     "llm_pooling",
 )
 _LIMITS = (
@@ -470,6 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MIB",
         help="llm: host memory for cached sequences the KV cache lets go, copied back for a "
         "prompt sharing their prefix (default 2048; 0: off)",
+    )
+    p.add_argument(
+        "--kv-unified",
+        dest="llm_kv_unified",
+        action="store_const",
+        const=True,
+        help="llm: one KV cache for every slot (running sequences share prefix cells, more "
+        "finished ones than slots stay cached in cells) instead of a stream per slot",
     )
     p.add_argument(
         "--chat-template",

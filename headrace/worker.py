@@ -85,6 +85,7 @@ def llama_engine(settings: WorkerSettings) -> LlamaEngine:
             flash_attn={"auto": None, "on": True, "off": False}[settings.llm_flash_attn],
             cache_seqs=settings.llm_cache_seqs,
             cache_ram_mib=settings.llm_cache_ram_mib,
+            kv_unified=settings.llm_kv_unified,
             stream_interval_s=settings.llm_stream_interval_ms / 1000,
         )
 

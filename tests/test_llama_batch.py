@@ -36,6 +36,10 @@ PROMPTS = [
 ]
 
 
+# The KV cache's two layouts (gguf.new_context): a stream per slot (the default), or one.
+LAYOUTS = pytest.mark.parametrize("kv_unified", [False, True], ids=["split", "unified"])
+
+
 def engine(slots: int = 1, n_ctx: int = 1024, **config: Any) -> LlamaEngine:
     # One thread: no OpenMP team, whose spinning barrier crawls when the cores are shared.
     return LlamaEngine(
@@ -104,8 +108,9 @@ async def together(llama: LlamaEngine, jobs: list[TextJob]) -> list[tuple[str, D
     return out
 
 
-async def test_concurrent_jobs_decode_in_shared_steps() -> None:
-    llama = engine(slots=4)
+@LAYOUTS
+async def test_concurrent_jobs_decode_in_shared_steps(kv_unified: bool) -> None:
+    llama = engine(slots=4, kv_unified=kv_unified)
     params: dict[str, Any] = {"max_tokens": 16, "cache_prompt": False, **GREEDY}
     await llama.start()
     try:
@@ -122,12 +127,13 @@ async def test_concurrent_jobs_decode_in_shared_steps() -> None:
     assert steps <= 15 + 4
 
 
-async def test_a_sequence_never_reads_another_sequences_cells() -> None:
+@LAYOUTS
+async def test_a_sequence_never_reads_another_sequences_cells(kv_unified: bool) -> None:
     # A beside X, then A beside Y (the same lengths, other tokens), in the same steps: A's
     # logits come out bit-identical. (Beside nothing, or in steps of other sizes, they would
     # not: llama.cpp's kernels round differently for other batch sizes, and without flash
     # attention for other cell placements; measured up to 0.17 in a first token's logprob.)
-    llama = engine(slots=2)
+    llama = engine(slots=2, kv_unified=kv_unified)
     params: dict[str, Any] = {"max_tokens": 12, "logprobs": True, "cache_prompt": False, **GREEDY}
     await llama.start()
     try:
@@ -139,6 +145,35 @@ async def test_a_sequence_never_reads_another_sequences_cells() -> None:
     assert x[0][0] == y[0][0]
     assert x[0][2] == y[0][2]
     assert len(x[0][2]) == 12
+
+
+async def test_split_streams_keep_the_running_sequences_at_consecutive_ids() -> None:
+    # Three jobs on streams 0, 1 and 2; the one on 1 ends first: the one on 2 is moved down
+    # to 1 (llama.cpp would cut every later step in two at the gap) and goes on as it would
+    # have: its tokens and their logprobs are a lone run's (other batch sizes move the
+    # logprobs by < 0.2; a misplaced cell, by whole nats).
+    llama = engine(slots=3)
+    params: dict[str, Any] = {"logprobs": True, "cache_prompt": False, **GREEDY}
+    await llama.start()
+    try:
+        batcher = llama.batcher(MODEL)
+        [alone] = await together(llama, [job(PROMPTS[2], max_tokens=24, **params)])
+        gapped = batcher.gapped
+        a, b, c = await together(
+            llama,
+            [
+                job(PROMPTS[0], max_tokens=24, **params),
+                job(PROMPTS[1], max_tokens=2, **params),
+                job(PROMPTS[2], max_tokens=24, **params),
+            ],
+        )
+    finally:
+        await llama.close()
+    assert [r[1].usage.completion_tokens for r in (a, b, c)] == [24, 2, 24]
+    assert batcher.moves == 1
+    assert batcher.gapped == gapped == 0
+    assert c[0] == alone[0]
+    assert max(abs(x - y) for x, y in zip(c[2], alone[2], strict=True)) < 0.5
 
 
 def next_turn(first: TextJob, reply: str, line: str) -> TextJob:
@@ -188,10 +223,13 @@ async def test_a_repeated_prompt_evaluates_only_its_last_token() -> None:
     assert again.timings.prompt_n == 1
 
 
-async def test_a_chat_sharing_only_its_start_leaves_a_conversation_cached() -> None:
+@LAYOUTS
+async def test_a_chat_sharing_only_its_start_leaves_a_conversation_cached(
+    kv_unified: bool,
+) -> None:
     # A conversation's first turn, then an unrelated chat (it shares the chat template's
     # first tokens with it): the conversation's next turn still finds its history in cells.
-    llama = engine(slots=2)
+    llama = engine(slots=2, kv_unified=kv_unified)
     await llama.start()
     try:
         first = job(PROMPTS[0], max_tokens=12, **GREEDY)
@@ -219,10 +257,13 @@ async def _first_logprob(llama: LlamaEngine, j: TextJob) -> tuple[float, Done]:
     raise AssertionError("no done")
 
 
-async def test_a_prompt_the_kv_cache_let_go_is_copied_back_from_host_memory() -> None:
+@LAYOUTS
+async def test_a_prompt_the_kv_cache_let_go_is_copied_back_from_host_memory(
+    kv_unified: bool,
+) -> None:
     # One cached sequence in cells: the second prompt's pushes the first's out, to host
     # memory; the first prompt again is copied back and evaluates only its last token.
-    llama = engine(cache_seqs=1, cache_ram_mib=64)
+    llama = engine(cache_seqs=1, cache_ram_mib=64, kv_unified=kv_unified)
     params: dict[str, Any] = {"max_tokens": 8, "logprobs": True, **GREEDY}
     await llama.start()
     try:
@@ -244,9 +285,9 @@ async def test_a_prompt_the_kv_cache_let_go_is_copied_back_from_host_memory() ->
 
 
 async def test_a_copy_back_makes_room_by_saving_the_cached_sequence_in_the_way() -> None:
-    # 256 cells, two 158-cell sequences: the second pushes the first out of cells (it is
-    # saved); the first again finds no room to come back until the second is saved in turn.
-    llama = engine(n_ctx=256, cache_seqs=1, cache_ram_mib=64)
+    # Unified, 256 cells, two 158-cell sequences: the second pushes the first out of cells
+    # (it is saved); the first again finds no room to come back until the second is saved.
+    llama = engine(n_ctx=256, cache_seqs=1, cache_ram_mib=64, kv_unified=True)
     a, b = list(range(1000, 1150)), list(range(5000, 5150))
     await llama.start()
     try:
@@ -280,12 +321,15 @@ async def test_the_host_memory_budget_lets_the_least_recently_saved_go() -> None
     assert second.timings.cache_n == len(prompts[1]) - 1
 
 
-async def test_more_conversations_than_cached_sequences_keep_their_history() -> None:
+@LAYOUTS
+async def test_more_conversations_than_cached_sequences_keep_their_history(
+    kv_unified: bool,
+) -> None:
     # Three conversations, one cached sequence in cells: every next turn still finds its
     # history, in host memory; without it, only the chat template's start.
     results = {}
     for ram in (64, 0):
-        llama = engine(cache_seqs=1, cache_ram_mib=ram)
+        llama = engine(cache_seqs=1, cache_ram_mib=ram, kv_unified=kv_unified)
         await llama.start()
         try:
             firsts = [job(p, max_tokens=8, **GREEDY) for p in PROMPTS[:3]]

@@ -121,13 +121,20 @@ class WorkerSettings(CommonSettings):
     llm_cache_seqs: int | None = Field(
         default=None,
         ge=0,
-        description="llm: finished sequences kept for prompt-prefix reuse (default: slots; 0: off)",
+        description="llm: finished sequences kept in cells for prompt-prefix reuse (default: "
+        "slots; with a stream per slot, at most one per free slot; 0: off)",
     )
     llm_cache_ram_mib: int = Field(
         default=2048,
         ge=0,
         description="llm: host memory (MiB) that cached sequences the KV cache lets go are "
         "copied to, and back from for a prompt sharing their prefix (0: off)",
+    )
+    llm_kv_unified: bool = Field(
+        default=False,
+        description="llm: one KV cache for every slot instead of a stream per slot (a token "
+        "then reads every sequence's cells: slower steps; running sequences share prefix "
+        "cells, and more finished sequences than slots stay in cells)",
     )
     llm_gpu_layers: int = Field(
         default=0, ge=-1, description="llm: layers offloaded to the GPU (-1: all)"

@@ -132,6 +132,7 @@ def _config(workload: Workload, slots: int = 1) -> ModelConfig:
         contexts=slots,
         stream_interval_s=worker.llm_stream_interval_ms / 1000,
         cache_ram_mib=worker.llm_cache_ram_mib,
+        kv_unified=worker.llm_kv_unified,
     )
 
 

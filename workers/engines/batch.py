@@ -1,13 +1,24 @@
 """Continuous batching: one llama.cpp context per model, driven by one scheduler thread.
 
-The context has one KV cache for every sequence (``gguf.new_context``: unified, ``n_ctx``
-cells per slot). Each step the scheduler puts into one ``llama_decode`` batch the next
+The context's KV cache has ``n_ctx`` cells per slot (``gguf.new_context``): a stream per
+slot (split, the default) or one buffer for all (unified). Each step the scheduler puts
+into one ``llama_decode`` batch the next
 token of every running sequence and, in what room is left of ``n_batch``, chunks of the
 prompts still being evaluated; then it samples every sequence whose logits came out,
 each with its own sampler chain (``decode.Generation``). Jobs join and leave between
 steps: a cancelled or finished sequence gives up its sequence id at once.
 
-The prefix cache. A finished sequence leaves its cells behind under its sequence id
+Split streams. Each slot's sequence id is its stream. A job takes the lowest free stream,
+and when a sequence ends below running ones the highest running sequence is moved down
+into its stream (a copy of its cells, ``_compact``): the running ids stay 0..n-1, and the
+step is one micro-batch (llama.cpp cuts a split batch at every break in the ids, each cut
+another pass over the weights). The tokens go into the batch by sequence id. A finished
+sequence's cells stay in its stream as its cached prefix until a job takes the stream:
+that job reuses the prefix they share, or has a longer one copied in from another free
+stream, a running sequence or host memory. What a taken stream held and the job does
+not keep is copied to an empty free stream, else saved to host memory.
+
+The prefix cache, unified. A finished sequence leaves its cells behind under its sequence id
 (at most ``ModelConfig.cached()`` of them, least recently used dropped first). A new job
 looks for the longest prefix of its tokens that a cached or running sequence holds and
 evaluates only the rest: ``llama_memory_seq_cp`` over the prefix's positions tags the same
@@ -19,13 +30,14 @@ dropped as least recently used is first copied out to host memory (``host_cache`
 ``ModelConfig.cache_ram_mib``), and copied back for a job that shares a longer prefix with
 it than with anything in cells.
 
-Room. ``n_ctx`` x slots cells, and every running sequence stays within ``n_ctx`` tokens
+Room (unified). ``n_ctx`` x slots cells, and every running sequence stays within ``n_ctx`` tokens
 (the token budget), so the running sequences always fit together: when ``llama_decode``
 finds no room (it returns 1, having changed nothing), the least recently used cached
 sequence is dropped and the step is tried again. A cached prefix never pushes out a
 running sequence's cells.
 
-Ids: ``n_seq_max`` is slots + cached, so a job always finds a free id.
+Ids: ``n_seq_max`` is slots + cached (unified) or slots (split), so a job always finds a
+free id.
 
 Pacing: every delta costs a wake-up of the event loop, a message that nats-server stores
 and one the edge relays, so a sequence's text is handed over at most once per
@@ -58,7 +70,14 @@ from schemas.events import Done
 from schemas.jobs import TextJob
 from workers.engines.decode import Generation, Piece, Signals
 from workers.engines.gguf import TOKENIZER_CTX, GgufModel, ModelConfig, load_model, new_context
-from workers.engines.host_cache import HostCache, Saved, common_prefix
+from workers.engines.host_cache import (
+    MIN_TOKENS,
+    HostCache,
+    Saved,
+    common_prefix,
+    load_seq_state,
+    seq_state,
+)
 from workers.engines.thread_stream import ThreadStream
 from workers.queue_time import queue_ms, with_queue_ms
 
@@ -112,12 +131,17 @@ class Batcher:
         # Scheduler state: touched by the scheduler thread only.
         self._running: list[Sequence] = []
         self._waiting: deque[Sequence] = deque()
-        self._cache: OrderedDict[int, list[int]] = OrderedDict()  # seq id -> its tokens
+        # Cached prefixes: seq id -> its tokens. Unified, their ids are taken; split, they
+        # are the free streams' (in ``_free`` too).
+        self._cache: OrderedDict[int, list[int]] = OrderedDict()
         self._free: list[int] = []
+        self._split = not config.kv_unified
         self.host = HostCache(config.cache_ram_mib * 2**20)
         self._ctx: LlamaContext | None = None
         self.steps = 0  # llama_decode calls that succeeded
         self.tokens = 0  # tokens they evaluated
+        self.moves = 0  # split: running sequences moved down to close a gap in the ids
+        self.gapped = 0  # split: steps whose sequence ids had a gap (more micro-batches)
 
     async def start(self) -> GgufModel:
         """Load the model and its context on the scheduler thread, which then runs the steps."""
@@ -168,7 +192,7 @@ class Batcher:
             return
         capacity = max(self.config.n_batch, self.config.contexts)
         batch = llama_cpp.llama_batch_init(capacity, 0, 1)
-        self._free = list(range(self.config.contexts + self.config.cached()))[::-1]
+        self._free = list(range(self.config.sequences()))[::-1]
         self._ctx = ctx
         self._alive = True
         self._ready.set_result(model)
@@ -214,6 +238,8 @@ class Batcher:
                 return
             while self._waiting and len(self._running) < self.config.contexts:
                 self._admit(self._waiting.popleft(), memory)
+            if self._split:
+                self._compact(memory)
             if self._running:
                 self._step(ctx, batch, capacity)
 
@@ -236,6 +262,19 @@ class Batcher:
 
     def _admit(self, seq: Sequence, memory: llama_cpp.llama_memory_t) -> None:
         """Give the job a sequence id, reusing the longest prefix found in the cache."""
+        known = seq.gen.known
+        reuse = self._place_split(seq, memory) if self._split else self._place(seq, memory)
+        if reuse:
+            log.debug("job %s reuses %d of %d tokens", seq.job.id, reuse, len(known))
+        seq.cells = known[:reuse]
+        seq.pending = known[reuse:]
+        seq.waited_ms = queue_ms(seq.job)  # waiting for a sequence is queueing too
+        seq.gen.admitted(reuse)
+        self._running.append(seq)
+
+    def _place(self, seq: Sequence, memory: llama_cpp.llama_memory_t) -> int:
+        """Unified: a free id, tagged onto the cells of the longest cached or running prefix
+        (or a cached sequence taken over, or a saved one copied back); the tokens reused."""
         known = seq.gen.known
         reuse, source, cached = 0, -1, False
         if seq.gen.cache_prompt:
@@ -264,13 +303,81 @@ class Batcher:
                     llama_cpp.llama_memory_seq_cp(memory, source, seq.seq_id, 0, reuse)
                     if cached:
                         self._cache.move_to_end(source)
-        if reuse:
-            log.debug("job %s reuses %d of %d tokens", seq.job.id, reuse, len(known))
-        seq.cells = known[:reuse]
-        seq.pending = known[reuse:]
-        seq.waited_ms = queue_ms(seq.job)  # waiting for a sequence is queueing too
-        seq.gen.admitted(reuse)
-        self._running.append(seq)
+        return reuse
+
+    def _place_split(self, seq: Sequence, memory: llama_cpp.llama_memory_t) -> int:
+        """Split: the lowest free stream (the running ones stay at ids 0..n-1). The job
+        reuses the prefix that stream holds, or has a longer one copied in: from another
+        free stream's cells, a running sequence's, or host memory. What the stream held is
+        saved to host memory first unless the job keeps all of it. The tokens reused."""
+        assert self._ctx is not None
+        known = seq.gen.known
+        sid = min(self._free)
+        self._free.remove(sid)
+        seq.seq_id = sid
+        held = self._cache.pop(sid, None) or []
+        limit = len(known) - 1 if seq.gen.cache_prompt else 0
+        own = common_prefix(held, known, limit)
+        source, best = -1, own
+        for other, tokens in [*self._cache.items(), *((s.seq_id, s.cells) for s in self._running)]:
+            n = common_prefix(tokens, known, limit)
+            if n > best and n >= MIN_TOKENS:
+                source, best = other, n
+        saved = self.host.best(known, limit, best) if limit else None
+        if own < len(held):  # (a save may let ``saved`` go: its state is in hand)
+            self._set_aside(sid, held)
+        reuse = own
+        if saved is not None:
+            if self.host.restore(self._ctx.ctx, saved[0], sid):
+                reuse = saved[1]
+                if reuse == len(saved[0].tokens):
+                    self.host.discard(saved[0])
+            else:
+                reuse = 0
+        elif source >= 0:
+            state = seq_state(self._ctx.ctx, source)
+            reuse = best if state and load_seq_state(self._ctx.ctx, state, sid) else 0
+            if source in self._cache:
+                self._cache.move_to_end(source)
+        llama_cpp.llama_memory_seq_rm(memory, sid, reuse, -1)
+        return reuse
+
+    def _set_aside(self, sid: int, held: list[int]) -> None:
+        """Split: what a free stream held, about to be overwritten, outlives it: copied to an
+        empty free stream if there is one (the copy is as cheap, and it stays in cells),
+        else saved to host memory."""
+        assert self._ctx is not None
+        empty = [e for e in self._free if e not in self._cache and e != sid]
+        if empty and len(held) >= MIN_TOKENS:
+            state = seq_state(self._ctx.ctx, sid)
+            if state and load_seq_state(self._ctx.ctx, state, max(empty)):
+                self._cache[max(empty)] = held
+                return
+        self.host.save(self._ctx.ctx, sid, held)
+
+    def _compact(self, memory: llama_cpp.llama_memory_t) -> None:
+        """Split: move running sequences down to the lowest free streams until they hold ids
+        0..n-1, so a step is one micro-batch (a gap costs another pass over the weights).
+        What the target stream held is saved to host memory first."""
+        assert self._ctx is not None
+        while self._running and self._free:
+            top = max(self._running, key=lambda s: s.seq_id)
+            low = min(self._free)
+            if low > top.seq_id:
+                return
+            state = seq_state(self._ctx.ctx, top.seq_id)
+            held = self._cache.pop(low, None)
+            if held:
+                self._set_aside(low, held)
+            if not state or not load_seq_state(self._ctx.ctx, state, low):
+                llama_cpp.llama_memory_seq_rm(memory, low, -1, -1)
+                log.warning("model %s: a sequence could not be moved", self.config.id)
+                return  # the gap costs speed only
+            llama_cpp.llama_memory_seq_rm(memory, top.seq_id, -1, -1)
+            self._free.remove(low)
+            self._free.append(top.seq_id)
+            top.seq_id = low
+            self.moves += 1
 
     def _restore(
         self, seq: Sequence, saved: Saved, reuse: int, memory: llama_cpp.llama_memory_t
@@ -308,6 +415,9 @@ class Batcher:
             return
         self.steps += 1
         self.tokens += batch.n_tokens
+        if self._split:
+            ids = [seq.seq_id for seq, _ in added]
+            self.gapped += max(ids) - min(ids) + 1 != len(ids)
         for seq, tokens in added:
             seq.cells.extend(tokens)
             if seq.next is not None:  # a decoding sequence (it has no pending tokens)
@@ -351,12 +461,18 @@ class Batcher:
                 outputs.append((seq, n - 1))
             added.append((seq, tokens))
 
-        for seq in self._running:
+        room = capacity - sum(seq.next is not None for seq in self._running)
+        chunks: dict[int, list[int]] = {}
+        for seq in self._running:  # in the order they came: the oldest prompt first
+            if seq.pending and room > 0:
+                chunks[seq.seq_id] = seq.pending[:room]
+                room -= len(chunks[seq.seq_id])
+        # By sequence id: llama.cpp cuts a split cache's batch at every break in the ids.
+        for seq in sorted(self._running, key=lambda s: s.seq_id):
             if seq.next is not None:
                 put(seq, [seq.next], True)
-        for seq in self._running:
-            if seq.pending and n < capacity:
-                chunk = seq.pending[: capacity - n]
+            elif seq.seq_id in chunks:
+                chunk = chunks[seq.seq_id]
                 put(seq, chunk, len(chunk) == len(seq.pending))
         batch.n_tokens = n
         return outputs, added
@@ -390,6 +506,10 @@ class Batcher:
             llama_cpp.llama_memory_seq_rm(memory, seq.seq_id, -1, -1)
             self._free.append(seq.seq_id)
             return
+        if self._split:  # its stream keeps them until a job takes the stream
+            self._cache[seq.seq_id] = seq.cells
+            self._free.append(seq.seq_id)
+            return
         for sid, tokens in list(self._cache.items()):  # now redundant: a prefix of this one
             if len(tokens) <= len(seq.cells) and seq.cells[: len(tokens)] == tokens:
                 self._drop(sid, memory)
@@ -404,4 +524,5 @@ class Batcher:
         if save and self._ctx is not None:
             self.host.save(self._ctx.ctx, sid, tokens)
         llama_cpp.llama_memory_seq_rm(memory, sid, -1, -1)
-        self._free.append(sid)
+        if not self._split:  # a free stream's id is in ``_free`` already
+            self._free.append(sid)

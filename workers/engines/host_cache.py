@@ -43,6 +43,23 @@ def common_prefix(a: list[int], b: list[int], limit: int) -> int:
     return lo
 
 
+def seq_state(ctx: llama_cpp.llama_context_p, seq_id: int, budget: int | None = None) -> bytes:
+    """A sequence's cells as llama.cpp writes them (b"" when empty or over ``budget``)."""
+    size = int(llama_cpp.llama_state_seq_get_size(ctx, seq_id))
+    if budget is not None and size > budget:
+        return b""
+    buffer = (ctypes.c_uint8 * size)()
+    written = int(llama_cpp.llama_state_seq_get_data(ctx, buffer, size, seq_id))
+    return bytes(buffer)[:written]
+
+
+def load_seq_state(ctx: llama_cpp.llama_context_p, state: bytes, seq_id: int) -> bool:
+    """Write ``state`` into ``seq_id``'s cells (what they held is removed first, also into
+    another stream of a split cache); False when the context has no room."""
+    buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+    return int(llama_cpp.llama_state_seq_set_data(ctx, buffer, len(state), seq_id)) != 0
+
+
 @dataclass(frozen=True, slots=True)
 class Saved:
     """One sequence's tokens and its state as llama.cpp wrote it."""
@@ -76,17 +93,13 @@ class HostCache:
         if key in self._saved:
             self._saved.move_to_end(key)
             return
-        size = int(llama_cpp.llama_state_seq_get_size(ctx, seq_id))
-        if size > self.budget:
-            return
-        buffer = (ctypes.c_uint8 * size)()
-        written = int(llama_cpp.llama_state_seq_get_data(ctx, buffer, size, seq_id))
-        if written == 0:
+        state = seq_state(ctx, seq_id, self.budget)
+        if not state:
             return
         for other in [k for k in self._saved if len(k) <= len(key) and key[: len(k)] == k]:
             self._forget(other)  # a prefix of this one: this one serves whoever it would
-        self._saved[key] = Saved(list(tokens), bytes(buffer)[:written])
-        self.used += written
+        self._saved[key] = Saved(list(tokens), state)
+        self.used += len(state)
         self.saves += 1
         while self.used > self.budget:
             self._forget(next(iter(self._saved)))
@@ -103,12 +116,11 @@ class HostCache:
 
     def restore(self, ctx: llama_cpp.llama_context_p, saved: Saved, seq_id: int) -> bool:
         """Copy a saved sequence into ``seq_id``'s cells; False when the context has no room."""
-        size = len(saved.state)
-        buffer = (ctypes.c_uint8 * size).from_buffer_copy(saved.state)
-        if int(llama_cpp.llama_state_seq_set_data(ctx, buffer, size, seq_id)) == 0:
+        if not load_seq_state(ctx, saved.state, seq_id):
             return False
         self.restores += 1
-        self._saved.move_to_end(saved.key)
+        if saved.key in self._saved:  # (let go meanwhile, for room)
+            self._saved.move_to_end(saved.key)
         return True
 
     def discard(self, saved: Saved) -> None:
