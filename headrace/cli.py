@@ -462,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="llm_cache_seqs",
         type=int,
         metavar="N",
-        help="llm: finished sequences kept for prompt-prefix reuse (default: slots; 0: off)",
+        help="llm: finished sequences kept in cells for prompt-prefix reuse (default: slots; "
+        "with a stream per slot, one per free slot at most; 0: off)",
     )
     p.add_argument(
         "--cache-ram-mib",

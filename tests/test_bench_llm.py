@@ -342,3 +342,50 @@ def test_versus_peer_reports_the_engine_alone() -> None:
     assert row["engine_ratio"] == pytest.approx(0.95)
     assert row["engine_tps"] == 114.0
     assert "| engine-8-slots | 0.95 | >= 1.0 |" in "\n".join(llm_report._peer_lines(rows))
+
+
+@pytest.mark.timeout(180)
+def test_llm_kv_times_every_layout_and_writes_table_and_plot(tmp_path: Path) -> None:
+    from headrace.bench import llm_kv
+
+    code = llm_kv.main(
+        [
+            "--sequences",
+            "2",
+            "--cells",
+            "16",
+            "--steps",
+            "3",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    result = orjson.loads((tmp_path / "llm-kv.json").read_bytes())
+    row = result["rows"]["2"]
+    assert set(row) == {layout.key for layout in llm_kv.LAYOUTS}
+    assert all(v["ms"] > 0 for v in row.values())
+    assert row["unified"]["ratio"] == 1.0
+    md = (tmp_path / "llm-kv.md").read_text()
+    assert md.count("\n") == 3
+    assert "| 2 |" in md
+    assert (tmp_path / "llm-kv.png").stat().st_size > 0
+
+
+def test_every_other_pass_runs_the_paths_in_reverse(tmp_path: Path) -> None:
+    """Passes go A B C, C B A, A B C: a drift of the machine's speed falls on all alike."""
+    order: list[str] = []
+
+    def measure(key: str) -> Any:
+        def run(workload: Workload, tmp: Path) -> list[Any]:
+            order.append(key)
+            return []
+
+        return run
+
+    paths = [llm.Contender(key=k, label=k, how="", measure=measure(k)) for k in "abc"]
+    runs = llm.run_paths(_workload(), paths, 3)
+    assert order == list("abccbaabc")
+    assert [r["pass"] for r in runs] == [0, 0, 0, 1, 1, 1, 2, 2, 2]

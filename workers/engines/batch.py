@@ -309,7 +309,7 @@ class Batcher:
         """Split: the lowest free stream (the running ones stay at ids 0..n-1). The job
         reuses the prefix that stream holds, or has a longer one copied in: from another
         free stream's cells, a running sequence's, or host memory. What the stream held is
-        saved to host memory first unless the job keeps all of it. The tokens reused."""
+        set aside first unless the job keeps all of it. The tokens reused."""
         assert self._ctx is not None
         known = seq.gen.known
         sid = min(self._free)
@@ -358,7 +358,7 @@ class Batcher:
     def _compact(self, memory: llama_cpp.llama_memory_t) -> None:
         """Split: move running sequences down to the lowest free streams until they hold ids
         0..n-1, so a step is one micro-batch (a gap costs another pass over the weights).
-        What the target stream held is saved to host memory first."""
+        What the target stream held is set aside first."""
         assert self._ctx is not None
         while self._running and self._free:
             top = max(self._running, key=lambda s: s.seq_id)
