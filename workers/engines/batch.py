@@ -309,7 +309,7 @@ class Batcher:
         """Split: the lowest free stream (the running ones stay at ids 0..n-1). The job
         reuses the prefix that stream holds, or has a longer one copied in: from another
         free stream's cells, a running sequence's, or host memory. What the stream held is
-        set aside first unless the job keeps all of it. The tokens reused."""
+        set aside first unless the job keeps all but a few tokens of it. The tokens reused."""
         assert self._ctx is not None
         known = seq.gen.known
         sid = min(self._free)
@@ -324,7 +324,9 @@ class Batcher:
             if n > best and n >= MIN_TOKENS:
                 source, best = other, n
         saved = self.host.best(known, limit, best) if limit else None
-        if own < len(held):  # (a save may let ``saved`` go: its state is in hand)
+        if len(held) - own >= MIN_TOKENS:  # (a save may let ``saved`` go: it is in hand)
+            # What the job drops is worth keeping (a conversation's next turn drops only
+            # the last token or two of the one before: no copy then).
             self._set_aside(sid, held)
         reuse = own
         if saved is not None:
