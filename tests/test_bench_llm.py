@@ -99,7 +99,7 @@ def test_peer_rows_drive_any_openai_server_and_compare_with_headrace(tmp_path: P
     (ours,) = [p for p in llm.contenders(2, llm.Options(quick=True)) if p.key == "headrace"]
     runs = llm.run_paths(workload, [stand_in, ours], passes=2)
     assert [(r["key"], r["pass"]) for r in runs] == [
-        ("llama-server-np1", 0), ("headrace", 0), ("llama-server-np1", 1), ("headrace", 1),
+        ("llama-server-np1", 0), ("headrace", 0), ("headrace", 1), ("llama-server-np1", 1),
     ]  # fmt: skip
 
     result = llm.summarize(workload, runs)
