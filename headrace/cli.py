@@ -463,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="llm: finished sequences kept in cells for prompt-prefix reuse (default: slots; "
-        "with a stream per slot, one per free slot at most; 0: off)",
+        "0: off; with a stream per slot, each free slot's stream keeps its last one)",
     )
     p.add_argument(
         "--cache-ram-mib",

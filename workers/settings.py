@@ -122,7 +122,7 @@ class WorkerSettings(CommonSettings):
         default=None,
         ge=0,
         description="llm: finished sequences kept in cells for prompt-prefix reuse (default: "
-        "slots; with a stream per slot, at most one per free slot; 0: off)",
+        "slots; 0: off; with a stream per slot, each free slot's stream keeps its last one)",
     )
     llm_cache_ram_mib: int = Field(
         default=2048,

@@ -112,8 +112,9 @@ class ModelConfig:
         return self.n_threads_batch or self.threads()
 
     def cached(self) -> int:
-        """How many finished sequences the prefix cache keeps in cells (0: none). Split
-        streams keep one each, in the free slots' streams: as many as slots at most."""
+        """How many finished sequences the prefix cache keeps in cells (0: none). Split,
+        each free slot's stream keeps its last one whatever the count (they cost the
+        running ones nothing): only 0 changes anything, and the count is at most slots."""
         kept = self.contexts if self.cache_seqs is None else self.cache_seqs
         return kept if self.kv_unified else min(kept, self.contexts)
 

@@ -50,7 +50,7 @@ def seq_state(ctx: llama_cpp.llama_context_p, seq_id: int, budget: int | None = 
         return b""
     buffer = (ctypes.c_uint8 * size)()
     written = int(llama_cpp.llama_state_seq_get_data(ctx, buffer, size, seq_id))
-    return bytes(buffer)[:written]
+    return ctypes.string_at(buffer, written)  # one copy
 
 
 def load_seq_state(ctx: llama_cpp.llama_context_p, state: bytes, seq_id: int) -> bool:
