@@ -444,3 +444,22 @@ async def test_closing_ends_running_sequences_as_cancelled() -> None:
     done = await asyncio.wait_for(task, 30)
     assert done.finish_reason == "cancelled"
     assert done.usage.completion_tokens < 500
+
+
+def test_the_kv_layout_comes_from_the_flag_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from headrace.cli import _LLM, _overrides, build_parser
+    from headrace.worker import llama_engine
+    from workers.settings import WorkerSettings
+
+    def layout(argv: list[str]) -> bool:
+        args = build_parser().parse_args(["worker", "llm", *argv])
+        settings = WorkerSettings(**_overrides(args, _LLM))
+        (config,) = llama_engine(settings).configs.values()
+        return config.kv_unified
+
+    assert layout([]) is False  # a stream per slot
+    assert layout(["--kv-unified"]) is True
+    monkeypatch.setenv("HEADRACE_LLM_KV_UNIFIED", "1")
+    assert layout([]) is True
