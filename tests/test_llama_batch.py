@@ -147,6 +147,31 @@ async def test_a_sequence_never_reads_another_sequences_cells(kv_unified: bool) 
     assert len(x[0][2]) == 12
 
 
+@LAYOUTS
+async def test_a_job_reuses_the_prefix_of_a_running_sequence(kv_unified: bool) -> None:
+    # A's prompt is in cells and A still generates when B, sharing its first 40 tokens,
+    # arrives: B evaluates only the rest (unified: the cells are tagged with B's id too;
+    # split: copied into B's stream, A's tail past the prefix removed there).
+    llama = engine(slots=2, kv_unified=kv_unified)
+    shared = list(range(1000, 1040))
+    await llama.start()
+    try:
+        events = llama.run(ids_job([*shared, 7], max_tokens=40, **GREEDY), threading.Event())
+        async for event in events:
+            if isinstance(event, Delta):
+                break  # A's prompt is evaluated: its first token came out
+        text_b, b = await run(llama, ids_job([*shared, 9, 9], max_tokens=4, **GREEDY))
+        rest = [e async for e in events]
+    finally:
+        await llama.close()
+    assert b.timings.cache_n == len(shared)
+    assert b.timings.prompt_n == 2
+    assert text_b
+    a = rest[-1]
+    assert isinstance(a, Done)
+    assert a.usage.completion_tokens == 40  # A went on to the end
+
+
 async def test_split_streams_keep_the_running_sequences_at_consecutive_ids() -> None:
     # Three jobs on streams 0, 1 and 2; the one on 1 ends first: the one on 2 is moved down
     # to 1 (llama.cpp would cut every later step in two at the gap) and goes on as it would

@@ -337,8 +337,7 @@ class Batcher:
             else:
                 reuse = 0
         elif source >= 0:
-            state = seq_state(self._ctx.ctx, source)
-            reuse = best if state and load_seq_state(self._ctx.ctx, state, sid) else 0
+            reuse = best if self._copy(source, sid) else 0
             if source in self._cache:
                 self._cache.move_to_end(source)
         llama_cpp.llama_memory_seq_rm(memory, sid, reuse, -1)
@@ -350,28 +349,30 @@ class Batcher:
         else saved to host memory."""
         assert self._ctx is not None
         empty = [e for e in self._free if e not in self._cache and e != sid]
-        if empty and len(held) >= MIN_TOKENS:
-            state = seq_state(self._ctx.ctx, sid)
-            if state and load_seq_state(self._ctx.ctx, state, max(empty)):
-                self._cache[max(empty)] = held
-                return
+        if empty and len(held) >= MIN_TOKENS and self._copy(sid, max(empty)):
+            self._cache[max(empty)] = held
+            return
         self.host.save(self._ctx.ctx, sid, held)
+
+    def _copy(self, source: int, target: int) -> bool:
+        """Split: copy a sequence's cells into another stream (what it held goes first)."""
+        assert self._ctx is not None
+        state = seq_state(self._ctx.ctx, source)
+        return bool(state) and load_seq_state(self._ctx.ctx, state, target)
 
     def _compact(self, memory: llama_cpp.llama_memory_t) -> None:
         """Split: move running sequences down to the lowest free streams until they hold ids
         0..n-1, so a step is one micro-batch (a gap costs another pass over the weights).
         What the target stream held is set aside first."""
-        assert self._ctx is not None
         while self._running and self._free:
             top = max(self._running, key=lambda s: s.seq_id)
             low = min(self._free)
             if low > top.seq_id:
                 return
-            state = seq_state(self._ctx.ctx, top.seq_id)
             held = self._cache.pop(low, None)
             if held:
                 self._set_aside(low, held)
-            if not state or not load_seq_state(self._ctx.ctx, state, low):
+            if not self._copy(top.seq_id, low):
                 llama_cpp.llama_memory_seq_rm(memory, low, -1, -1)
                 log.warning("model %s: a sequence could not be moved", self.config.id)
                 return  # the gap costs speed only
