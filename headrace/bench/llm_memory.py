@@ -42,7 +42,12 @@ def _child(mode: str, slots: int, n_ctx: int, model: str) -> dict[str, float]:
     from workers.engines.gguf import ModelConfig, route_native_logs
 
     route_native_logs()  # llama.cpp's own lines to a logger nobody prints
-    config = ModelConfig(id="m", path=Path(model), n_ctx=n_ctx, contexts=slots, n_threads=1)
+    from workers.settings import WorkerSettings
+
+    config = ModelConfig(
+        id="m", path=Path(model), n_ctx=n_ctx, contexts=slots, n_threads=1,
+        kv_unified=WorkerSettings().llm_kv_unified,  # HEADRACE_LLM_KV_UNIFIED, as a worker
+    )  # fmt: skip
     if mode == "per-slot":
         from headrace.bench.llm_inprocess import load_llama
 
