@@ -116,9 +116,14 @@ def test_peer_rows_drive_any_openai_server_and_compare_with_headrace(tmp_path: P
         assert row["peer"] == "stand-in peer (llama_cpp.server)"
         assert row["ratio"] == pytest.approx(row["headrace_tps"] / row["peer_tps"])
         assert row["goal"] == (0.95 if row["concurrency"] == 1 else 1.0)
+    paired = result["like_for_like"]  # headrace (1 slot) and the stand-in as -np 1, per pass
+    assert [(r["slots"], r["concurrency"], len(r["ratios"])) for r in paired] == [
+        (1, 1, 2), (1, 2, 2),
+    ]  # fmt: skip
     table = llm_report.table(result)
     assert "**headrace / llama.cpp's llama-server**" in table
     assert "| 2 | stand-in peer (llama_cpp.server) |" in table
+    assert "**Like for like, pass by pass**" in table
     assert llm_report.plot(result, tmp_path / "llm.png")
     assert (tmp_path / "llm.png").read_bytes().startswith(b"\x89PNG")
 
@@ -389,3 +394,27 @@ def test_every_other_pass_runs_the_paths_in_reverse(tmp_path: Path) -> None:
     runs = llm.run_paths(_workload(), paths, 3)
     assert order == list("abccbaabc")
     assert [r["pass"] for r in runs] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_like_for_like_pairs_the_passes_of_equal_slot_counts() -> None:
+    def path(key: str, passes: list[float]) -> dict[str, Any]:
+        summary = {"aggregate_tps": sum(passes) / len(passes), "aggregate_tps_passes": passes}
+        return {"key": key, "label": key, "levels": [{"concurrency": 4, "summary": summary}]}
+
+    rows = llm_report.like_for_like([
+        path("llama-server-np1", [50.0, 100.0]), path("headrace", [45.0, 110.0]),
+        path("llama-server-np4", [100.0, 200.0, 150.0]),
+        path("headrace-4-slots", [110.0, 180.0, 150.0]),
+        path("llama-server-np8", [100.0]),  # no headrace row with 8 slots: no pair
+        path("headrace-16-slots", [100.0]),
+    ])  # fmt: skip
+    assert rows is not None
+    assert [(r["slots"], r["concurrency"]) for r in rows] == [(1, 4), (4, 4)]
+    one, four = rows
+    assert one["ratios"] == pytest.approx([0.9, 1.1])
+    assert one["median"] == pytest.approx(1.0)
+    assert four["ratios"] == pytest.approx([1.1, 0.9, 1.0])
+    assert four["median"] == pytest.approx(1.0)
+    table = "\n".join(llm_report._paired_lines(rows))
+    assert "| 4 | 4 | **1.00** | 1.10, 0.90, 1.00 | 2 of 3 | >= 1.0 |" in table
+    assert llm_report.like_for_like([path("headrace", [1.0])]) is None

@@ -348,6 +348,7 @@ def summarize(workload: Workload, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "paths": paths,
         "headline": llm_report.headline(paths),
         "versus_peer": llm_report.versus_peer(paths),
+        "like_for_like": llm_report.like_for_like(paths),
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,40 @@ def versus_peer(paths: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
     return rows
 
 
+def like_for_like(paths: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """Per slot count both ran and per level: headrace with N slots / llama-server -np N,
+    pass by pass.
+
+    Pass i of both rows ran in the same pass, minutes apart at most, so the machine's
+    drift between passes (often larger than the difference sought) falls on both alike;
+    the median of the per-pass ratios is the paired estimate, their range its spread.
+    """
+    by_key = {p["key"]: p for p in paths}
+    rows = []
+    for key, peer in by_key.items():
+        if not key.startswith(f"{PEER}-np"):
+            continue
+        slots = int(key.removeprefix(f"{PEER}-np"))
+        ours = by_key.get(HEADLINE if slots == 1 else f"{HEADLINE}-{slots}-slots")
+        if ours is None:
+            continue
+        for lv in ours["levels"]:
+            theirs = _level(peer, lv["concurrency"])
+            if theirs is None:
+                continue
+            mine, peers = lv["summary"]["aggregate_tps_passes"], theirs["aggregate_tps_passes"]
+            pairs = zip(mine, peers, strict=True)  # the same passes
+            ratios = [a / b for a, b in pairs if b]
+            if ratios:
+                rows.append({
+                    "slots": slots, "concurrency": lv["concurrency"],
+                    "headrace": ours["label"], "peer": peer["label"],
+                    "ratios": ratios, "median": statistics.median(ratios),
+                    "goal": PEER_GOAL.get(lv["concurrency"], 1.0),
+                })  # fmt: skip
+    return sorted(rows, key=lambda r: (r["slots"], r["concurrency"])) or None
+
+
 def _best(paths: list[dict[str, Any]], concurrency: int) -> dict[str, Any] | None:
     """The path with the highest aggregate tokens/s at ``concurrency``."""
     scored = [(lv["aggregate_tps"], p) for p in paths if (lv := _level(p, concurrency))]
@@ -215,6 +250,7 @@ def table(result: dict[str, Any]) -> str:
             )
     lines += _headline_lines(result.get("headline"))
     lines += _peer_lines(result.get("versus_peer"))
+    lines += _paired_lines(result.get("like_for_like"))
     lines += [
         "",
         "TTFT, ITL and tokens/s per stream count the streams that received text; a stream cut "
@@ -273,6 +309,28 @@ def _peer_lines(rows: list[dict[str, Any]] | None) -> list[str]:
     return lines
 
 
+def _paired_lines(rows: list[dict[str, Any]] | None) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "",
+        "**Like for like, pass by pass** (headrace with N slots / llama-server -np N, "
+        "aggregate tokens/s; the two rows of a pass ran in the same pass):",
+        "",
+        "| N | clients | ratio, median of the passes | each pass | passes at or above the goal "
+        "| goal |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        each = ", ".join(f"{v:.2f}" for v in r["ratios"])
+        above = sum(v >= r["goal"] for v in r["ratios"])
+        lines.append(
+            f"| {r['slots']} | {r['concurrency']} | **{r['median']:.2f}** | {each} "
+            f"| {above} of {len(r['ratios'])} | >= {r['goal']} |"
+        )
+    return lines
+
+
 def _span(values: list[float]) -> str:
     """Each pass's figure, in brackets, when there was more than one pass."""
     return f" ({', '.join(f'{v:.1f}' for v in values)})" if len(values) > 1 else ""
@@ -321,6 +379,12 @@ def plot(result: dict[str, Any], path: Path) -> bool:
             alone = [r["engine_ratio"] or float("nan") for r in rows]
             ratio.plot(xs, alone, marker="^", linestyle="-.",
                        label="best engine row, in-process")  # fmt: skip
+        paired = result.get("like_for_like") or []
+        for slots in dict.fromkeys(r["slots"] for r in paired):
+            mine = [r for r in paired if r["slots"] == slots]
+            ratio.plot([r["concurrency"] for r in mine], [r["median"] for r in mine],
+                       marker=".", linestyle=(0, (1, 3)), alpha=0.7,
+                       label=f"{slots} slots / -np {slots}, median of the passes")  # fmt: skip
         ratio.plot(xs, [r["goal"] for r in rows], linestyle=":", color="grey", label="goal")
         ratio.legend(fontsize=8)
         titles.append((ratio, "aggregate tokens/s, headrace / best llama-server"))
