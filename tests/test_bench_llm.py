@@ -11,6 +11,7 @@ built it (CI runs them only after that target).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -247,9 +248,50 @@ def test_turns_table_and_plot(tmp_path: Path) -> None:
     (row,) = result["systems"]
     assert [p["ttft_p50_ms"] for p in row["turns"]] == [100.0, 200.0]
     assert row["later_turns_mean_ms"] == 200.0
+    assert row["later_turns_mean_ms_passes"] == [200.5, None]  # 2 conversations, pass 1 of 2
+    assert result["versus_peer"] is None  # no llama-server row
     table = llm_turns.table(result)
     assert "| a system | 100 (100-101) | 200 (200-201) | **200** |" in table
     assert llm_turns.plot(result, tmp_path / "turns.png")
+
+
+def test_turns_passes_alternate_and_pair_headrace_with_llama_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every other pass runs the systems in reverse; headrace / llama-server pass by pass."""
+    order: list[str] = []
+
+    @contextlib.contextmanager
+    def serve(workload: Any, tmp: Path) -> Iterator[tuple[str, dict[str, str]]]:
+        yield "http://unused", {}
+
+    async def conversations(
+        base: str, headers: dict[str, str], workload: Any, system: Any, first: int
+    ) -> list[llm_turns.Turn]:
+        order.append(system.key)
+        ms = 100.0 if system.key == "llama-server-cache" else 90.0 + 20 * first  # pass 0, 1
+        return [
+            llm_turns.Turn(conversation=first, turn=t, ttft_ms=ms * t, total_ms=1.0, text="",
+                           finish="stop", error=None, messages=[])
+            for t in (1, 2)
+        ]  # fmt: skip
+
+    monkeypatch.setattr(llm_turns, "_conversations", conversations)
+    workload = llm_turns.TurnsWorkload(**{**_fields(), "turns": 2, "conversations": 1,
+                                          "passes": 3})  # fmt: skip
+    rows = tuple(llm_turns.System(key=k, label=k, serve=serve, cache_prompt=True)
+                 for k in ("llama-server-cache", "headrace"))  # fmt: skip
+    options = llm_turns.TurnsOptions(workload=workload, systems=rows)
+    turns = llm_turns.run_systems(options)
+    ls, hr = "llama-server-cache", "headrace"
+    assert order == [ls, hr, hr, ls, ls, hr]
+    monkeypatch.setattr(llm_turns, "PromptCounter", lambda path: lambda messages: 0)
+    result = llm_turns.summarize(options, turns)
+    paired = result["versus_peer"]
+    assert paired["ratios"] == pytest.approx([0.9, 1.1, 1.3])  # turn 2: 180, 220, 260 vs 200
+    assert paired["median"] == pytest.approx(1.1)
+    table = llm_turns.table(result)
+    assert "pass by pass: **1.10** (median; each pass 0.90, 1.10, 1.30; goal <= 1.0)" in table
 
 
 @needs_llama_server

@@ -8,9 +8,9 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import nats.js.errors
@@ -20,6 +20,8 @@ from nats.aio.client import Client as NATS
 from headrace.servers import NatsServer
 from schemas.subjects import WORKERS_BUCKET, worker_key
 from schemas.topology import Limits, provision
+
+T = TypeVar("T")
 
 
 def pyplot() -> Any:
@@ -55,6 +57,13 @@ def progress(label: str, done: int, total: int) -> None:
     end = "\n" if done >= total else ""
     sys.stderr.write(f"\r  {label:32} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{end}")
     sys.stderr.flush()
+
+
+def pass_order(items: Sequence[T], n: int) -> list[T]:
+    """Pass ``n``'s order: as given on even passes, reversed on odd ones, so that a drift of
+    the machine's speed over a run (10-20 % on this VM) falls on every system alike over two
+    passes instead of on the last ones."""
+    return list(items) if n % 2 == 0 else list(items)[::-1]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -48,7 +48,7 @@ from typing import Any
 import orjson
 
 from headrace.bench import llm_report
-from headrace.bench.common import write_outputs
+from headrace.bench.common import pass_order, write_outputs
 from headrace.bench.llm_http import measure
 from headrace.bench.llm_servers import (
     Serving,
@@ -301,13 +301,12 @@ def workload_for(options: Options, threads: int) -> Workload:
 
 
 def run_paths(workload: Workload, paths: list[Contender], passes: int) -> list[dict[str, Any]]:
-    """Every path once per pass, one at a time; every other pass in reverse order, so that
-    a drift of the machine's speed over the run (10-20 % on this VM) falls on the paths
-    alike over two passes, instead of on the last ones."""
+    """Every path once per pass, one at a time; every other pass in reverse order
+    (``pass_order``)."""
     results = []
     with tempfile.TemporaryDirectory(prefix="headrace-bench-llm-") as tmp:
         for n in range(passes):
-            for i, path in enumerate(paths if n % 2 == 0 else paths[::-1], 1):
+            for i, path in enumerate(pass_order(paths, n), 1):
                 print(f"[pass {n + 1}/{passes}, {i}/{len(paths)}] {path.label}", file=sys.stderr)
                 load_before, started = os.getloadavg(), time.perf_counter()
                 levels = path.measure(workload, Path(tmp))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +33,7 @@ from typing import Any
 
 import aiohttp
 
-from headrace.bench.common import percentile, progress, pyplot, write_outputs
+from headrace.bench.common import pass_order, percentile, progress, pyplot, write_outputs
 from headrace.bench.llm_http import client, stream_chat
 from headrace.bench.llm_servers import (
     Serving,
@@ -270,12 +271,13 @@ async def _conversations(
 
 
 def run_systems(options: TurnsOptions) -> dict[str, list[Turn]]:
-    """Every system once per pass, one at a time; each pass has conversations of its own."""
+    """Every system once per pass, one at a time, every other pass in reverse order
+    (``pass_order``); each pass has conversations of its own."""
     workload, rows = options.workload, options.systems
     turns: dict[str, list[Turn]] = {s.key: [] for s in rows}
     with tempfile.TemporaryDirectory(prefix="headrace-bench-turns-") as tmp:
         for n in range(workload.passes):
-            for i, system in enumerate(rows, 1):
+            for i, system in enumerate(pass_order(rows, n), 1):
                 print(f"[turns, pass {n + 1}/{workload.passes}, {i}/{len(rows)}] "
                       f"{system.label}", file=sys.stderr)  # fmt: skip
                 with system.serve(workload, Path(tmp)) as (base, headers):
@@ -331,9 +333,39 @@ def summarize(options: TurnsOptions, turns: dict[str, list[Turn]]) -> dict[str, 
             "key": system.key, "label": system.label, "cache_prompt": system.cache_prompt,
             "turns": per_turn,
             "later_turns_mean_ms": sum(later) / len(later) if later else None,
+            "later_turns_mean_ms_passes": _later_by_pass(options.workload, mine),
             "conversations": [{**asdict(x), "messages": None} for x in mine],
         })  # fmt: skip
-    return {"workload": asdict(options.workload), "systems": out}
+    return {
+        "workload": asdict(options.workload), "systems": out, "versus_peer": _versus_peer(out),
+    }  # fmt: skip
+
+
+def _later_by_pass(workload: TurnsWorkload, turns: list[Turn]) -> list[float | None]:
+    """Each pass's mean TTFT over turns 2 on (pass n holds conversations n x conversations on)."""
+    means: list[float | None] = []
+    for n in range(workload.passes):
+        ttft = [
+            t.ttft_ms for t in turns
+            if t.turn > 1 and t.ttft_ms is not None and t.conversation // workload.conversations == n
+        ]  # fmt: skip
+        means.append(sum(ttft) / len(ttft) if ttft else None)
+    return means
+
+
+def _versus_peer(systems: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """headrace over llama-server with its cache, turns 2 on, pass by pass: both ran in each
+    pass, so the VM's drift between passes cancels in each ratio."""
+    by_key = {s["key"]: s for s in systems}
+    if "headrace" not in by_key or "llama-server-cache" not in by_key:
+        return None
+    pairs = zip(
+        by_key["headrace"]["later_turns_mean_ms_passes"],
+        by_key["llama-server-cache"]["later_turns_mean_ms_passes"],
+        strict=True,
+    )
+    ratios = [a / b for a, b in pairs if a is not None and b]
+    return {"ratios": ratios, "median": statistics.median(ratios)} if ratios else None
 
 
 def _cell(p: dict[str, Any]) -> str:
@@ -355,6 +387,14 @@ def table(result: dict[str, Any]) -> str:
         cells = " | ".join(_cell(p) for p in s["turns"])
         later = s["later_turns_mean_ms"]
         lines.append(f"| {s['label']} | {cells} | **{'-' if later is None else f'{later:.0f}'}** |")
+    paired = result.get("versus_peer")
+    if paired:
+        each = ", ".join(f"{r:.2f}" for r in paired["ratios"])
+        lines += [
+            "",
+            "headrace / llama-server with its cache, mean TTFT of turns 2 on, pass by pass: "
+            f"**{paired['median']:.2f}** (median; each pass {each}; goal <= 1.0).",
+        ]
     lines += [
         "",
         "Time to first token (ms) per turn: p50 over the conversations (min-max), from "
