@@ -269,7 +269,7 @@ def test_turns_passes_alternate_and_pair_headrace_with_llama_server(
         base: str, headers: dict[str, str], workload: Any, system: Any, first: int
     ) -> list[llm_turns.Turn]:
         order.append(system.key)
-        ms = 100.0 if system.key == "llama-server-cache" else 90.0 + 20 * first  # pass 0, 1
+        ms = 100.0 if system.key == "llama-server-cache" else 90.0 + 20 * first  # by pass
         return [
             llm_turns.Turn(conversation=first, turn=t, ttft_ms=ms * t, total_ms=1.0, text="",
                            finish="stop", error=None, messages=[])

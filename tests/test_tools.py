@@ -318,9 +318,12 @@ async def test_ollama_client_gets_400_for_a_bad_schema(edge: str) -> None:
 @pytest.mark.usefixtures("echo")
 async def test_tools_with_the_echo_engine_answer_prose(oai: openai.AsyncOpenAI) -> None:
     # The echo engine writes prompt words, never a call: auto answers text, finish "length".
+    # Seeded: its words are drawn from the prompt, whose tool section holds "</tool_call>",
+    # the stop string of one call at most; an unseeded draw of it ends the text with "stop".
     r = await oai.chat.completions.create(
-        model="echo", messages=CHAT, tools=[TOOL], max_tokens=5, parallel_tool_calls=False
-    )
+        model="echo", messages=CHAT, tools=[TOOL], max_tokens=5, parallel_tool_calls=False,
+        seed=3,
+    )  # fmt: skip
     assert r.choices[0].message.tool_calls is None
     assert r.choices[0].finish_reason == "length"
     assert r.choices[0].message.content
