@@ -309,6 +309,28 @@ async def test_a_prompt_the_kv_cache_let_go_is_copied_back_from_host_memory(
     assert abs(lp2 - lp1) < 0.5
 
 
+async def test_a_taken_stream_is_set_aside_only_when_the_job_drops_16_tokens_of_it() -> None:
+    # Split, one slot: its stream holds the last job's cells. A job that keeps all but a few
+    # of them (a conversation's next turn) takes them over with no copy; one that drops 16
+    # or more has them saved to host memory first.
+    llama = engine(cache_ram_mib=64)
+    prompt = list(range(1000, 1040))
+    await llama.start()
+    try:
+        host = llama.batcher(MODEL).host
+        await run(llama, ids_job(prompt, max_tokens=8, **GREEDY))  # cells: 40 + 7 tokens
+        _, next_turn = await run(llama, ids_job([*prompt, 5, 6], max_tokens=8, **GREEDY))
+        kept = host.saves
+        _, other = await run(llama, ids_job([*prompt[:10], *range(3000, 3030)], max_tokens=8,
+                                             **GREEDY))  # fmt: skip
+    finally:
+        await llama.close()
+    assert next_turn.timings.cache_n == len(prompt)  # drops 7 generated tokens' cells
+    assert kept == 0
+    assert other.timings.cache_n == 10  # drops 39 of the 49 cells: they were saved first
+    assert host.saves == 1
+
+
 async def test_a_copy_back_makes_room_by_saving_the_cached_sequence_in_the_way() -> None:
     # Unified, 256 cells, two 158-cell sequences: the second pushes the first out of cells
     # (it is saved); the first again finds no room to come back until the second is saved.
